@@ -1,0 +1,395 @@
+"""The one configuration type of tvmquant.
+
+Everything that changes how a model is quantized lives in a frozen dataclass here, validated when it is
+built, and serialisable to JSON through :meth:`QuantConfig.to_dict` / :meth:`QuantConfig.from_dict` with a
+version field. Granularities, calibration methods and skip rules are small typed values, never free-form
+option dicts, so a misspelled key or value fails loudly.
+
+This module imports neither TVM nor numpy-heavy code, so that configs load cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+CONFIG_VERSION = 1
+
+_DTYPE_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
+SCHEMES = ("affine", "symmetric")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Granularity
+@dataclass(frozen=True)
+class PerTensor:
+    """One (scale, zero_point) for the whole tensor."""
+
+    def to_dict(self) -> dict:
+        return {"kind": "per_tensor"}
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """A (scale, zero_point) per index of ``axis`` (the output-channel axis of a weight: 0 for OIHW)."""
+
+    axis: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.axis, int) or isinstance(self.axis, bool):
+            raise ConfigError(f"PerChannel.axis must be an int, got {self.axis!r}")
+
+    def to_dict(self) -> dict:
+        return {"kind": "per_channel", "axis": self.axis}
+
+
+Granularity = Union[PerTensor, PerChannel]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Calibration methods
+@dataclass(frozen=True)
+class Max:
+    """The observed minimum and maximum (max |x| for symmetric schemes)."""
+
+    def to_dict(self) -> dict:
+        return {"kind": "max"}
+
+
+@dataclass(frozen=True)
+class Percentile:
+    """The ``percentile``-th percentile of |x| (symmetric) or of each tail (affine), from a histogram."""
+
+    percentile: float = 99.99
+    num_bins: int = 2048
+
+    def __post_init__(self):
+        if not (50.0 < float(self.percentile) <= 100.0):
+            raise ConfigError(f"Percentile.percentile must be in (50, 100], got {self.percentile!r}")
+        _check_bins("Percentile", self.num_bins)
+
+    def to_dict(self) -> dict:
+        return {"kind": "percentile", "percentile": float(self.percentile), "num_bins": self.num_bins}
+
+
+@dataclass(frozen=True)
+class Entropy:
+    """TensorRT-style KL-divergence threshold search over a ``num_bins`` histogram, from ``start_bins`` up."""
+
+    num_bins: int = 2048
+    start_bins: int = 128
+
+    def __post_init__(self):
+        _check_bins("Entropy", self.num_bins)
+        if not (isinstance(self.start_bins, int) and 2 <= self.start_bins <= self.num_bins):
+            raise ConfigError(
+                f"Entropy.start_bins must be an int in [2, num_bins={self.num_bins}], got {self.start_bins!r}"
+            )
+
+    def to_dict(self) -> dict:
+        return {"kind": "entropy", "num_bins": self.num_bins, "start_bins": self.start_bins}
+
+
+@dataclass(frozen=True)
+class MSE:
+    """The clipping threshold minimising the mean squared quantization error over a histogram."""
+
+    num_bins: int = 2048
+
+    def __post_init__(self):
+        _check_bins("MSE", self.num_bins)
+
+    def to_dict(self) -> dict:
+        return {"kind": "mse", "num_bins": self.num_bins}
+
+
+CalibMethod = Union[Max, Percentile, Entropy, MSE]
+_METHODS = {"max": Max, "percentile": Percentile, "entropy": Entropy, "mse": MSE}
+
+
+def _check_bins(owner: str, num_bins: Any) -> None:
+    if not (isinstance(num_bins, int) and not isinstance(num_bins, bool) and 16 <= num_bins <= 1 << 16):
+        raise ConfigError(f"{owner}.num_bins must be an int in [16, 65536], got {num_bins!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Skip rules (partial quantization)
+@dataclass(frozen=True)
+class SkipName:
+    """Keep in FP32 the layer whose name equals ``name`` (see ``QuantizedModel.summary()`` for names)."""
+
+    name: str
+
+    def to_dict(self) -> dict:
+        return {"kind": "name", "name": self.name}
+
+
+@dataclass(frozen=True)
+class SkipOpType:
+    """Keep in FP32 every layer of an op type, e.g. ``"conv2d"``, ``"matmul"``, ``"add"``."""
+
+    op_type: str
+
+    def to_dict(self) -> dict:
+        return {"kind": "op_type", "op_type": self.op_type}
+
+
+@dataclass(frozen=True)
+class SkipPredicate:
+    """Keep in FP32 every layer for which ``predicate(layer_info) -> bool`` is true. Not serialisable."""
+
+    predicate: Callable[[Any], bool]
+    description: str = "predicate"
+
+    def to_dict(self) -> dict:
+        raise ConfigError(
+            f"skip predicate {self.description!r} is a Python callable and cannot be saved to JSON; "
+            "use SkipName or SkipOpType in configs that must be saved"
+        )
+
+
+SkipRule = Union[SkipName, SkipOpType, SkipPredicate]
+
+
+def _as_skip_rule(entry: Any) -> SkipRule:
+    if isinstance(entry, (SkipName, SkipOpType, SkipPredicate)):
+        return entry
+    if isinstance(entry, str):
+        if entry.startswith("op:"):
+            return SkipOpType(entry[3:])
+        return SkipName(entry)
+    if callable(entry):
+        return SkipPredicate(entry, getattr(entry, "__name__", "predicate"))
+    raise ConfigError(
+        f"skip entry {entry!r} is not a layer name, 'op:TYPE', SkipName/SkipOpType/SkipPredicate or a callable"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tensor specs and the config
+@dataclass(frozen=True)
+class TensorSpec:
+    """How one class of tensors (activations or weights) is quantized."""
+
+    dtype: str = "int8"
+    scheme: str = "symmetric"
+    granularity: Granularity = field(default_factory=PerTensor)
+    bits: int = 8
+    method: CalibMethod = field(default_factory=Max)
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPE_RANGES:
+            raise ConfigError(f"dtype must be one of {sorted(_DTYPE_RANGES)}, got {self.dtype!r}")
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if not isinstance(self.granularity, (PerTensor, PerChannel)):
+            raise ConfigError(f"granularity must be PerTensor() or PerChannel(axis), got {self.granularity!r}")
+        if not (isinstance(self.bits, int) and 2 <= self.bits <= 8):
+            raise ConfigError(f"bits must be an int in [2, 8], got {self.bits!r}")
+        if not isinstance(self.method, (Max, Percentile, Entropy, MSE)):
+            raise ConfigError(
+                f"method must be Max(), Percentile(p), Entropy() or MSE(), got {self.method!r}"
+            )
+        if self.scheme == "symmetric" and self.dtype == "uint8":
+            raise ConfigError("a symmetric scheme needs a signed dtype: use dtype='int8' or scheme='affine'")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest quantized value (symmetric drops the most negative one)."""
+        lo = _DTYPE_RANGES[self.dtype][0] if self.bits == 8 else (-(1 << (self.bits - 1)) if self.dtype == "int8" else 0)
+        return lo + 1 if self.scheme == "symmetric" else lo
+
+    @property
+    def qmax(self) -> int:
+        """Largest quantized value."""
+        if self.bits == 8:
+            return _DTYPE_RANGES[self.dtype][1]
+        return (1 << (self.bits - 1)) - 1 if self.dtype == "int8" else (1 << self.bits) - 1
+
+    def to_dict(self) -> dict:
+        return {
+            "dtype": self.dtype,
+            "scheme": self.scheme,
+            "granularity": self.granularity.to_dict(),
+            "bits": self.bits,
+            "method": self.method.to_dict(),
+        }
+
+    @staticmethod
+    def from_dict(data: dict, where: str = "spec") -> "TensorSpec":
+        data = dict(data)
+        _reject_unknown(data, {"dtype", "scheme", "granularity", "bits", "method"}, where)
+        if "granularity" in data:
+            data["granularity"] = _granularity_from_dict(data["granularity"], f"{where}.granularity")
+        if "method" in data:
+            data["method"] = _method_from_dict(data["method"], f"{where}.method")
+        return TensorSpec(**data)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Complete description of a quantization.
+
+    Parameters
+    ----------
+    activation : TensorSpec
+        How activations (inputs of quantized ops) are quantized; calibrated on data.
+    weight : TensorSpec
+        How constant weights are quantized; their ranges come from the weights themselves.
+    skip : tuple of SkipRule
+        Partial quantization: layers kept in FP32. Strings are layer names (``"op:conv2d"`` is an op type);
+        callables are predicates. An entry that matches no layer is an error at annotation time.
+    nan_policy : str
+        ``"warn"`` counts and drops NaN/Inf in calibration data with one warning per tensor;
+        ``"error"`` refuses such data.
+    quantize_output_ops : tuple of str
+        Op types whose outputs are quantized (residual ``add``, ``concat``, pooling) when their producers are.
+
+    Examples
+    --------
+    >>> from tvmquant.config import QuantConfig, TensorSpec, Percentile, PerChannel
+    >>> cfg = QuantConfig(activation=TensorSpec("uint8", "affine", method=Percentile(99.99)))
+    >>> QuantConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    """
+
+    activation: TensorSpec = field(
+        default_factory=lambda: TensorSpec(dtype="uint8", scheme="affine", method=Max())
+    )
+    weight: TensorSpec = field(
+        default_factory=lambda: TensorSpec(dtype="int8", scheme="symmetric", granularity=PerChannel(0))
+    )
+    skip: tuple = ()
+    nan_policy: str = "warn"
+
+    def __post_init__(self):
+        if not isinstance(self.activation, TensorSpec) or not isinstance(self.weight, TensorSpec):
+            raise ConfigError("activation and weight must be TensorSpec instances")
+        if isinstance(self.activation.granularity, PerChannel):
+            raise ConfigError("per-channel activations are not supported: use PerTensor() for activations")
+        if self.weight.dtype != "int8":
+            raise ConfigError("weights must be int8 (u8 x s8 and s8 x s8 are what INT8 hardware multiplies)")
+        if self.nan_policy not in ("warn", "error"):
+            raise ConfigError(f"nan_policy must be 'warn' or 'error', got {self.nan_policy!r}")
+        skip = self.skip
+        if isinstance(skip, (str, SkipName, SkipOpType, SkipPredicate)) or callable(skip):
+            skip = (skip,)
+        object.__setattr__(self, "skip", tuple(_as_skip_rule(s) for s in skip))
+
+    def replace(self, **changes) -> "QuantConfig":
+        """A copy with some fields changed (and validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {
+            "version": CONFIG_VERSION,
+            "activation": self.activation.to_dict(),
+            "weight": self.weight.to_dict(),
+            "skip": [s.to_dict() for s in self.skip],
+            "nan_policy": self.nan_policy,
+        }
+
+    @staticmethod
+    def from_dict(data: dict) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("version", None)
+        if version != CONFIG_VERSION:
+            raise ConfigError(f"config version {version!r} is not supported (this tvmquant reads {CONFIG_VERSION})")
+        _reject_unknown(data, {"activation", "weight", "skip", "nan_policy"}, "config")
+        kwargs: dict[str, Any] = {}
+        if "activation" in data:
+            kwargs["activation"] = TensorSpec.from_dict(data["activation"], "activation")
+        if "weight" in data:
+            kwargs["weight"] = TensorSpec.from_dict(data["weight"], "weight")
+        if "skip" in data:
+            kwargs["skip"] = tuple(_skip_from_dict(s) for s in data["skip"])
+        if "nan_policy" in data:
+            kwargs["nan_policy"] = data["nan_policy"]
+        return QuantConfig(**kwargs)
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=2)
+
+    @staticmethod
+    def from_json(text: str) -> "QuantConfig":
+        import json
+
+        return QuantConfig.from_dict(json.loads(text))
+
+
+def _reject_unknown(data: dict, known: set, where: str) -> None:
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where}; allowed: {sorted(known)}")
+
+
+def _granularity_from_dict(data: dict, where: str) -> Granularity:
+    data = dict(data)
+    kind = data.pop("kind", None)
+    if kind == "per_tensor":
+        _reject_unknown(data, set(), where)
+        return PerTensor()
+    if kind == "per_channel":
+        _reject_unknown(data, {"axis"}, where)
+        return PerChannel(**data)
+    raise ConfigError(f"{where}.kind must be 'per_tensor' or 'per_channel', got {kind!r}")
+
+
+def _method_from_dict(data: dict, where: str) -> CalibMethod:
+    data = dict(data)
+    kind = data.pop("kind", None)
+    if kind not in _METHODS:
+        raise ConfigError(f"{where}.kind must be one of {sorted(_METHODS)}, got {kind!r}")
+    cls = _METHODS[kind]
+    _reject_unknown(data, {f.name for f in dataclasses.fields(cls)}, where)
+    return cls(**data)
+
+
+def _skip_from_dict(data: dict) -> SkipRule:
+    data = dict(data)
+    kind = data.pop("kind", None)
+    if kind == "name":
+        _reject_unknown(data, {"name"}, "skip entry")
+        return SkipName(**data)
+    if kind == "op_type":
+        _reject_unknown(data, {"op_type"}, "skip entry")
+        return SkipOpType(**data)
+    raise ConfigError(f"skip entry kind must be 'name' or 'op_type', got {kind!r}")
+
+
+def method_from_name(name: str, percentile: float = 99.99) -> CalibMethod:
+    """The calibration method for a CLI name (``max``, ``percentile``, ``entropy``, ``mse``)."""
+    if name == "percentile":
+        return Percentile(percentile)
+    if name not in _METHODS:
+        raise ConfigError(f"calibration method must be one of {sorted(_METHODS)}, got {name!r}")
+    return _METHODS[name]()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Presets
+#: x86 with VNNI: uint8 affine activations (vpdpbusd is u8 x s8), per-channel symmetric int8 weights.
+X86_VNNI = QuantConfig()
+#: Same as X86_VNNI with percentile-calibrated activations (robust to outliers).
+X86_VNNI_PERCENTILE = QuantConfig(activation=TensorSpec("uint8", "affine", method=Percentile(99.99)))
+#: Symmetric int8 activations and weights (CUDA dp4a / tensor cores take s8 x s8).
+SYMMETRIC_INT8 = QuantConfig(activation=TensorSpec("int8", "symmetric", method=Max()))
+#: Per-tensor weights everywhere (for runtimes without per-channel support).
+PER_TENSOR = QuantConfig(weight=TensorSpec("int8", "symmetric", PerTensor()))
+
+PRESETS = {
+    "x86_vnni": X86_VNNI,
+    "x86_vnni_percentile": X86_VNNI_PERCENTILE,
+    "symmetric_int8": SYMMETRIC_INT8,
+    "per_tensor": PER_TENSOR,
+}
+DEFAULT = X86_VNNI

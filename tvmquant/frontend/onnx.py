@@ -1,0 +1,102 @@
+"""ONNX in: parse a file or ``onnx.ModelProto`` and import it into Relax with clear errors.
+
+``onnx`` and TVM's ONNX importer load lazily here, so ``import tvmquant`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .prepare import ModelError
+
+#: Quantized-operator ONNX ops that TVM's importer does not take (QOperator format).
+QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: its name, static shape and dtype."""
+
+    name: str
+    shape: tuple
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @staticmethod
+    def from_dict(data: dict) -> "InputSpec":
+        return InputSpec(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+def load_onnx_model(model):
+    """An ``onnx.ModelProto`` from a path or a ModelProto, with an error naming the file if it does not parse."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = os.fspath(model)
+    if not os.path.exists(path):
+        raise ModelError(f"ONNX file {path!r} does not exist")
+    try:
+        return onnx.load(path)
+    except Exception as err:  # onnx raises DecodeError and others
+        raise ModelError(f"{path!r} is not a valid ONNX file ({type(err).__name__}: {err}); re-export it") from None
+
+
+def input_specs(model, batch_size: int = 1) -> list:
+    """The graph inputs that are not initializers, with dynamic dims replaced by ``batch_size`` on axis 0."""
+    import onnx
+
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = []
+        for axis, dim in enumerate(tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                dims.append(int(dim.dim_value))
+            elif axis == 0:
+                dims.append(batch_size)
+            else:
+                raise ModelError(
+                    f"input {value.name!r} has a dynamic dimension {axis} ({dim.dim_param or '?'}); "
+                    "only the batch axis may be dynamic: export with a fixed shape"
+                )
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+        specs.append(InputSpec(value.name, tuple(dims), dtype))
+    return specs
+
+
+def import_onnx(model, batch_size: int = 1, where: str = "the ONNX model"):
+    """Import ONNX into Relax with weights as constants.
+
+    Returns
+    -------
+    mod : tvm.IRModule
+    inputs : list of InputSpec
+    """
+    model = load_onnx_model(model)
+    bad = sorted({node.op_type for node in model.graph.node if node.op_type in QOPERATOR_OPS})
+    if bad:
+        node = next(n for n in model.graph.node if n.op_type in QOPERATOR_OPS)
+        raise ModelError(
+            f"{where} uses QOperator-format ops {bad} (first: node {node.name!r}), which TVM's importer does not "
+            "take; re-export it in QDQ format (onnxruntime quantize_static(..., quant_format=QuantFormat.QDQ)) "
+            "or pass the FP32 model to tvmquant"
+        )
+    specs = input_specs(model, batch_size)
+    from tvm.relax.frontend.onnx import from_onnx
+
+    shape_dict = {spec.name: list(spec.shape) for spec in specs}
+    dtype_dict = {spec.name: spec.dtype for spec in specs}
+    try:
+        mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+    except Exception as err:
+        message = str(err).strip().splitlines()
+        detail = message[-1] if message else type(err).__name__
+        raise ModelError(f"TVM's ONNX importer could not take {where}: {detail}") from None
+    return mod, specs

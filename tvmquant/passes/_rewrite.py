@@ -1,0 +1,130 @@
+"""A small binding-by-binding rewriter shared by tvmquant's passes.
+
+Relax models imported from ONNX are one dataflow block of calls. Every tvmquant pass walks those bindings in
+order and either re-emits a binding (with its arguments renamed) or emits something else in its place.
+:class:`BindingRewriter` does the walking, renaming and module bookkeeping; a pass overrides
+:meth:`BindingRewriter.rewrite` for the bindings it cares about.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from .._compat import Var
+
+
+class UnsupportedGraphError(ValueError):
+    """The graph has a structure tvmquant's passes cannot rewrite; the message says which and why."""
+
+
+class BindingRewriter:
+    """Rebuild ``main`` of a module binding by binding.
+
+    Subclasses override :meth:`rewrite` (and optionally :meth:`rewrite_output`). Inside them, ``self.bb`` is
+    the block builder to emit into, and :meth:`remap` renames the variables of an expression to their
+    rewritten counterparts.
+    """
+
+    func_name = "main"
+
+    def __init__(self):
+        self.bb: relax.BlockBuilder | None = None
+        self.var_map: dict = {}
+        self.mod: tvm.IRModule | None = None
+
+    # -- hooks --------------------------------------------------------------------------------------------
+    def rewrite(self, var, value):
+        """Return the expression to bind for ``var`` (``value`` has its arguments remapped already).
+
+        Return ``value`` itself to keep the binding; return an already-emitted variable to alias ``var`` to it.
+        """
+        return value
+
+    def rewrite_output(self, output):
+        """Return the function's output expression (already remapped)."""
+        return output
+
+    def begin(self, func) -> None:
+        """Called before the first binding, with the original function."""
+
+    # -- machinery ----------------------------------------------------------------------------------------
+    def remap(self, expr):
+        if isinstance(expr, Var):
+            return self.var_map.get(expr, expr)
+        if isinstance(expr, relax.Tuple):
+            return relax.Tuple([self.remap(field) for field in expr.fields])
+        if isinstance(expr, relax.Call):
+            args = [self.remap(arg) for arg in expr.args]
+            if all(new.same_as(old) for new, old in zip(args, expr.args)):
+                return expr
+            return relax.Call(expr.op, args, expr.attrs, list(expr.ty_args))
+        if isinstance(expr, tvm.ir.TupleGetItem):
+            return tvm.ir.TupleGetItem(self.remap(expr.tuple_value), expr.index)
+        return expr
+
+    def emit(self, expr, name: str | None = None):
+        """Emit ``expr`` (normalised) and return its variable."""
+        if isinstance(expr, Var):
+            return expr
+        if name:
+            return self.bb.emit(expr, name_hint=name)
+        return self.bb.emit(expr)
+
+    def transform_module(self, mod: tvm.IRModule) -> tvm.IRModule:
+        if self.func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
+            raise UnsupportedGraphError(f"the module has no function {self.func_name!r} to quantize")
+        func = mod[self.func_name]
+        if not isinstance(func, relax.Function):
+            raise UnsupportedGraphError(f"{self.func_name!r} is not a Relax function")
+        self.mod = mod
+        self.var_map = {}
+        self.bb = relax.BlockBuilder(mod)
+        tmp_name = f"__tvmquant_{self.func_name}"
+        attrs = {key: value for key, value in func.attrs.items()} if func.attrs is not None else {}
+        attrs.pop("global_symbol", None)
+        body = func.body
+        if not isinstance(body, relax.SeqExpr):
+            raise UnsupportedGraphError(f"{self.func_name!r} has no binding blocks")
+        self.begin(func)
+        with self.bb.function(tmp_name, params=list(func.params), attrs=attrs):
+            with self.bb.dataflow():
+                for block in body.blocks:
+                    for binding in block.bindings:
+                        if not isinstance(binding, relax.VarBinding):
+                            raise UnsupportedGraphError(
+                                f"binding of {binding.var.name} is a match_cast; tvmquant needs static shapes"
+                            )
+                        value = self.remap(binding.value)
+                        new_value = self.rewrite(binding.var, value)
+                        if isinstance(new_value, Var):
+                            self.var_map[binding.var] = new_value
+                        else:
+                            name = binding.var.name if not binding.var.name.startswith(("lv", "gv")) else None
+                            self.var_map[binding.var] = self.emit(new_value, name)
+                output = self.rewrite_output(self.remap(body.body))
+                output = self.bb.emit_output(output)
+            self.bb.emit_func_output(output)
+        built = self.bb.get()
+        return _rename_function(built, tmp_name, self.func_name)
+
+
+def _rename_function(mod: tvm.IRModule, old: str, new: str) -> tvm.IRModule:
+    functions = {}
+    for gv, func in mod.functions_items():
+        if gv.name_hint == new:
+            continue
+        if gv.name_hint == old:
+            gv = tvm.ir.GlobalVar(new)
+            func = func.with_attr("global_symbol", new)
+        functions[gv] = func
+    return tvm.IRModule(functions, attrs=mod.attrs)
+
+
+def producers(func) -> dict:
+    """Map each bound variable of ``func`` to its bound value."""
+    table = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            table[binding.var] = binding.value
+    return table

@@ -1,0 +1,222 @@
+"""AnnotateQuant: find the quantizable layers and mark the tensors to quantize.
+
+Run after :func:`tvmquant.frontend.prepare` (constant weights, canonical clips) and before calibration.
+
+A marked tensor passes through ``R.call_pure_packed("tvmquant.observe", x, R.str(name), R.str(role))``,
+an identity whose name is the tensor's stable, readable name (``conv2d_3.in0``, ``conv2d_3.weight``).
+Calibration runs the module with that function bound to the observers; :class:`BindQuantParams` replaces each
+marker with quantize/dequantize. The layers found, and why any stayed FP32, are stored as JSON in the
+function attribute ``tvmquant.layers``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import tvm
+from tvm import relax
+
+from .._compat import StringImm, is_const, op_name, tensor_dtype, tensor_shape
+from ..config import QuantConfig, SkipName, SkipOpType, SkipPredicate
+from . import op_table
+from ._rewrite import BindingRewriter
+
+MARKER = "tvmquant.observe"
+LAYERS_ATTR = "tvmquant.layers"
+
+
+class SkipRuleError(ValueError):
+    """A skip entry matched no layer."""
+
+
+@dataclass
+class LayerInfo:
+    """One quantizable layer as AnnotateQuant found it (what skip predicates receive)."""
+
+    name: str
+    op_type: str
+    quantized: bool = True
+    reason: str = ""
+    inputs: list = field(default_factory=list)
+    weight: str | None = None
+    weight_axis: int | None = None
+    output_shape: tuple | None = None
+
+
+def marker(expr, name: str, role: str):
+    """The identity marker call on ``expr``."""
+    return relax.call_pure_packed(MARKER, expr, StringImm(name), StringImm(role), ty_args=[expr.ty])
+
+
+def parse_marker(value):
+    """``(tensor, name, role)`` if ``value`` is a marker call, else None."""
+    if op_name(value) != "relax.call_pure_packed":
+        return None
+    callee = value.args[0]
+    if getattr(callee, "global_symbol", None) != MARKER:
+        return None
+    return value.args[1], value.args[2].value, value.args[3].value
+
+
+def layers_of(mod: tvm.IRModule) -> list[LayerInfo]:
+    """The layers AnnotateQuant recorded on ``main`` (empty if it has not run)."""
+    func = mod["main"]
+    if func.attrs is None or LAYERS_ATTR not in func.attrs:
+        return []
+    return [LayerInfo(**entry) for entry in json.loads(str(func.attrs[LAYERS_ATTR]))]
+
+
+@tvm.transform.module_pass(opt_level=0, name="AnnotateQuant")
+class AnnotateQuant:
+    """Mark the inputs and weights of quantizable layers, honouring the skip list.
+
+    Parameters
+    ----------
+    config : QuantConfig
+        Its ``skip`` rules choose layers to keep in FP32; an entry that matches nothing is an error.
+
+    Examples
+    --------
+    >>> mod = AnnotateQuant(QuantConfig(skip=("conv2d_0",)))(mod)  # doctest: +SKIP
+    """
+
+    def __init__(self, config: QuantConfig | None = None):
+        self.config = config or QuantConfig()
+
+    def transform_module(self, mod, ctx):
+        if layers_of(mod):
+            return mod  # idempotent: already annotated
+        rewriter = _Annotator(self.config)
+        new_mod = rewriter.transform_module(mod)
+        _check_skip_rules(self.config, rewriter.layers)
+        func = new_mod["main"].with_attr(LAYERS_ATTR, json.dumps([asdict(layer) for layer in rewriter.layers]))
+        new_mod["main"] = func
+        return new_mod
+
+
+class _Annotator(BindingRewriter):
+    def __init__(self, config: QuantConfig):
+        super().__init__()
+        self.config = config
+        self.layers: list[LayerInfo] = []
+        self.counts: dict[str, int] = {}
+        self.marked: dict = {}  # new var -> marker var
+        self.producer: dict = {}  # new var -> value
+        self.used_rules: set = set()
+        self.marker_names: dict = {}  # marker var -> tensor name
+
+    def _is_float_tensor(self, expr) -> bool:
+        return tensor_dtype(expr) in ("float32", "float16") and tensor_shape(expr) is not None
+
+    def _already_quantized(self, expr) -> bool:
+        """True if ``expr`` is a marked tensor seen through ops that keep it on the quantization grid."""
+        while True:
+            if expr in self.marked:
+                return True
+            value = self.producer.get(expr)
+            name = op_name(value)
+            rule = op_table.OP_TABLE.get(name)
+            if rule is None or not (rule.realize == op_table.TRANSPARENT or name == "relax.nn.relu"):
+                return False
+            expr = value.args[0]
+
+    def _mark(self, expr, name: str, role: str):
+        if expr in self.marked:
+            return self.marked[expr]
+        var = self.emit(marker(expr, name, role), name.replace(".", "_"))
+        self.marked[expr] = var
+        self.marker_names[var] = name
+        return var
+
+    def _skip_reason(self, info: LayerInfo) -> str:
+        for rule in self.config.skip:
+            if isinstance(rule, SkipName) and rule.name == info.name:
+                self.used_rules.add(rule)
+                return f"skip list: name {rule.name!r}"
+            if isinstance(rule, SkipOpType) and rule.op_type == info.op_type:
+                self.used_rules.add(rule)
+                return f"skip list: op type {rule.op_type!r}"
+            if isinstance(rule, SkipPredicate) and rule.predicate(info):
+                self.used_rules.add(rule)
+                return f"skip list: predicate {rule.description}"
+        return ""
+
+    def rewrite(self, var, value):
+        name = op_name(value)
+        rule = op_table.OP_TABLE.get(name)
+        if rule is None or not rule.is_layer or not self._is_layer(name, value):
+            out = self.emit(value, None)
+            self.producer[out] = value
+            return out
+        index = self.counts.get(rule.op_type, 0)
+        self.counts[rule.op_type] = index + 1
+        info = LayerInfo(f"{rule.op_type}_{index}", rule.op_type, output_shape=tensor_shape(var))
+        args = list(value.args)
+        weight_pos = rule.weight_input if rule.weight_input is not None and is_const(args[rule.weight_input]) else None
+        activation_pos = [i for i in rule.activation_inputs if i != weight_pos]
+        # Pre-compute tensor names so that predicates see them.
+        if weight_pos is not None:
+            info.weight = f"{info.name}.weight"
+            info.weight_axis = rule.weight_channel_axis % len(tensor_shape(args[weight_pos]))
+        info.reason = self._skip_reason(info)
+        info.quantized = not info.reason
+        if info.quantized:
+            for pos in activation_pos:
+                if isinstance(args[pos], relax.Tuple):
+                    fields = []
+                    for j, item in enumerate(args[pos].fields):
+                        tensor = f"{info.name}.in{pos}_{j}"
+                        fields.append(self._mark_activation(item, tensor, info))
+                    args[pos] = relax.Tuple(fields)
+                else:
+                    args[pos] = self._mark_activation(args[pos], f"{info.name}.in{pos}", info)
+            if weight_pos is not None:
+                args[weight_pos] = self.emit(marker(args[weight_pos], info.weight, "weight"), info.weight.replace(".", "_"))
+        self.layers.append(info)
+        new_value = relax.Call(value.op, args, value.attrs, list(value.ty_args))
+        out = self.emit(new_value, None)
+        self.producer[out] = new_value
+        return out
+
+    def _mark_activation(self, expr, tensor_name: str, info: LayerInfo):
+        if not self._is_float_tensor(expr) or is_const(expr):
+            return expr
+        if self._already_quantized(expr) and expr not in self.marked:
+            info.inputs.append(f"(on grid of an earlier tensor) {tensor_name}")
+            return expr
+        marked = self._mark(expr, tensor_name, "activation")
+        info.inputs.append(self.marker_names[marked])
+        return marked
+
+    def _is_layer(self, name: str, value) -> bool:
+        args = value.args
+        if name == "relax.nn.conv2d":
+            attrs = value.attrs
+            return str(attrs["data_layout"]) == "NCHW" and str(attrs["kernel_layout"]) == "OIHW" and self._is_float_tensor(args[0])
+        if name == "relax.add":
+            # A bias add (a constant operand) is folded into the producer; only tensor + tensor is a layer.
+            return all(self._is_float_tensor(a) and not is_const(a) for a in args)
+        if name == "relax.matmul":
+            return self._is_float_tensor(args[0]) and self._is_float_tensor(args[1]) and not is_const(args[0])
+        if name == "relax.concat":
+            return isinstance(args[0], relax.Tuple) and all(self._is_float_tensor(a) for a in args[0].fields)
+        return self._is_float_tensor(args[0])
+
+
+def _check_skip_rules(config: QuantConfig, layers: list[LayerInfo]) -> None:
+    names = [layer.name for layer in layers]
+    for rule in config.skip:
+        if isinstance(rule, SkipName) and rule.name not in names:
+            close = [n for n in names if n.split("_")[0] == rule.name.split("_")[0]][:8] or names[:8]
+            raise SkipRuleError(
+                f"skip entry {rule.name!r} matches no layer; layers are named like {close} "
+                "(see `tvmquant inspect` or QuantizedModel.summary())"
+            )
+        if isinstance(rule, SkipOpType) and rule.op_type not in {layer.op_type for layer in layers}:
+            raise SkipRuleError(
+                f"skip entry op type {rule.op_type!r} matches no layer; this model has op types "
+                f"{sorted({layer.op_type for layer in layers})} (all known: {op_table.LAYER_OP_TYPES})"
+            )
+        if isinstance(rule, SkipPredicate) and not any(layer.reason.endswith(rule.description) for layer in layers):
+            raise SkipRuleError(f"skip predicate {rule.description!r} matched no layer")

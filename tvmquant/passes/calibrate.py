@@ -1,0 +1,349 @@
+"""Calibration: run the annotated model on data, stream the marked tensors into observers, bind the result.
+
+Three parts, in order:
+
+1. the annotated module (see :class:`~tvmquant.passes.AnnotateQuant`) already exposes the tensors to
+   observe: each passes through the ``tvmquant.observe`` marker;
+2. :func:`calibrate` compiles it with the Relax VM, binds the marker to the observers, and streams the
+   calibration batches through it (memory bounded by the observers' histograms, never by the data);
+3. :class:`BindQuantParams` replaces each marker with ``quantize``/``dequantize`` using the computed
+   parameters, which gives the simulated (fake-quant) model that :class:`~tvmquant.passes.RealizeQuant`
+   lowers to integers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .._compat import const, const_value, is_const, to_tensor
+from ..calibration import CalibrationError, make_observer
+from ..config import PerChannel, QuantConfig, TensorSpec
+from ..quant_math import compute_qparams, qrange, quantize
+from ._rewrite import BindingRewriter
+from .annotate import MARKER, layers_of, parse_marker
+
+_DTYPE_BOUNDS = {"int8": (-128, 127), "uint8": (0, 255)}
+
+
+class CalibrationDataError(ValueError):
+    """Calibration data does not fit the model; the message names the batch, input and what was expected."""
+
+
+@dataclass
+class QParams:
+    """Quantization parameters of one tensor."""
+
+    name: str
+    role: str  # "activation" or "weight"
+    dtype: str
+    scheme: str
+    scale: np.ndarray
+    zero_point: np.ndarray
+    qmin: int
+    qmax: int
+    axis: int | None = None
+    a_min: float | list | None = None
+    a_max: float | list | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "dtype": self.dtype,
+            "scheme": self.scheme,
+            "scale": np.asarray(self.scale, np.float32).tolist(),
+            "zero_point": np.asarray(self.zero_point, np.int32).tolist(),
+            "qmin": int(self.qmin),
+            "qmax": int(self.qmax),
+            "axis": self.axis,
+            "a_min": np.asarray(self.a_min).tolist() if self.a_min is not None else None,
+            "a_max": np.asarray(self.a_max).tolist() if self.a_max is not None else None,
+        }
+
+    @staticmethod
+    def from_dict(data: dict) -> "QParams":
+        data = dict(data)
+        data["scale"] = np.asarray(data["scale"], np.float32)
+        data["zero_point"] = np.asarray(data["zero_point"], np.int32)
+        return QParams(**data)
+
+    @staticmethod
+    def from_range(name, role, spec: TensorSpec, a_min, a_max, axis=None) -> "QParams":
+        scale, zero_point = compute_qparams(a_min, a_max, spec.dtype, spec.scheme, spec.bits)
+        qmin, qmax = qrange(spec.dtype, spec.scheme, spec.bits)
+        return QParams(name, role, spec.dtype, spec.scheme, scale, zero_point, qmin, qmax, axis, a_min, a_max)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calibration data
+def iter_batches(calib_data, inputs):
+    """Yield dicts ``{input name: array}`` of exactly the model's input shapes from any accepted form.
+
+    Accepted: an iterable of dicts ``{input name: array}`` or of arrays (one-input models), a single such dict
+    (e.g. an ``np.load``-ed npz), or one array. Arrays with ``k * batch`` samples on axis 0 are split.
+    """
+    if isinstance(calib_data, np.ndarray) or hasattr(calib_data, "keys"):
+        calib_data = [calib_data]
+    names = [spec.name for spec in inputs]
+    for index, item in enumerate(calib_data):
+        if not hasattr(item, "keys"):
+            if len(inputs) != 1:
+                raise CalibrationDataError(
+                    f"calibration batch {index} is a bare array, but the model has inputs {names}: "
+                    "give a dict {input name: array}"
+                )
+            item = {names[0]: item}
+        keys = list(item.keys())
+        if len(inputs) == 1 and len(keys) == 1 and keys[0] not in names:
+            item = {names[0]: item[keys[0]]}  # a one-input model may use any array name
+        missing = [n for n in names if n not in item]
+        extra = [k for k in item.keys() if k not in names]
+        if missing or extra:
+            raise CalibrationDataError(
+                f"calibration batch {index} has inputs {sorted(item.keys())}, the model expects {names}"
+                + (f" (missing {missing})" if missing else "")
+                + (f" (unknown {extra})" if extra else "")
+            )
+        arrays = {}
+        num_chunks = None
+        for spec in inputs:
+            array = np.asarray(item[spec.name])
+            if array.dtype != np.dtype(spec.dtype):
+                if np.issubdtype(array.dtype, np.floating) and np.issubdtype(np.dtype(spec.dtype), np.floating):
+                    array = array.astype(spec.dtype)
+                else:
+                    raise CalibrationDataError(
+                        f"calibration batch {index} input {spec.name!r} has dtype {array.dtype}, the model "
+                        f"expects {spec.dtype}"
+                    )
+            batch = spec.shape[0] if spec.shape else 1
+            if tuple(array.shape) == tuple(spec.shape):
+                chunks = 1
+            elif array.ndim == len(spec.shape) and tuple(array.shape[1:]) == tuple(spec.shape[1:]) and array.shape[0] % batch == 0:
+                chunks = array.shape[0] // batch
+            else:
+                raise CalibrationDataError(
+                    f"calibration batch {index} input {spec.name!r} has shape {tuple(array.shape)}, the model "
+                    f"expects {tuple(spec.shape)} (or k x {spec.shape[0]} samples stacked on axis 0)"
+                )
+            if num_chunks is not None and chunks != num_chunks:
+                raise CalibrationDataError(f"calibration batch {index}: inputs hold different numbers of samples")
+            num_chunks = chunks
+            arrays[spec.name] = (array, batch)
+        for chunk in range(num_chunks or 0):
+            yield {name: array[chunk * batch:(chunk + 1) * batch] for name, (array, batch) in arrays.items()}
+
+
+def count_samples(calib_data, inputs) -> int | None:
+    """Number of model-sized batches in ``calib_data`` if it can be known without consuming it."""
+    if isinstance(calib_data, np.ndarray):
+        return calib_data.shape[0] // max(inputs[0].shape[0], 1)
+    if hasattr(calib_data, "keys"):
+        first = np.asarray(calib_data[list(calib_data.keys())[0]])
+        return first.shape[0] // max(inputs[0].shape[0], 1)
+    if isinstance(calib_data, (list, tuple)):
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running a module whose markers call back into Python
+_ACTIVE_CALLBACK = [None]
+
+
+@tvm.register_global_func(MARKER, override=True)
+def _observe(tensor, name, role):
+    callback = _ACTIVE_CALLBACK[0]
+    if callback is not None:
+        callback(str(name), tensor)
+    return tensor
+
+
+@contextlib.contextmanager
+def observing(callback):
+    """Within the block, every executed marker calls ``callback(name, tensor)``."""
+    previous = _ACTIVE_CALLBACK[0]
+    _ACTIVE_CALLBACK[0] = callback
+    try:
+        yield
+    finally:
+        _ACTIVE_CALLBACK[0] = previous
+
+
+class _StripWeightMarkers(BindingRewriter):
+    def rewrite(self, var, value):
+        parsed = parse_marker(value)
+        if parsed is not None and parsed[2] == "weight":
+            return parsed[0]
+        return value
+
+
+def compile_vm(mod, target=None):
+    """Compile ``mod`` for the CPU with default schedules and return a Relax VM."""
+    target = target or tvm.target.Target({"kind": "llvm"})
+    executable = tvm.compile(mod, target=target)
+    return relax.VirtualMachine(executable, tvm.cpu())
+
+
+def run_vm(vm, batch: dict, inputs):
+    args = [to_tensor(batch[spec.name]) for spec in inputs]
+    return vm["main"](*args)
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+
+
+def calibrate(annotated: tvm.IRModule, calib_data, inputs, config: QuantConfig, progress: bool = True) -> dict:
+    """Compute quantization parameters for every marked tensor.
+
+    Parameters
+    ----------
+    annotated : tvm.IRModule
+        Output of AnnotateQuant.
+    calib_data
+        Calibration batches (see :func:`iter_batches`).
+    inputs : list of InputSpec
+        The model's inputs.
+    config : QuantConfig
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    dict of str to QParams
+    """
+    table = weight_qparams(annotated, config)
+    activation_names = [name for name, role in marker_names(annotated) if role == "activation"]
+    observers = {name: make_observer(config.activation, name, config.nan_policy) for name in activation_names}
+    if not observers:
+        return table
+    vm = compile_vm(_StripWeightMarkers().transform_module(annotated))
+
+    def collect(name, tensor):
+        observers[name].collect(tensor.numpy())
+
+    seen = 0
+    batches = iter_batches(calib_data, inputs)
+    with observing(collect), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        for batch in _progress(batches, count_samples(calib_data, inputs), "calibrating", progress):
+            run_vm(vm, batch, inputs)
+            seen += 1
+    if seen == 0:
+        raise CalibrationDataError("calibration data is empty: give at least one batch for every model input")
+    for name, observer in observers.items():
+        try:
+            a_min, a_max = observer.compute()
+        except CalibrationError as err:
+            raise CalibrationError(f"{err} (after {seen} calibration batches)") from None
+        table[name] = QParams.from_range(name, "activation", config.activation, a_min, a_max)
+    return table
+
+
+def marker_names(mod) -> list:
+    """``[(tensor name, role)]`` of the markers in ``main``, in program order."""
+    result = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            parsed = parse_marker(binding.value)
+            if parsed is not None:
+                result.append((parsed[1], parsed[2]))
+    return result
+
+
+def weight_qparams(annotated: tvm.IRModule, config: QuantConfig) -> dict:
+    """Parameters of every marked weight, computed from the constants themselves."""
+    axes = {layer.weight: layer.weight_axis for layer in layers_of(annotated) if layer.weight}
+    table = {}
+    spec = config.weight
+    for block in annotated["main"].body.blocks:
+        for binding in block.bindings:
+            parsed = parse_marker(binding.value)
+            if parsed is None or parsed[2] != "weight" or not is_const(parsed[0]):
+                continue
+            tensor, name, _ = parsed
+            value = const_value(tensor)
+            if isinstance(spec.granularity, PerChannel):
+                axis = axes.get(name, spec.granularity.axis)
+                axis_spec = TensorSpec(spec.dtype, spec.scheme, PerChannel(axis), spec.bits, spec.method)
+                observer = make_observer(axis_spec, name, config.nan_policy)
+            else:
+                axis = None
+                observer = make_observer(spec, name, config.nan_policy)
+            observer.collect(value)
+            a_min, a_max = observer.compute()
+            table[name] = QParams.from_range(name, "weight", spec, a_min, a_max, axis)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------
+@tvm.transform.module_pass(opt_level=0, name="BindQuantParams")
+class BindQuantParams:
+    """Replace each marker by quantize -> (clip) -> dequantize with the parameters of its tensor.
+
+    The result is the simulated (fake-quant) model, and the input of RealizeQuant. Weights are stored
+    quantized (int8 constants) and dequantized in the graph, as ONNX QDQ models store them.
+
+    Parameters
+    ----------
+    table : dict of str to QParams
+    observe : bool
+        Keep a marker after each dequantize (for per-tensor SQNR reports).
+    """
+
+    def __init__(self, table: dict, observe: bool = False):
+        self.table = table
+        self.observe = observe
+
+    def transform_module(self, mod, ctx):
+        return _Binder(self.table, self.observe).transform_module(mod)
+
+
+class _Binder(BindingRewriter):
+    def __init__(self, table, observe):
+        super().__init__()
+        self.table = table
+        self.observe = observe
+
+    def rewrite(self, var, value):
+        parsed = parse_marker(value)
+        if parsed is None:
+            return value
+        tensor, name, role = parsed
+        if name not in self.table:
+            raise CalibrationError(f"tensor {name!r} has no quantization parameters: calibrate the model first")
+        params = self.table[name]
+        dequantized = self.emit(qdq_expr(self, tensor, params), name.replace(".", "_") + "_dq")
+        if self.observe:
+            from .annotate import marker
+
+            return self.emit(marker(dequantized, name, role))
+        return dequantized
+
+
+def qdq_expr(rewriter: BindingRewriter, tensor, params: QParams):
+    """Emit quantize (and clip to a restricted range) for ``tensor``; return the dequantize expression."""
+    scale = const(np.asarray(params.scale, np.float32))
+    zero_point = const(np.asarray(params.zero_point, np.int32))
+    axis = params.axis if params.axis is not None else -1
+    base = params.name.replace(".", "_")
+    if params.role == "weight" and is_const(tensor):
+        q_value = quantize(const_value(tensor), params.scale, params.zero_point, params.dtype, params.axis, params.qmin, params.qmax)
+        q = const(q_value)
+    else:
+        q = rewriter.emit(relax.op.quantize(tensor, scale, zero_point, axis=axis, out_dtype=params.dtype), base + "_q")
+        low, high = _DTYPE_BOUNDS[params.dtype]
+        if params.qmin > low or params.qmax < high:
+            q = rewriter.emit(relax.op.clip(q, relax.prim_value(params.qmin), relax.prim_value(params.qmax)), base + "_qc")
+    return relax.op.dequantize(q, scale, zero_point, axis=axis, out_dtype="float32")

@@ -159,15 +159,18 @@ _ACTIVE_CALLBACK = [None]
 
 @tvm.register_global_func(MARKER, override=True)
 def _observe(tensor, name, role):
+    # Return a fresh tensor, never the argument: the VM frees the argument's storage after its last use and
+    # would hand that memory to a later op while the marker's output still aliased it.
+    array = tensor.numpy()
     callback = _ACTIVE_CALLBACK[0]
     if callback is not None:
-        callback(str(name), tensor)
-    return tensor
+        callback(str(name), array)
+    return to_tensor(array)
 
 
 @contextlib.contextmanager
 def observing(callback):
-    """Within the block, every executed marker calls ``callback(name, tensor)``."""
+    """Within the block, every executed marker calls ``callback(name, numpy array)``."""
     previous = _ACTIVE_CALLBACK[0]
     _ACTIVE_CALLBACK[0] = callback
     try:
@@ -231,7 +234,7 @@ def calibrate(annotated: tvm.IRModule, calib_data, inputs, config: QuantConfig, 
     vm = compile_vm(_StripWeightMarkers().transform_module(annotated))
 
     def collect(name, tensor):
-        observers[name].collect(tensor.numpy())
+        observers[name].collect(tensor)
 
     seen = 0
     batches = iter_batches(calib_data, inputs)

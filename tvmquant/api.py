@@ -1,0 +1,408 @@
+"""The Python API: :func:`quantize`, :func:`pipeline`, :class:`QuantizedModel` and :func:`load`.
+
+The flow: frontend (ONNX or Relax in) -> AnnotateQuant -> calibrate -> BindQuantParams (simulated model) ->
+RealizeQuant (integer model) -> compile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from . import __version__
+from ._compat import tensor_dtype, tensor_shape, to_tensor
+from .config import QuantConfig
+from .frontend.onnx import InputSpec, import_onnx
+from .frontend.prepare import ModelError, check_static, prepare
+from .passes.annotate import AnnotateQuant, LayerInfo, layers_of
+from .passes.calibrate import (
+    BindQuantParams,
+    QParams,
+    calibrate,
+    compile_vm,
+    iter_batches,
+    observing,
+    run_vm,
+)
+from .passes.realize import RealizeQuant
+
+ARTIFACT_FORMAT = 1
+
+
+class ArtifactError(ValueError):
+    """A tvmquant artifact is missing, corrupt or of an unknown format."""
+
+
+def pipeline(config: QuantConfig | None = None) -> tvm.transform.Pass:
+    """The annotation pass sequence for ``config`` (calibration runs between it and realization).
+
+    Examples
+    --------
+    >>> annotated = pipeline(QuantConfig())(mod)  # doctest: +SKIP
+    """
+    return tvm.transform.Sequential([AnnotateQuant(config or QuantConfig())], name="tvmquant.annotate")
+
+
+def _relax_inputs(mod: tvm.IRModule) -> list:
+    func = mod["main"]
+    count = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else len(func.params)
+    specs = []
+    for param in list(func.params)[:count]:
+        shape = tensor_shape(param)
+        if shape is None or any(dim is None for dim in shape):
+            raise ModelError(f"input {param.name!r} of main has no static shape; give one (e.g. batch 1)")
+        specs.append(InputSpec(param.name, shape, tensor_dtype(param)))
+    return specs
+
+
+def load_model(model, params: dict | None = None, batch_size: int = 1):
+    """``(prepared FP32 module, input specs, ONNX bytes or None)`` from an ONNX path/ModelProto or an IRModule."""
+    if isinstance(model, tvm.IRModule):
+        mod = prepare(model, params)
+        source = None
+    else:
+        from .frontend.onnx import load_onnx_model
+
+        proto = load_onnx_model(model)
+        where = f"{os.fspath(model)!r}" if not hasattr(model, "graph") else "the ONNX model"
+        mod, _ = import_onnx(proto, batch_size=batch_size, where=where)
+        mod = prepare(mod)
+        source = proto.SerializeToString()
+    check_static(mod)
+    return mod, _relax_inputs(mod), source
+
+
+def quantize(
+    model,
+    config: QuantConfig | None = None,
+    calib_data=None,
+    *,
+    params: dict | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    report_batches: int = 8,
+) -> "QuantizedModel":
+    """Quantize an FP32 model to INT8.
+
+    Parameters
+    ----------
+    model : str, os.PathLike, onnx.ModelProto or tvm.IRModule
+        The FP32 model. An IRModule needs a Relax ``main`` with static input shapes.
+    config : QuantConfig, optional
+        Defaults to :data:`tvmquant.config.DEFAULT` (x86 VNNI: uint8 affine activations, per-channel
+        symmetric int8 weights, max calibration).
+    calib_data
+        Iterable of ``{input name: array}`` dicts (or arrays, for one-input models), or one such dict /
+        array with samples stacked on axis 0.
+    params : dict, optional
+        Weights of an IRModule whose ``main`` takes them as parameters.
+    batch_size : int
+        Batch size of the compiled model when the ONNX batch axis is dynamic.
+    progress : bool
+        Show progress bars.
+    report_batches : int
+        Calibration batches used to measure per-tensor SQNR for :meth:`QuantizedModel.summary` (0: skip).
+
+    Returns
+    -------
+    QuantizedModel
+
+    Examples
+    --------
+    >>> import tvmquant
+    >>> from tvmquant.examples import fmnist_model_path, load_fmnist_example
+    >>> calib, test_x, test_y = load_fmnist_example()
+    >>> qmodel = tvmquant.quantize(fmnist_model_path(), calib_data=calib[:32], progress=False)
+    >>> logits = qmodel.compile()(test_x[:1])
+    """
+    config = config or QuantConfig()
+    if calib_data is None:
+        raise ModelError("calib_data is required: give a few hundred representative input samples")
+    fp32, inputs, source = load_model(model, params, batch_size)
+    annotated = AnnotateQuant(config)(fp32)
+    table = calibrate(annotated, calib_data, inputs, config, progress=progress)
+    qmodel = QuantizedModel(fp32, annotated, table, config, inputs, source)
+    if report_batches:
+        qmodel.measure_sqnr(calib_data, report_batches)
+    return qmodel
+
+
+@dataclass
+class QuantizedModel:
+    """A quantized model: its FP32, simulated and integer Relax modules and its quantization table."""
+
+    fp32: tvm.IRModule
+    annotated: tvm.IRModule
+    table: dict
+    config: QuantConfig
+    inputs: list
+    source: bytes | None = None
+    sqnr: dict = field(default_factory=dict)
+
+    @property
+    def simulated(self) -> tvm.IRModule:
+        """Fake-quant FP32 model (quantize/dequantize around every quantized tensor)."""
+        return BindQuantParams(self.table)(self.annotated)
+
+    @property
+    def mod(self) -> tvm.IRModule:
+        """The integer model (INT8 inputs, INT32 accumulation)."""
+        return RealizeQuant()(self.simulated)
+
+    @property
+    def layers(self) -> list:
+        return layers_of(self.annotated)
+
+    # -- reports ------------------------------------------------------------------------------------------
+    def measure_sqnr(self, calib_data, max_batches: int = 8) -> dict:
+        """SQNR (dB) of every quantized tensor and of the outputs, simulated vs FP32, on calibration data."""
+        fp32_vm = compile_vm(self.annotated)
+        sim_vm = compile_vm(BindQuantParams(self.table, observe=True)(self.annotated))
+        signal: dict = {}
+        noise: dict = {}
+        for index, batch in enumerate(iter_batches(calib_data, self.inputs)):
+            if index >= max_batches:
+                break
+            captured: dict = {}
+            with observing(lambda name, t: captured.__setitem__(name, t)):
+                reference = _flatten_outputs(run_vm(fp32_vm, batch, self.inputs))
+            reference_tensors = dict(captured)
+            captured.clear()
+            with observing(lambda name, t: captured.__setitem__(name, t)):
+                approx = _flatten_outputs(run_vm(sim_vm, batch, self.inputs))
+            pairs = [(name, reference_tensors[name], captured[name]) for name in captured if name in reference_tensors]
+            pairs += [(f"output{i}", r, a) for i, (r, a) in enumerate(zip(reference, approx))]
+            for name, ref, app in pairs:
+                ref = ref.astype(np.float64)
+                signal[name] = signal.get(name, 0.0) + float(np.sum(ref * ref))
+                noise[name] = noise.get(name, 0.0) + float(np.sum((ref - app) ** 2))
+        self.sqnr = {name: _db(signal[name], noise[name]) for name in signal}
+        return self.sqnr
+
+    def summary(self) -> "Summary":
+        """Per layer: quantized or skipped and why, scales, zero points and SQNR; printable as a table."""
+        rows = []
+        for layer in self.layers:
+            inputs = [name for name in layer.inputs if name in self.table]
+            params = [self.table[name] for name in inputs]
+            weight = self.table.get(layer.weight) if layer.weight else None
+            sqnrs = [self.sqnr[name] for name in inputs if name in self.sqnr]
+            rows.append(
+                {
+                    "layer": layer.name,
+                    "op": layer.op_type,
+                    "status": "int8" if layer.quantized else "fp32",
+                    "reason": layer.reason or ("inputs on the grid of an earlier tensor" if layer.quantized and not inputs and not layer.weight else ""),
+                    "input_scale": [float(p.scale) for p in params],
+                    "input_zero_point": [int(p.zero_point) for p in params],
+                    "weight_scale": (
+                        [float(np.min(weight.scale)), float(np.max(weight.scale))] if weight is not None else None
+                    ),
+                    "input_sqnr_db": min(sqnrs) if sqnrs else None,
+                }
+            )
+        outputs = {name: value for name, value in self.sqnr.items() if name.startswith("output")}
+        return Summary(rows, outputs)
+
+    # -- compile and save ---------------------------------------------------------------------------------
+    def compile(self, target=None, mode: str = "int8", db=None) -> "CompiledModel":
+        """Compile for ``target`` (default: this CPU) and return a callable on numpy inputs.
+
+        ``mode`` is ``"int8"`` (the realized integer model), ``"simulated"`` (fake-quant FP32) or
+        ``"fp32"`` (the original model). ``db`` is a tuning database directory (see ``tvmquant tune``).
+        """
+        modules = {"int8": lambda: self.mod, "simulated": lambda: self.simulated, "fp32": lambda: self.fp32}
+        if mode not in modules:
+            raise ValueError(f"mode must be one of {sorted(modules)}, got {mode!r}")
+        mod = modules[mode]()
+        from .compile import build
+
+        return CompiledModel(build(mod, target=target, db=db), self.inputs)
+
+    def manifest(self) -> dict:
+        return {
+            "format": ARTIFACT_FORMAT,
+            "versions": _versions(),
+            "inputs": [spec.to_dict() for spec in self.inputs],
+            "config": self.config.to_dict(),
+            "quant_table": {name: params.to_dict() for name, params in self.table.items()},
+            "layers": [layer.__dict__ for layer in self.layers],
+            "sqnr_db": self.sqnr,
+        }
+
+    def save(self, path) -> None:
+        """Write a self-describing artifact (zip): manifest (config, table, versions), Relax modules, source."""
+        manifest = self.manifest()
+        files = {
+            "manifest.json": json.dumps(manifest, indent=2, default=_json_default),
+            "fp32.relax.json": tvm.ir.save_json(self.fp32),
+            "annotated.relax.json": tvm.ir.save_json(self.annotated),
+            "int8.relax.json": tvm.ir.save_json(self.mod),
+            "int8.relax.py": self.mod.script(show_meta=False),
+        }
+        if self.source is not None:
+            files["source.onnx"] = self.source
+        atomic_write(path, lambda handle: _write_zip(handle, files))
+
+
+def _write_zip(handle, files: dict) -> None:
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+
+
+def atomic_write(path, writer) -> None:
+    """Call ``writer(binary file)`` on a temporary file next to ``path`` and rename it into place on success.
+
+    A failure leaves no partial file; a missing folder is a clear error.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path!r}: folder {folder!r} does not exist; create it first")
+    handle, tmp = tempfile.mkstemp(prefix=".tvmquant-", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            writer(stream)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path) -> QuantizedModel:
+    """Load an artifact written by :meth:`QuantizedModel.save` (or ``tvmquant quantize -o``)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ArtifactError(f"artifact {path!r} does not exist")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            manifest = json.loads(archive.read("manifest.json"))
+            fp32 = tvm.ir.load_json(archive.read("fp32.relax.json").decode())
+            annotated = tvm.ir.load_json(archive.read("annotated.relax.json").decode())
+            source = archive.read("source.onnx") if "source.onnx" in archive.namelist() else None
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{path!r} is not a tvmquant artifact ({err}); write one with `tvmquant quantize -o`") from None
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{path!r} has artifact format {manifest.get('format')!r}; this tvmquant reads {ARTIFACT_FORMAT}")
+    table = {name: QParams.from_dict(data) for name, data in manifest["quant_table"].items()}
+    inputs = [InputSpec.from_dict(d) for d in manifest["inputs"]]
+    config = QuantConfig.from_dict(manifest["config"])
+    return QuantizedModel(fp32, annotated, table, config, inputs, source, manifest.get("sqnr_db", {}))
+
+
+class CompiledModel:
+    """A compiled model callable on numpy arrays: ``model(x)`` or ``model({"input": x})``."""
+
+    def __init__(self, executable, inputs, device=None):
+        self.executable = executable
+        self.inputs = inputs
+        self.device = device or tvm.cpu()
+        self.vm = relax.VirtualMachine(executable, self.device)
+
+    def __call__(self, *args, **kwargs):
+        if len(args) == 1 and hasattr(args[0], "keys"):
+            feed = dict(args[0])
+        else:
+            feed = dict(zip([spec.name for spec in self.inputs], args))
+        feed.update(kwargs)
+        checked = check_inputs(feed, self.inputs)
+        result = self.vm["main"](*[to_tensor(checked[spec.name], self.device) for spec in self.inputs])
+        outputs = _flatten_outputs(result)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def export_library(self, path) -> None:
+        atomic_write(path, lambda handle: None)  # validates the folder early
+        self.executable.export_library(os.fspath(path))
+
+
+def check_inputs(feed: dict, inputs) -> dict:
+    """Validate names, shapes and dtypes of run-time inputs with errors naming the input."""
+    names = [spec.name for spec in inputs]
+    if len(inputs) == 1 and len(feed) == 1 and names[0] not in feed:
+        feed = {names[0]: next(iter(feed.values()))}
+    missing = [name for name in names if name not in feed]
+    if missing:
+        raise ValueError(f"missing model inputs {missing}; the model takes {names}")
+    out = {}
+    for spec in inputs:
+        array = np.asarray(feed[spec.name])
+        if tuple(array.shape) != tuple(spec.shape):
+            raise ValueError(f"input {spec.name!r} has shape {tuple(array.shape)}, the model expects {tuple(spec.shape)}")
+        if array.dtype != np.dtype(spec.dtype):
+            if np.issubdtype(array.dtype, np.floating) and np.issubdtype(np.dtype(spec.dtype), np.floating):
+                array = array.astype(spec.dtype)
+            else:
+                raise ValueError(f"input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
+        out[spec.name] = array
+    return out
+
+
+@dataclass
+class Summary:
+    """Per-layer quantization report; ``str()`` gives a table."""
+
+    rows: list
+    outputs: dict
+
+    def __str__(self) -> str:
+        header = f"{'layer':<24} {'op':<20} {'dtype':<5} {'in scale':>10} {'in zp':>6} {'w scale (min..max)':>22} {'SQNR dB':>8}  note"
+        lines = [header, "-" * len(header)]
+        for row in self.rows:
+            scale = f"{row['input_scale'][0]:.4g}" if row["input_scale"] else "-"
+            zero = str(row["input_zero_point"][0]) if row["input_zero_point"] else "-"
+            weight = f"{row['weight_scale'][0]:.3g}..{row['weight_scale'][1]:.3g}" if row["weight_scale"] else "-"
+            sqnr = f"{row['input_sqnr_db']:.1f}" if row["input_sqnr_db"] is not None else "-"
+            lines.append(f"{row['layer']:<24} {row['op']:<20} {row['status']:<5} {scale:>10} {zero:>6} {weight:>22} {sqnr:>8}  {row['reason']}")
+        quantized = sum(row["status"] == "int8" for row in self.rows)
+        lines.append(f"{quantized} of {len(self.rows)} layers in INT8")
+        for name, value in self.outputs.items():
+            lines.append(f"{name} SQNR vs FP32 on calibration data: {value:.1f} dB")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"layers": self.rows, "outputs": self.outputs}
+
+
+def _flatten_outputs(result) -> list:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    outputs = []
+    for item in result:
+        outputs.extend(_flatten_outputs(item))
+    return outputs
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal / noise))
+
+
+def _json_default(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _versions() -> dict:
+    import platform
+
+    return {"tvmquant": __version__, "tvm": tvm.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+__all__ = ["quantize", "pipeline", "load", "QuantizedModel", "CompiledModel", "Summary", "LayerInfo"]

@@ -31,6 +31,7 @@ from .passes.calibrate import (
     observing,
     run_vm,
 )
+from .passes._rewrite import apply_pass
 from .passes.realize import RealizeQuant
 
 ARTIFACT_FORMAT = 1
@@ -126,7 +127,7 @@ def quantize(
     if calib_data is None:
         raise ModelError("calib_data is required: give a few hundred representative input samples")
     fp32, inputs, source = load_model(model, params, batch_size)
-    annotated = AnnotateQuant(config)(fp32)
+    annotated = apply_pass(AnnotateQuant(config), fp32)
     table = calibrate(annotated, calib_data, inputs, config, progress=progress)
     qmodel = QuantizedModel(fp32, annotated, table, config, inputs, source)
     if report_batches:
@@ -149,12 +150,12 @@ class QuantizedModel:
     @property
     def simulated(self) -> tvm.IRModule:
         """Fake-quant FP32 model (quantize/dequantize around every quantized tensor)."""
-        return BindQuantParams(self.table)(self.annotated)
+        return apply_pass(BindQuantParams(self.table), self.annotated)
 
     @property
     def mod(self) -> tvm.IRModule:
         """The integer model (INT8 inputs, INT32 accumulation)."""
-        return RealizeQuant()(self.simulated)
+        return apply_pass(RealizeQuant(), self.simulated)
 
     @property
     def layers(self) -> list:
@@ -164,7 +165,7 @@ class QuantizedModel:
     def measure_sqnr(self, calib_data, max_batches: int = 8) -> dict:
         """SQNR (dB) of every quantized tensor and of the outputs, simulated vs FP32, on calibration data."""
         fp32_vm = compile_vm(self.annotated)
-        sim_vm = compile_vm(BindQuantParams(self.table, observe=True)(self.annotated))
+        sim_vm = compile_vm(apply_pass(BindQuantParams(self.table, observe=True), self.annotated))
         signal: dict = {}
         noise: dict = {}
         for index, batch in enumerate(iter_batches(calib_data, self.inputs)):

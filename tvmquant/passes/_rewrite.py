@@ -128,3 +128,15 @@ def producers(func) -> dict:
         for binding in block.bindings:
             table[binding.var] = binding.value
     return table
+
+
+def apply_pass(pass_obj, mod: tvm.IRModule) -> tvm.IRModule:
+    """Run a Python-defined module pass directly, so its exceptions keep their type and message.
+
+    Calling a pass object goes through TVM's FFI, which turns every Python exception into a RuntimeError
+    with a C++ traceback; tvmquant's user-facing errors must reach the user as raised.
+    """
+    inst = getattr(pass_obj, "_inst", None)
+    if inst is None:
+        return pass_obj(mod)
+    return inst.transform_module(mod, tvm.transform.PassContext.current())

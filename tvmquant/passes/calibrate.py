@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .._compat import const, const_value, is_const, to_tensor
+from .._compat import const, const_value, is_const, op_name, tensor_shape, to_tensor
 from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
 from ..quant_math import compute_qparams, qrange, quantize
@@ -319,20 +319,69 @@ class _Binder(BindingRewriter):
         self.table = table
         self.observe = observe
 
+    def begin(self, func):
+        self.dq_params: dict = {}  # dequantized var -> QParams
+        self.accumulator_scale: dict = {}  # conv/matmul output var -> (scale vector, channel axis)
+
     def rewrite(self, var, value):
         parsed = parse_marker(value)
         if parsed is None:
-            return value
+            return self._linear_and_bias(var, value)
         tensor, name, role = parsed
         if name not in self.table:
             raise CalibrationError(f"tensor {name!r} has no quantization parameters: calibrate the model first")
         params = self.table[name]
         dequantized = self.emit(qdq_expr(self, tensor, params), name.replace(".", "_") + "_dq")
+        self.dq_params[dequantized] = params
         if self.observe:
             from .annotate import marker
 
             return self.emit(marker(dequantized, name, role))
         return dequantized
+
+    def _linear_and_bias(self, var, value):
+        """Track the INT32 accumulator scale of quantized conv/matmul and quantize their bias to INT32.
+
+        The integer model adds ``round(bias / (scale_x * scale_w))`` to the accumulator; the simulated model
+        must use that same rounded bias, or the two drift apart by more than one LSB over a deep network.
+        """
+        name = op_name(value)
+        if name in ("relax.nn.conv2d", "relax.matmul"):
+            x_params = self.dq_params.get(value.args[0])
+            w_params = self.dq_params.get(value.args[1])
+            if x_params is None or w_params is None or x_params.axis is not None or w_params.role != "weight":
+                return value
+            out = self.emit(value)
+            ndim = len(tensor_shape(out))
+            w_scale = np.asarray(w_params.scale, np.float32).reshape(-1)
+            scale = (np.float32(x_params.scale) * w_scale).astype(np.float32)
+            self.accumulator_scale[out] = (scale, 1 if name == "relax.nn.conv2d" else ndim - 1)
+            return out
+        if name != "relax.add":
+            return value
+        lhs, rhs = value.args
+        if is_const(lhs):
+            lhs, rhs = rhs, lhs
+        if lhs not in self.accumulator_scale or not is_const(rhs):
+            return value
+        bias = const_value(rhs)
+        scale, axis = self.accumulator_scale[lhs]
+        shape = [1] * len(tensor_shape(lhs))
+        shape[axis] = scale.shape[0]
+        if bias.ndim > len(shape) or not np.issubdtype(bias.dtype, np.floating):
+            return value
+        bias_shape = (1,) * (len(shape) - bias.ndim) + bias.shape
+        if any(b not in (1, s) for b, s in zip(bias_shape, shape)) or bias_shape[axis] != shape[axis]:
+            return value
+        scale_b = np.broadcast_to(scale.reshape(shape), shape).astype(np.float64)
+        bias_q = np.round(bias.reshape(bias_shape).astype(np.float64) / scale_b)
+        if np.any(np.abs(bias_q) > 2**31 - 1):
+            return value
+        bias_q = np.broadcast_to(bias_q, shape).astype(np.int32)
+        dequantized = relax.op.dequantize(
+            const(bias_q), const(scale), const(np.zeros(scale.shape, np.int32)), axis=axis, out_dtype="float32"
+        )
+        return relax.op.add(lhs, self.emit(dequantized))
 
 
 def qdq_expr(rewriter: BindingRewriter, tensor, params: QParams):

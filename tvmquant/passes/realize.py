@@ -301,7 +301,19 @@ class _Realizer(BindingRewriter):
         if is_const(lhs):
             lhs, rhs = rhs, lhs
         aff = self.affine.get(lhs)
-        if aff is None or not is_const(rhs) or tensor_dtype(aff.base) != "int32" or aff.has_clamp():
+        if aff is None or tensor_dtype(aff.base) != "int32" or aff.has_clamp():
+            return value
+        bias_aff = self.affine.get(rhs)
+        if bias_aff is not None and is_const(bias_aff.base) and bias_aff.dtype == "int32":
+            # An INT32 bias already quantized with the accumulator's scale (BindQuantParams, ONNX QDQ).
+            if np.any(bias_aff.zero_point != 0) or not np.array_equal(
+                np.asarray(bias_aff.scale, np.float32).reshape(-1), np.asarray(aff.scale, np.float32).reshape(-1)
+            ):
+                return value
+            bias_q = const_value(bias_aff.base).astype(np.int64)
+            offset = bias_q + (aff.offset if aff.offset is not None else 0)
+            return self._record(value, dataclasses.replace(aff, offset=offset.astype(np.int32)))
+        if not is_const(rhs):
             return value
         bias = const_value(rhs)
         if not np.issubdtype(bias.dtype, np.floating):

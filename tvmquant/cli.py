@@ -1,0 +1,201 @@
+"""The ``tvmquant`` command line. It only parses arguments into a config and calls the library.
+
+Every flag has a Python equivalent: ``--method``/``--percentile`` -> ``TensorSpec.method``, ``--scheme`` ->
+activation ``TensorSpec(dtype, scheme)``, ``--per-tensor`` -> weight ``PerTensor()``, ``--skip`` ->
+``QuantConfig.skip``, ``--config`` -> ``QuantConfig.from_json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+EXIT_USER_ERROR = 2
+
+
+def _config_from_args(args):
+    from .config import PerTensor, QuantConfig, TensorSpec, method_from_name
+
+    if args.config:
+        if not os.path.exists(args.config):
+            raise FileNotFoundError(f"config file {args.config!r} does not exist")
+        with open(args.config) as handle:
+            try:
+                config = QuantConfig.from_json(handle.read())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"config file {args.config!r} is not valid JSON: {err}") from None
+    else:
+        config = QuantConfig()
+    activation = config.activation
+    if args.scheme == "affine":
+        activation = TensorSpec("uint8", "affine", activation.granularity, activation.bits, activation.method)
+    elif args.scheme == "symmetric":
+        activation = TensorSpec("int8", "symmetric", activation.granularity, activation.bits, activation.method)
+    if args.method:
+        activation = TensorSpec(
+            activation.dtype, activation.scheme, activation.granularity, activation.bits,
+            method_from_name(args.method, args.percentile),
+        )
+    weight = config.weight
+    if args.per_tensor:
+        weight = TensorSpec(weight.dtype, weight.scheme, PerTensor(), weight.bits, weight.method)
+    skip = tuple(config.skip) + tuple(args.skip or ())
+    return config.replace(activation=activation, weight=weight, skip=skip)
+
+
+def _load_npz(path: str, what: str):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} file {path!r} does not exist")
+    try:
+        data = np.load(path)
+    except Exception as err:
+        raise ValueError(f"{what} file {path!r} is not a readable .npz/.npy file ({err})") from None
+    if isinstance(data, np.ndarray):
+        return {"input": data}
+    return {key: data[key] for key in data.files}
+
+
+def _check_output_path(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path!r}: folder {folder!r} does not exist; create it first")
+
+
+def cmd_quantize(args) -> int:
+    from .api import quantize
+
+    _check_output_path(args.output)
+    config = _config_from_args(args)
+    calib = _load_npz(args.calib, "calibration data")
+    qmodel = quantize(args.model, config, calib, progress=not args.quiet, batch_size=args.batch_size)
+    qmodel.save(args.output)
+    if not args.quiet:
+        print(qmodel.summary())
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .api import load
+
+    qmodel = load(args.artifact)
+    summary = qmodel.summary()
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(summary)
+    return 0
+
+
+def _open_runnable(path: str, target):
+    """A callable model from an artifact (compiled now) or a library written by ``tvmquant compile``."""
+    if path.endswith(".so"):
+        from .deploy import load_library
+
+        return load_library(path)
+    from .api import load
+
+    return load(path).compile(target=target, mode="int8")
+
+
+def cmd_run(args) -> int:
+    _check_output_path(args.output)
+    model = _open_runnable(args.model, args.target)
+    feed = _load_npz(args.input, "input")
+    from .api import atomic_write
+    from .passes.calibrate import iter_batches
+
+    outputs: list = []
+    for batch in iter_batches(feed, model.inputs):
+        result = model(batch)
+        result = result if isinstance(result, list) else [result]
+        if not outputs:
+            outputs = [[] for _ in result]
+        for store, value in zip(outputs, result):
+            store.append(value)
+    if not outputs:
+        raise ValueError(f"input file {args.input!r} holds no samples")
+    arrays = {f"output{i}": np.concatenate(values, axis=0) for i, values in enumerate(outputs)}
+    atomic_write(args.output, lambda handle: np.savez(handle, **arrays))
+    if not args.quiet:
+        print(f"wrote {args.output}: " + ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Quantize the bundled Fashion-MNIST CNN and print FP32 vs INT8 accuracy."""
+    from . import quantize
+    from .examples import fmnist_model_path, load_fmnist_example
+
+    calib, test_x, test_y = load_fmnist_example()
+    qmodel = quantize(fmnist_model_path(), calib_data=calib, progress=not args.quiet)
+    print(qmodel.summary())
+    int8 = qmodel.compile(mode="int8")
+    fp32 = qmodel.compile(mode="fp32")
+    int8_pred = np.array([int(np.argmax(int8(x[None]))) for x in test_x])
+    fp32_pred = np.array([int(np.argmax(fp32(x[None]))) for x in test_x])
+    n = len(test_y)
+    print(f"Fashion-MNIST, {n} bundled test images:")
+    print(f"  FP32 accuracy {np.mean(fp32_pred == test_y) * 100:.2f}%")
+    print(f"  INT8 accuracy {np.mean(int8_pred == test_y) * 100:.2f}%")
+    print(f"  INT8 agrees with FP32 on {np.mean(int8_pred == fp32_pred) * 100:.2f}% of images")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tvmquant", description="INT8 quantization for Apache TVM (Relax)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate and quantize an FP32 ONNX model")
+    q.add_argument("model", help="FP32 ONNX file")
+    q.add_argument("--calib", required=True, help=".npz with one array per model input, samples on axis 0")
+    q.add_argument("--method", choices=["max", "entropy", "percentile", "mse"], help="activation calibration")
+    q.add_argument("--percentile", type=float, default=99.99, help="percentile for --method percentile")
+    q.add_argument("--scheme", choices=["affine", "symmetric"], help="activations: uint8 affine or int8 symmetric")
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per channel)")
+    q.add_argument("--skip", nargs="+", metavar="NAME", help="layers to keep in FP32 (names, or op:TYPE)")
+    q.add_argument("--config", help="QuantConfig JSON file (flags override it)")
+    q.add_argument("--batch-size", type=int, default=1, help="batch size when the model's batch axis is dynamic")
+    q.add_argument("-o", "--output", required=True, help="artifact to write (.tvmq)")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+    r = sub.add_parser("run", help="run a quantized artifact or compiled library on inputs")
+    r.add_argument("model", help="artifact (.tvmq) or library (.so from `tvmquant compile`)")
+    r.add_argument("--input", required=True, help=".npz with one array per input, samples on axis 0")
+    r.add_argument("--target", default=None, help="target to compile an artifact for (default: this CPU)")
+    r.add_argument("-o", "--output", required=True, help=".npz to write, one array per output")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("inspect", help="print what was quantized, skipped and why")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("demo", help="quantize the bundled Fashion-MNIST model and print FP32 vs INT8 accuracy")
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("tvmquant: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as err:
+        print(f"tvmquant: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,6 @@ Importing tvmquant imports TVM but neither onnx nor torch (frontends load lazily
 
 __version__ = "0.1.0"
 
-from .api import CompiledModel, QuantizedModel, load, pipeline, quantize  # noqa: E402
 from .config import (  # noqa: E402
     MSE,
     PRESETS,
@@ -25,7 +24,28 @@ from .config import (  # noqa: E402
     SkipPredicate,
     TensorSpec,
 )
-from .passes import AnnotateQuant, BindQuantParams, RealizeQuant  # noqa: E402
+
+_LAZY = {
+    "quantize": "api",
+    "pipeline": "api",
+    "load": "api",
+    "QuantizedModel": "api",
+    "CompiledModel": "api",
+    "AnnotateQuant": "passes",
+    "BindQuantParams": "passes",
+    "RealizeQuant": "passes",
+}
+
+
+def __getattr__(name):
+    # TVM-dependent names load on first use, so that `tvmquant.config` and `tvmquant.calibration` stay
+    # importable (and cheap) without TVM.
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'tvmquant' has no attribute {name!r}")
 
 __all__ = [
     "quantize",

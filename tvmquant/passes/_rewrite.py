@@ -105,8 +105,9 @@ class BindingRewriter:
                 output = self.rewrite_output(self.remap(body.body))
                 output = self.bb.emit_output(output)
             self.bb.emit_func_output(output)
-        built = self.bb.get()
-        return _rename_function(built, tmp_name, self.func_name)
+        built = _rename_function(self.bb.get(), tmp_name, self.func_name)
+        # The output went through emit_output: fold the resulting `gv = lv` alias away.
+        return relax.transform.CanonicalizeBindings()(built)
 
 
 def _rename_function(mod: tvm.IRModule, old: str, new: str) -> tvm.IRModule:

@@ -312,7 +312,8 @@ class _Realizer(BindingRewriter):
                 return value
             bias_q = const_value(bias_aff.base).astype(np.int64)
             offset = bias_q + (aff.offset if aff.offset is not None else 0)
-            return self._record(value, dataclasses.replace(aff, offset=offset.astype(np.int32)))
+            new_aff = dataclasses.replace(aff, offset=offset.astype(np.int32))
+            return self._record(self._to_float(new_aff), new_aff)
         if not is_const(rhs):
             return value
         bias = const_value(rhs)
@@ -328,7 +329,8 @@ class _Realizer(BindingRewriter):
         if np.any(np.abs(bias_q) > 2**31 - 1):
             return value
         offset = bias_q.astype(np.int64) + (aff.offset if aff.offset is not None else 0)
-        return self._record(value, dataclasses.replace(aff, offset=offset.astype(np.int32)))
+        new_aff = dataclasses.replace(aff, offset=offset.astype(np.int32))
+        return self._record(self._to_float(new_aff), new_aff)
 
     def _clamp(self, name, value):
         aff = self.affine.get(value.args[0])

@@ -1,0 +1,227 @@
+"""Graph passes: TVMScript Before/Expected, idempotence, well-formedness, realize == simulate."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+from tvm.script import tirx as T
+
+from models import calibration_images, residual_cnn, transformer_block
+from tvmquant import QuantConfig, quantize
+from tvmquant.frontend.prepare import CanonicalizeClip, prepare
+from tvmquant.passes import AnnotateQuant, BindQuantParams, ExposeQuantizedTensors, QParams, RealizeQuant
+from tvmquant.passes._rewrite import apply_pass
+from tvmquant.passes.annotate import LAYERS_ATTR, layers_of
+from tvmquant.passes.calibrate import compile_vm, run_vm
+
+
+def _strip_layers(mod):
+    mod = mod.clone() if hasattr(mod, "clone") else mod
+    func = mod["main"]
+    if func.attrs is not None and LAYERS_ATTR in func.attrs:
+        mod["main"] = func.without_attr(LAYERS_ATTR)
+    return mod
+
+
+def _well_formed(mod):
+    assert relax.analysis.well_formed(mod) is not False
+
+
+def test_canonicalize_clip_turns_min_max_into_clip_and_relu():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 4), "float32")) -> R.Tensor((1, 4), "float32"):
+            with R.dataflow():
+                a = R.maximum(x, R.const(0.0, "float32"))
+                b = R.minimum(R.maximum(a, R.const(-1.0, "float32")), R.const(6.0, "float32"))
+                R.output(b)
+            return b
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 4), "float32")) -> R.Tensor((1, 4), "float32"):
+            with R.dataflow():
+                a = R.nn.relu(x)
+                b = R.clip(a, T.float64(-1.0), T.float64(6.0))
+                R.output(b)
+            return b
+
+    after = prepare(Before)
+    _well_formed(after)
+    tvm.ir.assert_structural_equal(after, Expected)
+    tvm.ir.assert_structural_equal(prepare(after), after)
+    assert CanonicalizeClip is not None
+
+
+def test_annotate_before_expected():
+    weight = np.arange(18, dtype=np.float32).reshape(3, 2, 3, 1) / 10.0 - 0.8
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 4, 4), "float32")) -> R.Tensor((1, 3, 2, 4), "float32"):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                c = R.nn.conv2d(x, R.const(weight))
+                r = R.nn.relu(c)
+                R.output(r)
+            return r
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 2, 4, 4), "float32")) -> R.Tensor((1, 3, 2, 4), "float32"):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                xi = R.call_pure_packed(
+                    "tvmquant.observe", x, R.str("conv2d_0.in0"), R.str("activation"),
+                    ty_args=(R.Tensor((1, 2, 4, 4), "float32"),),
+                )
+                wi = R.call_pure_packed(
+                    "tvmquant.observe", R.const(weight), R.str("conv2d_0.weight"), R.str("weight"),
+                    ty_args=(R.Tensor((3, 2, 3, 1), "float32"),),
+                )
+                c = R.nn.conv2d(xi, wi)
+                r = R.nn.relu(c)
+                R.output(r)
+            return r
+
+    after = apply_pass(AnnotateQuant(QuantConfig()), Before)
+    _well_formed(after)
+    tvm.ir.assert_structural_equal(_strip_layers(after), Expected)
+    (layer,) = layers_of(after)
+    assert (layer.name, layer.op_type, layer.inputs, layer.weight, layer.weight_axis) == (
+        "conv2d_0", "conv2d", ["conv2d_0.in0"], "conv2d_0.weight", 0
+    )
+    # idempotent
+    tvm.ir.assert_structural_equal(apply_pass(AnnotateQuant(QuantConfig()), after), after)
+
+
+def _qp(name, role, dtype, scheme, scale, zero_point, qmin, qmax, axis=None):
+    return QParams(name, role, dtype, scheme, np.asarray(scale, np.float32), np.asarray(zero_point, np.int32), qmin, qmax, axis)
+
+
+def test_bind_then_realize_before_expected():
+    weight = np.array([[[[0.5]], [[-0.25]]], [[[1.0]], [[0.75]]]], np.float32)  # (2, 2, 1, 1)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 2, 2, 2), "float32")) -> R.Tensor((1, 2, 2, 2), "float32"):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                c = R.nn.conv2d(x, R.const(weight))
+                R.output(c)
+            return c
+
+    annotated = apply_pass(AnnotateQuant(QuantConfig()), Before)
+    table = {
+        "conv2d_0.in0": _qp("conv2d_0.in0", "activation", "uint8", "affine", 0.5, 10, 0, 255),
+        "conv2d_0.weight": _qp("conv2d_0.weight", "weight", "int8", "symmetric", [0.5 / 127, 1.0 / 127], [0, 0], -127, 127, 0),
+    }
+    realized = apply_pass(RealizeQuant(), apply_pass(BindQuantParams(table), annotated))
+    _well_formed(realized)
+    weight_q = np.array([[[[127]], [[-64]]], [[[127]], [[95]]]], np.int8)
+    correction = (-10 * weight_q.reshape(2, -1).astype(np.int32).sum(axis=1)).reshape(1, 2, 1, 1)
+    scale = (np.float32(0.5) * np.array([0.5 / 127, 1.0 / 127], np.float32)).reshape(1, 2, 1, 1)
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 2, 2, 2), "float32")) -> R.Tensor((1, 2, 2, 2), "float32"):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                q = R.quantize(x, R.const(0.5, "float32"), R.const(10, "int32"), out_dtype="uint8", axis=-1)
+                acc = R.nn.conv2d(q, R.const(weight_q), out_dtype="int32")
+                acc2 = R.add(acc, R.const(correction.astype(np.int32)))
+                f = R.astype(acc2, "float32")
+                c = R.multiply(f, R.const(scale.astype(np.float32)))
+                R.output(c)
+            return c
+
+    tvm.ir.assert_structural_equal(_strip_layers(realized), Expected)
+    tvm.ir.assert_structural_equal(apply_pass(RealizeQuant(), realized), realized)
+
+
+def _realized_vs_simulated(qmodel, batches):
+    simulated = apply_pass(ExposeQuantizedTensors(), qmodel.simulated)
+    realized = apply_pass(RealizeQuant(), simulated)
+    _well_formed(realized)
+    vm_sim, vm_real = compile_vm(simulated), compile_vm(realized)
+    worst = 0
+    for batch in batches:
+        sim = run_vm(vm_sim, batch, qmodel.inputs)
+        real = run_vm(vm_real, batch, qmodel.inputs)
+        assert len(sim) == len(real) > 2
+        for index in range(1, len(sim)):
+            a, b = sim[index].numpy(), real[index].numpy()
+            assert a.dtype == b.dtype and a.dtype in (np.uint8, np.int8)
+            worst = max(worst, int(np.max(np.abs(a.astype(np.int32) - b.astype(np.int32)))))
+    return worst, realized
+
+
+@pytest.mark.parametrize(
+    "config",
+    [QuantConfig(), QuantConfig.from_dict({"version": 1, "activation": {"dtype": "int8", "scheme": "symmetric"}})],
+    ids=["uint8-affine", "int8-symmetric"],
+)
+def test_realized_equals_simulated_on_residual_cnn(config):
+    data = calibration_images(12)
+    qmodel = quantize(residual_cnn(), config, data[:8], progress=False, report_batches=0)
+    worst, realized = _realized_vs_simulated(qmodel, [{"input": data[i:i + 1]} for i in range(8, 12)])
+    assert worst <= 1
+    assert realized.script(show_meta=False).count('out_dtype="int32"') == 7  # 6 convs + 1 matmul
+
+
+def test_realized_equals_simulated_on_transformer_block():
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((10, 16, 32)).astype(np.float32)
+    qmodel = quantize(transformer_block(), calib_data=data[:6], progress=False, report_batches=0)
+    worst, _ = _realized_vs_simulated(qmodel, [{"input": data[i:i + 1]} for i in range(6, 10)])
+    assert worst <= 1
+
+
+def test_realized_model_is_integer_and_keeps_chains_in_int8():
+    qmodel = quantize(residual_cnn(), calib_data=calibration_images(4), progress=False, report_batches=0)
+    bindings = qmodel.mod["main"].body.blocks[0].bindings
+    convs = [b.value for b in bindings if getattr(b.value.op, "name", "") == "relax.nn.conv2d"]
+    assert len(convs) == 6
+    for conv in convs:
+        assert str(conv.args[0].ty.dtype) in ("uint8", "int8") and str(conv.args[1].ty.dtype) == "int8"
+        assert str(conv.attrs["out_dtype"]) == "int32"
+    # Max pools run on uint8 directly and feed the concat and the next conv without a round trip.
+    pools = [b for b in bindings if getattr(b.value.op, "name", "") == "relax.nn.max_pool2d"]
+    assert pools and all(str(b.var.ty.dtype) == "uint8" for b in pools)
+    dequantized = [b for b in bindings if getattr(b.value.op, "name", "") == "relax.dequantize"]
+    # Only the residual add and the concat of differently-scaled inputs go back to FP32 (2 inputs each).
+    assert len(dequantized) == 4
+    assert all(not getattr(b.value.args[0], "value", None) for b in dequantized)  # no constant (bias) dequantize
+
+
+def test_partial_quantization_by_name_type_and_predicate():
+    data = calibration_images(4)
+    model = residual_cnn()
+    by_name = quantize(model, QuantConfig(skip=("conv2d_0",)), data, progress=False, report_batches=0)
+    assert [layer.name for layer in by_name.layers if not layer.quantized] == ["conv2d_0"]
+    first_conv = next(b.value for b in by_name.mod["main"].body.blocks[0].bindings if getattr(b.value.op, "name", "") == "relax.nn.conv2d")
+    assert str(first_conv.args[0].ty.dtype) == "float32"
+    by_type = quantize(model, QuantConfig(skip=("op:add",)), data, progress=False, report_batches=0)
+    assert [layer.name for layer in by_type.layers if not layer.quantized] == ["add_0"]
+    depthwise = QuantConfig(skip=(lambda layer: layer.op_type == "conv2d" and layer.name == "conv2d_3",))
+    by_predicate = quantize(model, depthwise, data, progress=False, report_batches=0)
+    skipped = [layer for layer in by_predicate.layers if not layer.quantized]
+    assert [layer.name for layer in skipped] == ["conv2d_3"] and "predicate" in skipped[0].reason
+    assert "skip list" in str(by_predicate.summary())
+
+
+def test_accuracy_of_default_config_on_residual_cnn():
+    data = calibration_images(40, seed=3)
+    qmodel = quantize(residual_cnn(), calib_data=data[:24], progress=False, report_batches=4)
+    assert qmodel.sqnr["output0"] > 25.0
+    int8, fp32 = qmodel.compile(), qmodel.compile(mode="fp32")
+    agree = np.mean([np.argmax(int8(x[None])) == np.argmax(fp32(x[None])) for x in data[24:]])
+    assert agree >= 0.8

@@ -1,0 +1,1023 @@
+"""Tuned INT8 kernels for x86 CPUs (AVX512-VNNI, AVX-512BW, AVX2).
+
+What this module does, in pipeline order (:func:`optimize_int8_for_x86` returns the sequence):
+
+1. :class:`ExpandClip` rewrites ``R.clip`` into ``R.minimum(R.maximum(x, lo), hi)``. ``relax.clip`` has no
+   layout-inference rule, so without this the requantize epilogue would stop the blocked layout and force a
+   round trip to NCHW between every pair of convs.
+2. :class:`ConvertInt8ConvLayout` runs Relax's ``ConvertLayout`` on the u8 x s8 -> s32 convs only, asking for
+   ``NCHW16c`` data / ``OIHW16i16o`` weights. ``ConvertLayout`` propagates the blocked layout through the
+   elementwise epilogue (bias add, requantize, relu, cast) and cancels the transforms between consecutive
+   blocked convs, so a chain stays blocked.
+3. :class:`BlockInt8Conv2d` replaces each u8 x s8 -> s32 ``R.nn.conv2d`` by a ``call_tir`` of the VNNI-shaped
+   compute (``conv2d_NCHWc_int8``: data u8 ``[N, C/cb, H, W, cb]``, kernel s8
+   ``[K/16, C/cb, R, S, cb/4, 16, 4]``, out s32 ``[N, K/16, OH, OW, 16]``). Weights are packed in numpy at
+   compile time. Spatial padding is a separate ``R.nn.pad`` (a separate kernel, so meta-schedule never
+   inlines it into the conv, which would stop tensorization). Convs ``ConvertInt8ConvLayout`` left in NCHW
+   (channels not multiples of 16, grouped convs) get explicit transforms with zero channel padding around
+   the blocked conv. Depthwise convs stay as they are (VNNI's 4-deep reduction has nothing to reduce).
+4. :class:`PackInt8Dense` does the same for ``R.matmul(u8 [.., K], s8 const [K, N], out_dtype="int32")``
+   with weights packed ``[N/16, K/4, 16, 4]``.
+
+Then the usual Relax lowering (``LegalizeOps``, ``FoldConstant``, ``FuseOps``, ``FuseTIR``) fuses each conv
+with its epilogue; :func:`tune` tunes the fused kernels with meta-schedule and :func:`build` applies the
+tuning database. Meta-schedule's default x86 rules tensorize the blocked compute with ``dot_16x4_vnni``
+when the target has AVX512-VNNI and ``dot_16x4_avx512`` when it has AVX-512BW only; on AVX2 the same
+blocked kernels are vectorised without an intrinsic.
+
+Input contract (what the quantization passes produce): ``R.nn.conv2d(x_q: uint8 NCHW, w_q: int8 OIHW
+constant, out_dtype="int32")`` and ``R.matmul(x_q: uint8, w_q: int8 constant [K, N], out_dtype="int32")``.
+Signed activations are left alone (shift them to uint8 first). Run these passes after the quantization
+passes and before ``LegalizeOps``; :func:`tune` and :func:`build` run them for you.
+
+Version-sensitive imports (TVM 0.27: ``tvm.s_tir.meta_schedule``, ``tvm.ir.GenericConst``,
+``tvm.ir.utils.derived_object``, ``tvm.target.codegen.llvm_*``) are gathered at the top of this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.ir import GenericConst  # TVM 0.27: relax constants are ``tvm.ir.GenericConst``
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.target import codegen as _llvm_codegen
+
+from . import intrinsics  # noqa: F401  (registers the LLVM-22-compatible dot_16x4_vnni)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BlockInt8Conv2d",
+    "ConvertInt8ConvLayout",
+    "ExpandClip",
+    "Int8Isa",
+    "PackInt8Dense",
+    "TuningProgress",
+    "build",
+    "conv2d_nchwc_int8",
+    "cpu_flags",
+    "dense_packed_int8",
+    "extract_tasks",
+    "host_mcpu",
+    "int8_isa",
+    "optimize_int8_for_x86",
+    "prepare",
+    "tune",
+    "untuned_functions",
+    "x86_target",
+]
+
+#: Output channels per block: the lanes of one ``vpdpbusd`` (16 x int32).
+OC_BLOCK = 16
+#: Input channels reduced per lane by one ``vpdpbusd``.
+IC_QUAD = 4
+#: Input-channel block of the blocked data layout when the channel count allows it.
+IC_BLOCK = 16
+
+Int8Isa = Literal["amx", "vnni", "avx512", "avx2", "generic"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Targets
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags of the host, as the kernel reports them.
+
+    Parameters
+    ----------
+    cpuinfo : str
+        Path of the ``cpuinfo`` file (a parameter so tests can feed a fixture).
+
+    Returns
+    -------
+    frozenset of str
+        Flags of the first processor, e.g. ``{"avx512f", "avx512_vnni", "amx_int8", ...}``; empty when the
+        file is missing (not Linux).
+
+    Examples
+    --------
+    >>> "avx512_vnni" in cpu_flags()  # doctest: +SKIP
+    True
+    """
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def host_mcpu() -> str:
+    """LLVM's name for the host CPU (``"znver4"``, ``"sapphirerapids"``, ...)."""
+    return str(_llvm_codegen.llvm_get_system_cpu())
+
+
+def x86_target(mcpu: str | None = None, num_cores: int | None = None) -> tvm.target.Target:
+    """An LLVM target for an x86 CPU.
+
+    Parameters
+    ----------
+    mcpu : str, optional
+        LLVM CPU name. ``None`` (the default) means the host CPU (:func:`host_mcpu`). Name another CPU only to
+        cross-compile: a module built for a CPU with features the host lacks dies with SIGILL here (for
+        example ``"sapphirerapids"`` on an AMD Zen 4 host: LLVM emits the VEX-encoded AVX-VNNI
+        ``{vex} vpdpbusd``, which Zen 4 does not have). Useful values: ``"sapphirerapids"``/``"znver4"``/
+        ``"cascadelake"`` (VNNI), ``"skylake-avx512"`` (AVX-512 without VNNI), ``"haswell"`` (AVX2).
+    num_cores : int, optional
+        Threads the compiled kernels and meta-schedule use; defaults to the CPUs this process may run on.
+
+    Returns
+    -------
+    tvm.target.Target
+
+    Examples
+    --------
+    >>> x86_target("sapphirerapids", num_cores=2)  # doctest: +SKIP
+    llvm -keys=cpu -mcpu=sapphirerapids -num-cores=2
+    """
+    if mcpu is None:
+        mcpu = host_mcpu()
+    if not _llvm_codegen.llvm_is_valid_cpu(mcpu, "x86_64"):
+        raise ValueError(f"x86_target: LLVM does not know the CPU {mcpu!r}; try 'znver4', 'sapphirerapids', "
+                         "'cascadelake', 'skylake-avx512' or 'haswell'")
+    if num_cores is None:
+        num_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores)})
+
+
+def _target_features(target: tvm.target.Target) -> frozenset[str]:
+    return frozenset(str(f) for f in _llvm_codegen.llvm_get_cpu_features(target))
+
+
+def int8_isa(target: tvm.target.Target | None = None) -> Int8Isa:
+    """The best INT8 dot-product instruction set an LLVM target enables.
+
+    Parameters
+    ----------
+    target : tvm.target.Target, optional
+        Defaults to :func:`x86_target` for the host.
+
+    Returns
+    -------
+    {"amx", "vnni", "avx512", "avx2", "generic"}
+        ``"amx"`` means AMX-INT8 *and* AVX512-VNNI (the tuned kernels here use VNNI; TVM 0.27 has no AMX
+        intrinsic), ``"avx512"`` means AVX-512BW without VNNI (``dot_16x4_avx512``).
+    """
+    target = x86_target() if target is None else target
+    if target.kind.name != "llvm":
+        return "generic"
+    features = _target_features(target)
+    if "avx512vnni" in features:
+        return "amx" if "amx-int8" in features else "vnni"
+    if "avx512bw" in features:
+        return "avx512"
+    if "avx2" in features:
+        return "avx2"
+    return "generic"
+
+
+def _warn_if_not_runnable_here(target: tvm.target.Target) -> None:
+    """Warn when ``target`` enables instruction-set features the host lacks (the module would SIGILL)."""
+    if target.kind.name != "llvm":
+        return
+    host = _target_features(tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()}))
+    # Only ISA extensions matter; tuning flags such as "prefer-256-bit" differ between CPUs harmlessly.
+    isa_prefixes = ("avx", "amx", "sse", "fma", "f16c", "bmi", "vpclmul", "gfni", "vaes", "movdir", "serialize")
+    missing = sorted(f for f in _target_features(target) - host if f.startswith(isa_prefixes))
+    if missing:
+        warnings.warn(
+            f"target mcpu={target.attrs.get('mcpu')} enables {', '.join(missing)}, which this CPU "
+            f"({host_mcpu()}) lacks: modules built for it crash here with SIGILL, and tuning measures "
+            "nothing. Use x86_target() for the host, or tune on the deployment CPU.",
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TE computes (what the Relax rewrites call through ``call_te``)
+def conv2d_nchwc_int8(
+    data: te.Tensor,
+    kernel: te.Tensor,
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    groups: int = 1,
+) -> te.Tensor:
+    """u8 x s8 -> s32 conv2d in the blocked layouts of VNNI, on pre-padded data.
+
+    Parameters
+    ----------
+    data : te.Tensor
+        uint8 ``[N, C/cb, H, W, cb]`` with ``cb`` a multiple of 4, spatial padding already applied.
+    kernel : te.Tensor
+        int8 ``[K/16, C/groups/cb, R, S, cb/4, 16, 4]``: the innermost ``16 x 4`` is one ``vpdpbusd``.
+    strides, dilation : sequence of 2 ints
+    groups : int
+        Groups; each group's input channels must be whole ``cb`` blocks and its outputs whole 16-blocks.
+
+    Returns
+    -------
+    te.Tensor
+        int32 ``[N, K/16, OH, OW, 16]``.
+
+    Notes
+    -----
+    The same compute as topi's ``conv2d_NCHWc_int8`` minus its built-in padding: keeping the pad in a
+    separate kernel is what lets meta-schedule tensorize every candidate.
+    """
+    batch, _, in_h, in_w, ic_block = (int(v) for v in data.shape)
+    out_blocks, blocks_per_group, k_h, k_w, ic_quads, oc_block, quad = (int(v) for v in kernel.shape)
+    if ic_quads * quad != ic_block:
+        raise ValueError(f"conv2d_nchwc_int8: kernel block {ic_quads}x{quad} does not match data block "
+                         f"{ic_block}")
+    stride_h, stride_w = (int(s) for s in strides)
+    dil_h, dil_w = (int(d) for d in dilation)
+    out_h = (in_h - (k_h - 1) * dil_h - 1) // stride_h + 1
+    out_w = (in_w - (k_w - 1) * dil_w - 1) // stride_w + 1
+    out_blocks_per_group = out_blocks // groups
+
+    r_h = te.reduce_axis((0, k_h), name="kh")
+    r_w = te.reduce_axis((0, k_w), name="kw")
+    r_block = te.reduce_axis((0, blocks_per_group), name="ic_outer")
+    r_quad = te.reduce_axis((0, ic_quads), name="ic_f_inner")
+    r_elem = te.reduce_axis((0, quad), name="ic_s_inner")
+
+    def in_block(ob):
+        if groups == 1:
+            return r_block
+        return (ob // out_blocks_per_group) * blocks_per_group + r_block
+
+    return te.compute(
+        (batch, out_blocks, out_h, out_w, oc_block),
+        lambda n, ob, oh, ow, oi: te.sum(
+            data[n, in_block(ob), oh * stride_h + r_h * dil_h, ow * stride_w + r_w * dil_w,
+                 r_quad * quad + r_elem].astype("int32")
+            * kernel[ob, r_block, r_h, r_w, r_quad, oi, r_elem].astype("int32"),
+            axis=[r_h, r_w, r_block, r_quad, r_elem],
+        ),
+        name="conv2d_NCHWc_int8",
+    )
+
+
+def dense_packed_int8(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
+    """u8 x s8 -> s32 matmul with weights packed for VNNI.
+
+    Parameters
+    ----------
+    data : te.Tensor
+        uint8 ``[..., K]``, ``K`` a multiple of 4.
+    weight : te.Tensor
+        int8 ``[N/16, K/4, 16, 4]``: ``weight[n // 16, k // 4, n % 16, k % 4] = w[k, n]``.
+
+    Returns
+    -------
+    te.Tensor
+        int32 ``[..., N]``.
+    """
+    *batch, depth = (int(v) for v in data.shape)
+    n_blocks, k_quads, oc_block, quad = (int(v) for v in weight.shape)
+    if k_quads * quad != depth:
+        raise ValueError(f"dense_packed_int8: packed weight covers K={k_quads * quad}, data has K={depth}")
+    r_quad = te.reduce_axis((0, k_quads), name="k_outer")
+    r_elem = te.reduce_axis((0, quad), name="k_inner")
+
+    def compute(*idx):
+        col = idx[-1]
+        return te.sum(
+            data[(*idx[:-1], r_quad * quad + r_elem)].astype("int32")
+            * weight[col // oc_block, r_quad, col % oc_block, r_elem].astype("int32"),
+            axis=[r_quad, r_elem],
+        )
+
+    return te.compute((*batch, n_blocks * oc_block), compute, name="dense_packed_int8")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers for the Relax rewrites
+def _dtype(expr) -> str | None:
+    ty = getattr(expr, "ty", None)
+    return str(ty.dtype) if ty is not None and hasattr(ty, "dtype") else None
+
+
+def _static_shape(expr) -> tuple[int, ...] | None:
+    ty = getattr(expr, "ty", None)
+    shape = getattr(ty, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(v) for v in shape.values)
+    except (TypeError, AttributeError):
+        return None
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def _ic_block_for(channels_per_group: int, groups: int) -> int | None:
+    """Data block ``cb`` for the blocked conv: 16 when possible, else 8 or 4 (after padding C to 4)."""
+    if groups == 1:
+        padded = _round_up(channels_per_group, IC_QUAD)
+    elif channels_per_group % IC_QUAD == 0:
+        padded = channels_per_group  # groups cannot be padded independently through one layout_transform
+    else:
+        return None
+    for block in (IC_BLOCK, 8, IC_QUAD):
+        if padded % block == 0:
+            return block
+    return None
+
+
+def _is_u8s8_int32(call, out_dtype) -> bool:
+    return (
+        _dtype(call.args[0]) == "uint8"
+        and _dtype(call.args[1]) == "int8"
+        and str(out_dtype) == "int32"
+    )
+
+
+def pack_conv2d_weight(weight_oihw: np.ndarray, groups: int, ic_block: int) -> np.ndarray:
+    """Pack an OIHW int8 weight into ``[K/16, C/groups/cb, R, S, cb/4, 16, 4]``, zero-padding K and C.
+
+    Parameters
+    ----------
+    weight_oihw : numpy.ndarray
+        int8 ``[K, C/groups, R, S]``.
+    groups : int
+    ic_block : int
+        ``cb``, a multiple of 4.
+
+    Returns
+    -------
+    numpy.ndarray
+        The packed int8 weight (``K`` padded to 16 only when ``groups == 1``).
+
+    Examples
+    --------
+    >>> w = np.arange(16 * 4 * 1 * 1).reshape(16, 4, 1, 1).astype("int8")
+    >>> p = pack_conv2d_weight(w, groups=1, ic_block=4)
+    >>> p.shape, int(p[0, 0, 0, 0, 0, 5, 2]) == int(w[5, 2, 0, 0])
+    ((1, 1, 1, 1, 1, 16, 4), True)
+    """
+    out_ch, in_per_group, k_h, k_w = weight_oihw.shape
+    out_pad = _round_up(out_ch, OC_BLOCK) if groups == 1 else out_ch
+    in_pad = _round_up(in_per_group, ic_block)
+    padded = np.zeros((out_pad, in_pad, k_h, k_w), dtype=np.int8)
+    padded[:out_ch, :in_per_group] = weight_oihw
+    blocked = padded.reshape(out_pad // OC_BLOCK, OC_BLOCK, in_pad // ic_block, ic_block // IC_QUAD, IC_QUAD,
+                             k_h, k_w)
+    # -> [ob, icb, kh, kw, quad_index, oc_in_block, elem_in_quad]
+    return np.ascontiguousarray(blocked.transpose(0, 2, 5, 6, 3, 1, 4))
+
+
+def pack_dense_weight(weight_kn: np.ndarray) -> np.ndarray:
+    """Pack a ``[K, N]`` int8 weight into ``[N/16, K/4, 16, 4]``, zero-padding N to 16 and K to 4.
+
+    Examples
+    --------
+    >>> w = np.arange(8 * 16).reshape(8, 16).astype("int8")
+    >>> p = pack_dense_weight(w)
+    >>> p.shape, int(p[0, 1, 3, 2]) == int(w[6, 3])
+    ((1, 2, 16, 4), True)
+    """
+    depth, cols = weight_kn.shape
+    depth_pad, cols_pad = _round_up(depth, IC_QUAD), _round_up(cols, OC_BLOCK)
+    padded = np.zeros((depth_pad, cols_pad), dtype=np.int8)
+    padded[:depth, :cols] = weight_kn
+    blocked = padded.reshape(depth_pad // IC_QUAD, IC_QUAD, cols_pad // OC_BLOCK, OC_BLOCK)
+    return np.ascontiguousarray(blocked.transpose(2, 0, 3, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Passes
+@tvm.transform.module_pass(opt_level=0, name="ExpandClip")
+class ExpandClip:
+    """Rewrite ``R.clip(x, lo, hi)`` as ``R.minimum(R.maximum(x, lo), hi)``.
+
+    ``relax.clip`` has no layout-inference rule (``FRelaxInferLayout``), so ``ConvertLayout`` stops at it
+    and converts back to NCHW; ``maximum``/``minimum`` propagate any layout. The result is identical for
+    every non-NaN input. Clips with non-constant bounds are left alone. Run before
+    :class:`ConvertInt8ConvLayout`.
+
+    Examples
+    --------
+    >>> mod = ExpandClip()(mod)  # doctest: +SKIP
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+        pattern = is_op("relax.clip")(wildcard(), wildcard(), wildcard())
+
+        def rewriter(expr, _matches):
+            data, low, high = expr.args
+            dtype = _dtype(data)
+            if dtype is None or not all(isinstance(b, tirx.IntImm | tirx.FloatImm) for b in (low, high)):
+                return expr
+            cast = float if "float" in dtype else int
+            low_const = relax.const(cast(low.value), dtype)
+            high_const = relax.const(cast(high.value), dtype)
+            return relax.op.minimum(relax.op.maximum(data, low_const), high_const)
+
+        updated = {}
+        for gvar, func in mod.functions.items():
+            if isinstance(func, relax.Function) and not _is_primitive(func):
+                updated[gvar] = rewrite_call(pattern, rewriter, func)
+        for gvar, func in updated.items():
+            mod[gvar] = func
+        return mod
+
+
+def _is_primitive(func) -> bool:
+    attrs = func.attrs
+    return attrs is not None and "Primitive" in attrs and int(attrs["Primitive"]) != 0
+
+
+def _blockable_conv2d(call, ic_block: int = IC_BLOCK) -> bool:
+    """True when ``call`` is an NCHW u8 x s8 -> s32 conv with constant weight whose channels are whole blocks."""
+    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
+        return False
+    attrs = call.attrs
+    if not _is_u8s8_int32(call, attrs.out_dtype) or not isinstance(call.args[1], GenericConst):
+        return False
+    if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW":
+        return False
+    data_shape, weight_shape = _static_shape(call.args[0]), _static_shape(call.args[1])
+    if data_shape is None or weight_shape is None:
+        return False
+    return int(attrs.groups) == 1 and data_shape[1] % ic_block == 0 and weight_shape[0] % OC_BLOCK == 0
+
+
+@tvm.transform.module_pass(opt_level=0, name="ConvertInt8ConvLayout")
+class ConvertInt8ConvLayout:
+    """Convert u8 x s8 -> s32 convs to ``NCHW{block}c`` data / ``OIHW{block}i{block}o`` kernels.
+
+    A selective ``relax.transform.ConvertLayout``: only NCHW convs with uint8 data, a constant int8 weight,
+    int32 output, ``groups == 1`` and input/output channels that are multiples of ``block`` are converted;
+    every other op keeps its layout unless its input's layout propagates to it (elementwise ops, pooling,
+    concat). Between two converted convs the layout transforms cancel, so the chain stays blocked. The
+    converted convs are not legalizable by TOPI: run :class:`BlockInt8Conv2d` afterwards (the
+    :func:`optimize_int8_for_x86` sequence does).
+
+    Parameters
+    ----------
+    block : int
+        Channel block (16: the lanes of one ``vpdpbusd``).
+    """
+
+    def __init__(self, block: int = IC_BLOCK):
+        if block % OC_BLOCK != 0:
+            raise ValueError(f"ConvertInt8ConvLayout: block must be a multiple of {OC_BLOCK}, got {block}")
+        self.block = block
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        block = self.block
+        desired = {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}i{block}o"]}
+
+        def layout_cb(call):
+            # An empty dict keeps the op's own layout; only the selected convs start a blocked region.
+            return desired if _blockable_conv2d(call, block) else {}
+
+        needs_conversion = any(
+            isinstance(func, relax.Function) and _has_blockable_conv(func, block) for func in mod.functions.values()
+        )
+        if not needs_conversion:
+            return mod  # idempotent: nothing left to convert
+        return relax.transform.ConvertLayout({}, layout_cb=layout_cb)(mod)
+
+
+def _has_blockable_conv(func, block: int) -> bool:
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, tvm.ir.Call) and _blockable_conv2d(expr, block):
+            found.append(expr)
+
+    relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
+@relax.expr_functor.mutator
+class _Int8Rewriter(relax.PyExprMutator):
+    """Shared machinery: rewrite calls bottom-up, emitting new bindings through the block builder."""
+
+    def __init__(self, mod: tvm.IRModule, convs: bool, dense: bool):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.convs = convs
+        self.dense = dense
+        self.rewritten = 0
+
+    def transform(self) -> tvm.IRModule:
+        for gvar, func in self.mod_.functions.items():
+            if isinstance(func, relax.Function) and not _is_primitive(func):
+                self.builder_.update_func(gvar, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_call_(self, call):  # noqa: D102  (PyExprMutator hook)
+        call = self.visit_expr_post_order(call)
+        if not isinstance(call.op, tvm.ir.Op):
+            return call
+        if self.convs and call.op.name == "relax.nn.conv2d":
+            return self._rewrite_conv2d(call)
+        if self.dense and call.op.name == "relax.matmul":
+            return self._rewrite_matmul(call)
+        return call
+
+    # -- conv2d ----------------------------------------------------------------------------------------
+    def _constant_weight(self, weight):
+        """The weight as OIHW numpy, looking through ``ConvertLayout``'s ``layout_transform`` of a constant."""
+        if isinstance(weight, GenericConst):
+            return weight.value.numpy(), "direct"
+        if isinstance(weight, relax.Var):
+            bound = self.lookup_binding(weight)
+            if (
+                isinstance(bound, tvm.ir.Call)
+                and isinstance(bound.op, tvm.ir.Op)
+                and bound.op.name == "relax.layout_transform"
+                and isinstance(bound.args[0], GenericConst)
+            ):
+                return bound.args[0].value.numpy(), "oihw_source"
+        return None, None
+
+    def _rewrite_conv2d(self, call):
+        attrs = call.attrs
+        if not _is_u8s8_int32(call, attrs.out_dtype):
+            return call
+        data, weight = call.args
+        weight_np, origin = self._constant_weight(weight)
+        data_shape = _static_shape(data)
+        if weight_np is None or data_shape is None:
+            logger.debug("BlockInt8Conv2d: skipping %s (weight not constant or dynamic shape)", call)
+            return call
+        groups = int(attrs.groups)
+        strides = [int(s) for s in attrs.strides]
+        dilation = [int(d) for d in attrs.dilation]
+        pad_top, pad_left, pad_bottom, pad_right = (int(p) for p in attrs.padding)
+        layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
+
+        if layouts == ("NCHW", "OIHW", "NCHW") and weight_np.ndim == 4:
+            return self._rewrite_nchw_conv2d(call, weight_np, data_shape, groups, strides, dilation,
+                                             (pad_top, pad_bottom, pad_left, pad_right))
+        block = _blocked_layout_block(layouts)
+        if block is None or groups != 1:
+            return call
+        if origin == "direct":
+            if weight_np.ndim != 6:
+                return call
+            # OIHW{b}i{b}o -> OIHW
+            ob, ib, k_h, k_w, bi, bo = weight_np.shape
+            weight_np = weight_np.transpose(0, 5, 1, 4, 2, 3).reshape(ob * bo, ib * bi, k_h, k_w)
+        if weight_np.ndim != 4:
+            return call
+        packed = pack_conv2d_weight(weight_np, groups=1, ic_block=block)
+        padded = self._spatial_pad(data, 5, (pad_top, pad_bottom, pad_left, pad_right))
+        self.rewritten += 1
+        return self.builder_.call_te(conv2d_nchwc_int8, padded, relax.const(packed, "int8"), strides, dilation,
+                                     1, primfunc_name_hint="conv2d_int8_nchwc")
+
+    def _spatial_pad(self, data, ndim: int, pads):
+        pad_top, pad_bottom, pad_left, pad_right = pads
+        if not any(pads):
+            return data
+        width = [0, 0] * ndim
+        width[4:8] = [pad_top, pad_bottom, pad_left, pad_right]
+        # A separate op (and, after FuseOps, a separate kernel): padding inlined into the tensorized conv
+        # turns its input access into an if/else and tensorization fails.
+        return self.builder_.emit(relax.op.nn.pad(data, width, pad_value=0.0))
+
+    def _rewrite_nchw_conv2d(self, call, weight_np, data_shape, groups, strides, dilation, pads):
+        batch, channels, _, _ = data_shape
+        out_channels = weight_np.shape[0]
+        per_group = channels // groups
+        if groups > 1 and (per_group == 1 or (out_channels // groups) % OC_BLOCK != 0):
+            return call  # depthwise, or output groups that are not whole 16-blocks: keep the generic conv
+        ic_block = _ic_block_for(per_group, groups)
+        if ic_block is None:
+            return call
+        channels_pad = _round_up(channels, ic_block)
+        blocked = self.builder_.emit(
+            relax.op.layout_transform(
+                call.args[0],
+                lambda n, c, h, w: (n, c // ic_block, h, w, c % ic_block),
+                pad_value=0 if channels_pad != channels else None,
+            )
+        )
+        padded = self._spatial_pad(blocked, 5, pads)
+        packed = pack_conv2d_weight(weight_np, groups=groups, ic_block=ic_block)
+        conv = self.builder_.emit(
+            self.builder_.call_te(conv2d_nchwc_int8, padded, relax.const(packed, "int8"), strides, dilation,
+                                  groups, primfunc_name_hint="conv2d_int8_nchwc")
+        )
+        self.rewritten += 1
+        out = relax.op.layout_transform(conv, lambda n, cb, h, w, ci: (n, cb * OC_BLOCK + ci, h, w))
+        if packed.shape[0] * OC_BLOCK != out_channels:
+            out = relax.op.strided_slice(self.builder_.emit(out), axes=[1], begin=[0], end=[out_channels])
+        return out
+
+    # -- matmul ----------------------------------------------------------------------------------------
+    def _rewrite_matmul(self, call):
+        if not _is_u8s8_int32(call, call.attrs.out_dtype):
+            return call
+        data, weight = call.args
+        data_shape = _static_shape(data)
+        if not isinstance(weight, GenericConst) or data_shape is None:
+            return call
+        weight_np = weight.value.numpy()
+        if weight_np.ndim != 2 or len(data_shape) < 1:
+            return call
+        depth, cols = weight_np.shape
+        if len(data_shape) == 1:
+            return call  # vector-matrix products are rare in quantized graphs; keep the generic op
+        depth_pad = _round_up(depth, IC_QUAD)
+        if depth_pad != depth:
+            width = [0, 0] * (len(data_shape) - 1) + [0, depth_pad - depth]
+            data = self.builder_.emit(relax.op.nn.pad(data, width, pad_value=0.0))
+        packed = relax.const(pack_dense_weight(weight_np), "int8")
+        self.rewritten += 1
+        out = self.builder_.call_te(dense_packed_int8, data, packed, primfunc_name_hint="dense_int8_packed")
+        cols_pad = _round_up(cols, OC_BLOCK)
+        if cols_pad != cols:
+            out = relax.op.strided_slice(self.builder_.emit(out), axes=[len(data_shape) - 1], begin=[0],
+                                         end=[cols])
+        return out
+
+
+def _blocked_layout_block(layouts) -> int | None:
+    """The block ``b`` if the layouts are ``(NCHW{b}c, OIHW{b}i{b}o, NCHW{b}c)`` (what ConvertLayout makes)."""
+    data_layout, kernel_layout, out_layout = (str(layout) for layout in layouts)
+    if not (data_layout.startswith("NCHW") and data_layout.endswith("c")) or out_layout != data_layout:
+        return None
+    try:
+        block = int(data_layout[4:-1])
+    except ValueError:
+        return None
+    if block % OC_BLOCK != 0 or kernel_layout != f"OIHW{block}i{block}o":
+        return None
+    return block
+
+
+@tvm.transform.module_pass(opt_level=0, name="BlockInt8Conv2d")
+class BlockInt8Conv2d:
+    """Replace u8 x s8 -> s32 ``R.nn.conv2d`` by the blocked VNNI compute (:func:`conv2d_nchwc_int8`).
+
+    Handles the ``NCHW16c``/``OIHW16i16o`` convs made by :class:`ConvertInt8ConvLayout` (output stays
+    blocked) and plain NCHW/OIHW convs, including grouped convs whose groups are whole channel blocks
+    (explicit layout transforms, zero channel padding, and a slice when the output channels are padded to
+    16). Depthwise convs, signed activations, non-constant weights and dynamic shapes are left unchanged.
+    The weight is packed in numpy, once, at compile time. Idempotent (a rewritten conv is a ``call_tir``).
+    Run before ``LegalizeOps``.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _Int8Rewriter(mod, convs=True, dense=False)
+        out = rewriter.transform()
+        logger.debug("BlockInt8Conv2d: rewrote %d conv2d", rewriter.rewritten)
+        return out
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackInt8Dense")
+class PackInt8Dense:
+    """Replace ``R.matmul(u8 [..., K], s8 const [K, N], out_dtype="int32")`` by :func:`dense_packed_int8`.
+
+    The weight is packed ``[N/16, K/4, 16, 4]`` in numpy at compile time (zero padding K to 4 and N to 16;
+    the activation is padded on K by ``R.nn.pad`` and the output sliced back to N when needed). Run before
+    ``LegalizeOps``.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _Int8Rewriter(mod, convs=False, dense=True)
+        out = rewriter.transform()
+        logger.debug("PackInt8Dense: rewrote %d matmul", rewriter.rewritten)
+        return out
+
+
+def optimize_int8_for_x86(block: int = IC_BLOCK) -> tvm.transform.Pass:
+    """The graph-level INT8 passes for x86, in order (run before ``LegalizeOps``).
+
+    Returns
+    -------
+    tvm.transform.Pass
+        ``Sequential([ExpandClip, ConvertInt8ConvLayout, BlockInt8Conv2d, PackInt8Dense, DeadCodeElimination])``.
+
+    Examples
+    --------
+    >>> mod = optimize_int8_for_x86()(mod)  # doctest: +SKIP
+    """
+    return tvm.transform.Sequential(
+        [
+            ExpandClip(),
+            ConvertInt8ConvLayout(block),
+            BlockInt8Conv2d(),
+            PackInt8Dense(),
+            # ConvertLayout's layout_transform of each original weight is dead once the weight is packed.
+            relax.transform.DeadCodeElimination(),
+        ],
+        name="OptimizeInt8ForX86",
+    )
+
+
+def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.IRModule:
+    """Run the INT8 x86 passes and the Relax lowering up to fused TIR (what :func:`tune` tunes).
+
+    The fusion sequence is the one ``meta_schedule.relax_integration.compile_relax`` uses, so database keys
+    match between :func:`tune` and :func:`build`.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        A Relax module (quantized graph, constant weights bound).
+    target : tvm.target.Target, optional
+        Defaults to :func:`x86_target`.
+
+    Returns
+    -------
+    tvm.IRModule
+        Relax ``main`` calling fused PrimFuncs (``fused_conv2d_int8_nchwc_add_..._maximum_minimum_astype``).
+    """
+    target = x86_target() if target is None else target
+    passes = [optimize_int8_for_x86()]
+    try:
+        passes += relax.pipeline.library_dispatch_passes(target)
+    except (ValueError, AttributeError):
+        pass
+    passes += [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(passes)(mod)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tuning
+def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> list[ms.ExtractedTask]:
+    """The meta-schedule tasks of ``mod`` after :func:`prepare` (one per distinct fused kernel)."""
+    target = x86_target() if target is None else target
+    return ms.relax_integration.extract_tasks(prepare(mod, target), target)
+
+
+def _open_database(db_dir: str) -> ms.database.JSONDatabase:
+    os.makedirs(db_dir, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+
+
+def _is_tuned(database: ms.Database, task: ms.ExtractedTask, target: tvm.target.Target) -> bool:
+    mod = task.dispatched[0]
+    if not database.has_workload(mod):
+        return False
+    return database.query_tuning_record(mod, target, task.task_name) is not None
+
+
+@derived_object
+class TuningProgress(PyMeasureCallback):
+    """Meta-schedule measure callback that reports progress: task, trials, best latency, build errors.
+
+    One line per measured batch, through the ``tvmquant.schedules.x86`` logger (and stderr when
+    ``echo`` is set), e.g.::
+
+        [tune] task 1/3 fused_conv2d_int8_nchwc_add: 32 trials (total 48/96), best 541.2 us (427 GOP/s)
+        [tune] task 1/3 fused_conv2d_int8_nchwc_add: 2/16 candidates failed to build: ...
+
+    Parameters
+    ----------
+    task_names : list of str
+    total_trials : int
+        The global trial budget (for the "total" column).
+    echo : bool
+        Also print to stderr (for interactive use when logging is not configured).
+    """
+
+    def __init__(self, task_names: list[str], total_trials: int, echo: bool = True):
+        self.task_names = list(task_names)
+        self.total_trials = total_trials
+        self.echo = echo
+        self.trials = [0] * len(task_names)
+        self.best_sec = [math.inf] * len(task_names)
+        self.build_errors = 0
+        self.run_errors = 0
+
+    def _say(self, level: int, message: str) -> None:
+        logger.log(level, message)
+        if self.echo:
+            print(message, file=sys.stderr, flush=True)
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:  # noqa: D102
+        name = self.task_names[task_id]
+        prefix = f"[tune] task {task_id + 1}/{len(self.task_names)} {name}"
+        failed_builds = [r.error_msg for r in builder_results if r.error_msg]
+        failed_runs = [r.error_msg for r in runner_results if r.error_msg]
+        if failed_builds:
+            self.build_errors += len(failed_builds)
+            first = str(failed_builds[0]).strip().splitlines()
+            self._say(logging.WARNING, f"{prefix}: {len(failed_builds)}/{len(builder_results)} candidates failed "
+                                       f"to build (first error: {first[-1] if first else '?'})")
+        if failed_runs:
+            self.run_errors += len(failed_runs)
+            first = str(failed_runs[0]).strip().splitlines()
+            self._say(logging.WARNING, f"{prefix}: {len(failed_runs)}/{len(runner_results)} candidates failed "
+                                       f"to run (first error: {first[-1] if first else '?'})")
+        for result in runner_results:
+            if result.error_msg is None and result.run_secs:
+                secs = float(np.mean([float(s) for s in result.run_secs]))
+                self.best_sec[task_id] = min(self.best_sec[task_id], secs)
+        self.trials[task_id] += len(measure_candidates)
+        best = self.best_sec[task_id]
+        flop = float(task_scheduler.tasks_[task_id].flop)
+        speed = f"best {best * 1e6:.1f} us ({flop / best / 1e9:.0f} GOP/s)" if best < math.inf else "no valid run yet"
+        self._say(logging.INFO, f"{prefix}: {self.trials[task_id]} trials (total {sum(self.trials)}/"
+                                f"{self.total_trials}), {speed}")
+
+
+def tune(
+    mod: tvm.IRModule,
+    target: tvm.target.Target | None = None,
+    trials: int = 64,
+    db_dir: str = "tvmquant_tuning",
+    *,
+    trials_per_task: int | None = None,
+    num_trials_per_iter: int = 16,
+    builder_timeout_sec: float = 150.0,
+    runner_repeat: int = 3,
+    task_scheduler: Literal["gradient", "round-robin"] = "gradient",
+    cost_model: Literal["xgb", "mlp", "random"] = "xgb",
+    strategy: Literal["evolutionary", "replay-trace", "replay-func"] = "evolutionary",
+    seed: int | None = None,
+    progress: bool = True,
+) -> ms.Database:
+    """Tune the INT8 kernels of a Relax module with meta-schedule; records go to a JSON database.
+
+    Tasks that already have a valid record in ``db_dir`` are skipped, so a second call with the same
+    database only re-runs the (seconds-long) graph passes.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        Relax module with u8 x s8 convs/matmuls (see the module docstring), weights bound as constants.
+    target : tvm.target.Target, optional
+        Defaults to :func:`x86_target` (host CPU). Tuning measures on this machine, so the target must run
+        here (a warning says so when it cannot).
+    trials : int
+        Global trial budget over the tasks still to tune.
+    db_dir : str
+        Directory of the JSON database (``database_workload.json``, ``database_tuning_record.json``) and of
+        meta-schedule's per-task logs (``logs/``).
+    trials_per_task : int, optional
+        Cap per task; default ``max(num_trials_per_iter, ceil(trials / number_of_tasks))`` so that every
+        task gets a share of a small budget.
+    num_trials_per_iter : int
+        Candidates built and measured per batch.
+    builder_timeout_sec : float
+        Per-batch build timeout. Each fresh builder worker spends ~24 s importing TVM's tensor intrinsics
+        on a 2-core machine; meta-schedule's default (30 s) times whole batches out.
+    runner_repeat : int
+        Measurement repeats per candidate.
+    task_scheduler, cost_model, strategy : str
+        Meta-schedule components (gradient task scheduler, XGBoost cost model, evolutionary search).
+    seed : int, optional
+        Random seed of the search.
+    progress : bool
+        Print one progress line per measured batch to stderr (always logged at INFO).
+
+    Returns
+    -------
+    tvm.s_tir.meta_schedule.Database
+        The JSON database in ``db_dir``.
+
+    Examples
+    --------
+    >>> target = x86_target(num_cores=2)  # doctest: +SKIP
+    >>> tune(mod, target, trials=64, db_dir="tuning")  # doctest: +SKIP
+    >>> ex = build(mod, target, db_dir="tuning")  # doctest: +SKIP
+    """
+    target = x86_target() if target is None else target
+    _warn_if_not_runnable_here(target)
+    start = time.perf_counter()
+    database = _open_database(db_dir)
+    tasks = extract_tasks(mod, target)
+    todo = [task for task in tasks if not _is_tuned(database, task, target)]
+    say = TuningProgress([], 0, echo=progress)._say
+    if not todo:
+        say(logging.INFO, f"[tune] all {len(tasks)} tasks already tuned in {db_dir} "
+                          f"({time.perf_counter() - start:.1f} s); nothing to do")
+        return database
+    say(logging.INFO, f"[tune] {len(todo)} of {len(tasks)} tasks to tune ({len(tasks) - len(todo)} found in "
+                      f"{db_dir}), {trials} trials, target {target}")
+    if trials_per_task is None:
+        trials_per_task = max(num_trials_per_iter, math.ceil(trials / len(todo)))
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted_tasks=todo, work_dir=db_dir, space="post-order-apply", strategy=strategy,
+        num_threads=int(target.attrs.get("num-cores", 0)) or "physical", seed=seed,
+    )
+    callback = TuningProgress([ctx.task_name for ctx in contexts], trials, echo=progress)
+    num_workers = max(1, int(target.attrs.get("num-cores", 1) or 1))
+    ms.tune.tune_tasks(
+        tasks=contexts,
+        task_weights=weights,
+        work_dir=db_dir,
+        max_trials_global=trials,
+        max_trials_per_task=trials_per_task,
+        num_trials_per_iter=num_trials_per_iter,
+        builder=ms.builder.LocalBuilder(timeout_sec=builder_timeout_sec, max_workers=num_workers),
+        runner=ms.runner.LocalRunner(
+            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=runner_repeat, min_repeat_ms=50,
+                                                       enable_cpu_cache_flush=False)
+        ),
+        database=database,
+        cost_model=cost_model,
+        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
+        task_scheduler=task_scheduler,
+    )
+    say(logging.INFO, f"[tune] done in {time.perf_counter() - start:.0f} s: {sum(callback.trials)} trials, "
+                      f"{callback.build_errors} build errors, {callback.run_errors} run errors")
+    return database
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Build
+def untuned_functions(mod: tvm.IRModule) -> list[str]:
+    """Names of the PrimFuncs of ``mod`` that no tuning record scheduled (after ``MetaScheduleApplyDatabase``)."""
+    names = []
+    for gvar, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            attrs = func.attrs
+            if attrs is None or not ("tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])):
+                names.append(gvar.name_hint)
+    return sorted(names)
+
+
+def build(
+    mod: tvm.IRModule,
+    target: tvm.target.Target | None = None,
+    db_dir: str | None = None,
+    *,
+    warn_untuned: bool = True,
+) -> relax.VMExecutable:
+    """Compile a Relax module with the INT8 x86 passes and the tuned kernels of ``db_dir``.
+
+    Kernels without a record (or every kernel when ``db_dir`` is None) compile unscheduled: correct, but
+    scalar and single-threaded. A warning names them.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        Relax module (weights bound as constants).
+    target : tvm.target.Target, optional
+        Defaults to :func:`x86_target` (host CPU).
+    db_dir : str, optional
+        Directory of the JSON database written by :func:`tune`.
+    warn_untuned : bool
+        Warn with the names of the kernels that compile without a tuned schedule.
+
+    Returns
+    -------
+    tvm.relax.VMExecutable
+        Run with ``relax.VirtualMachine(ex, tvm.cpu())["main"](...)``.
+
+    Examples
+    --------
+    >>> ex = build(mod, x86_target(), db_dir="tuning")  # doctest: +SKIP
+    >>> vm = relax.VirtualMachine(ex, tvm.cpu())  # doctest: +SKIP
+    >>> out = vm["main"](tvm.runtime.tensor(x_q)).numpy()  # doctest: +SKIP
+    """
+    intrinsics.register_x86_intrinsics()  # records replay `tensorize("dot_16x4_vnni")` by name
+    target = x86_target() if target is None else target
+    prepared = prepare(mod, target)
+    if db_dir is not None and not os.path.isfile(os.path.join(db_dir, "database_tuning_record.json")):
+        warnings.warn(f"build: no tuning database in {db_dir!r}; compiling every kernel untuned", stacklevel=2)
+        db_dir = None
+    if db_dir is not None:
+        database = _open_database(db_dir)
+        with target, database, tvm.transform.PassContext(opt_level=3):
+            prepared = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+    if warn_untuned:
+        untuned = untuned_functions(prepared)
+        if untuned:
+            warnings.warn(
+                f"build: {len(untuned)} kernel(s) have no tuning record and compile unscheduled (slow): "
+                f"{', '.join(untuned)}. Run tvmquant.schedules.x86.tune(...) with the same target and database.",
+                stacklevel=2,
+            )
+    lower = relax.pipeline.dataflow_lower_passes(target) + relax.pipeline.finalize_passes(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="TvmquantX86Finalize")
+    def finalize(module: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return tvm.transform.Sequential(lower)(module)
+
+    with target, tvm.transform.PassContext(opt_level=3):
+        return relax.build(prepared, target=target, relax_pipeline=finalize)

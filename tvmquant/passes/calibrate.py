@@ -155,6 +155,7 @@ def count_samples(calib_data, inputs) -> int | None:
 # ----------------------------------------------------------------------------------------------------------
 # Running a module whose markers call back into Python
 _ACTIVE_CALLBACK = [None]
+_PENDING_ERROR = [None]
 
 
 @tvm.register_global_func(MARKER, override=True)
@@ -163,8 +164,11 @@ def _observe(tensor, name, role):
     # would hand that memory to a later op while the marker's output still aliased it.
     array = tensor.numpy()
     callback = _ACTIVE_CALLBACK[0]
-    if callback is not None:
-        callback(str(name), array)
+    if callback is not None and _PENDING_ERROR[0] is None:
+        try:
+            callback(str(name), array)
+        except Exception as err:  # noqa: BLE001 - re-raised unchanged by run_vm, outside TVM's FFI
+            _PENDING_ERROR[0] = err
     return to_tensor(array)
 
 
@@ -195,8 +199,14 @@ def compile_vm(mod, target=None):
 
 
 def run_vm(vm, batch: dict, inputs):
+    """Run ``main`` on one batch; an error raised by an observer surfaces here with its own type."""
     args = [to_tensor(batch[spec.name]) for spec in inputs]
-    return vm["main"](*args)
+    _PENDING_ERROR[0] = None
+    result = vm["main"](*args)
+    error, _PENDING_ERROR[0] = _PENDING_ERROR[0], None
+    if error is not None:
+        raise error
+    return result
 
 
 def _progress(iterable, total, desc, enabled):

@@ -487,8 +487,14 @@ class ConvertInt8ConvLayout:
         desired = {"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}i{block}o"]}
 
         def layout_cb(call):
-            # An empty dict keeps the op's own layout; only the selected convs start a blocked region.
-            return desired if _blockable_conv2d(call, block) else {}
+            if _blockable_conv2d(call, block):
+                return desired
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
+                # Pin every other conv to its own layouts: with no wish, conv2d's layout inference adopts
+                # its input's blocked layout and fails on the 4-D weight.
+                attrs = call.attrs
+                return {"relax.nn.conv2d": [str(attrs.data_layout), str(attrs.kernel_layout)]}
+            return {}  # other ops follow their inputs' layouts
 
         needs_conversion = any(
             isinstance(func, relax.Function) and _has_blockable_conv(func, block) for func in mod.functions.values()

@@ -138,3 +138,29 @@ def calibration_images(count: int, size: int = 16, seed: int = 1) -> np.ndarray:
     coarse = rng.standard_normal((count, 3, size // 4, size // 4)).astype(np.float32)
     images = coarse.repeat(4, axis=2).repeat(4, axis=3)
     return (images + 0.3 * rng.standard_normal(images.shape)).astype(np.float32)
+
+
+def dynamic_pad_conv() -> onnx.ModelProto:
+    """A conv whose 'same' padding is computed at run time from the input shape (as exporters leave it)."""
+    weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Slice", ["shape", "start", "end"], ["hw"]),
+        helper.make_node("Sub", ["hw", "hw"], ["zeros"]),
+        helper.make_node("Add", ["zeros", "one"], ["ones"]),
+        helper.make_node("Concat", ["head", "ones"], ["pads"], axis=0),
+        helper.make_node("Pad", ["x", "pads"], ["padded"], name="same_pad"),
+        helper.make_node("Conv", ["padded", "weight"], ["y"], name="conv"),
+    ]
+    inits = {
+        "start": np.array([2], np.int64), "end": np.array([4], np.int64), "one": np.array([1, 1], np.int64),
+        "head": np.array([0, 0, 1, 1, 0, 0], np.int64), "weight": weight,
+    }
+    graph = helper.make_graph(
+        nodes, "dynamic_pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from models import calibration_images, residual_cnn
 
 import tvmquant
-from models import calibration_images, residual_cnn
 from tvmquant import cli
 from tvmquant.calibration import CalibrationError
 from tvmquant.frontend.prepare import ModelError
@@ -169,3 +169,16 @@ def test_cli_errors_are_one_line_and_leave_no_file(tmp_path, model_file, calib_f
     assert cli.main(["quantize", model_file, "--calib", str(tmp_path / "none.npz"), "-o", str(out), "-q"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["inspect", str(tmp_path / "none.tvmq")]) == 2
+
+
+def test_dynamic_pads_of_a_known_shape_are_folded():
+    from models import dynamic_pad_conv
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = dynamic_pad_conv()
+    with pytest.raises(Exception):  # noqa: B017 - TVM's importer alone refuses it
+        from_onnx(model, shape_dict={"x": [1, 3, 8, 8]})
+    data = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    qmodel = tvmquant.quantize(model, calib_data=data, progress=False, report_batches=2)
+    assert [layer.name for layer in qmodel.layers] == ["conv2d_0"]
+    assert qmodel.sqnr["output0"] > 30

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import tvm
+from models import calibration_images, residual_cnn, transformer_block
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
-from models import calibration_images, residual_cnn, transformer_block
 from tvmquant import QuantConfig, quantize
 from tvmquant.frontend.prepare import CanonicalizeClip, prepare
 from tvmquant.passes import AnnotateQuant, BindQuantParams, ExposeQuantizedTensors, QParams, RealizeQuant

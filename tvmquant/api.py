@@ -21,6 +21,7 @@ from ._compat import tensor_dtype, tensor_shape, to_tensor
 from .config import QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
 from .frontend.prepare import ModelError, check_static, prepare
+from .passes._rewrite import apply_pass
 from .passes.annotate import AnnotateQuant, LayerInfo, layers_of
 from .passes.calibrate import (
     BindQuantParams,
@@ -31,7 +32,6 @@ from .passes.calibrate import (
     observing,
     run_vm,
 )
-from .passes._rewrite import apply_pass
 from .passes.realize import RealizeQuant
 
 ARTIFACT_FORMAT = 1
@@ -211,6 +211,22 @@ class QuantizedModel:
             )
         outputs = {name: value for name, value in self.sqnr.items() if name.startswith("output")}
         return Summary(rows, outputs)
+
+    def rebatch(self, batch_size: int) -> "QuantizedModel":
+        """The same quantized model (same table) compiled for another static batch size (ONNX sources only)."""
+        if self.source is None:
+            raise ModelError("rebatch needs the ONNX source; for an IRModule, quantize it with the batch you need")
+        fp32, inputs, source = load_model(self.source_model(), batch_size=batch_size)
+        annotated = apply_pass(AnnotateQuant(self.config), fp32)
+        return QuantizedModel(fp32, annotated, self.table, self.config, inputs, source, dict(self.sqnr))
+
+    def source_model(self):
+        """The ONNX ModelProto this model was quantized from (None for Relax sources)."""
+        if self.source is None:
+            return None
+        import onnx
+
+        return onnx.load_from_string(self.source)
 
     # -- compile and save ---------------------------------------------------------------------------------
     def compile(self, target=None, mode: str = "int8", db=None) -> "CompiledModel":

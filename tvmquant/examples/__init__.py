@@ -107,9 +107,7 @@ def normalize_fmnist(images_u8: np.ndarray) -> np.ndarray:
     if images_u8.ndim == 3:
         images_u8 = images_u8[:, None]
     if images_u8.shape[1:] != (1, 28, 28):
-        raise ValueError(
-            f"Fashion-MNIST images have shape (N, 28, 28) or (N, 1, 28, 28), got {images_u8.shape}"
-        )
+        raise ValueError(f"Fashion-MNIST images have shape (N, 28, 28) or (N, 1, 28, 28), got {images_u8.shape}")
     scaled = images_u8.astype(np.float32) / np.float32(255.0)
     return (scaled - np.float32(FMNIST_MEAN)) / np.float32(FMNIST_STD)
 

@@ -96,7 +96,65 @@ def import_onnx(model, batch_size: int = 1, where: str = "the ONNX model"):
     try:
         mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
     except Exception as err:
-        message = str(err).strip().splitlines()
-        detail = message[-1] if message else type(err).__name__
-        raise ModelError(f"TVM's ONNX importer could not take {where}: {detail}") from None
+        folded = _constant_fold(model, specs)
+        if folded is None:
+            raise _import_error(model, err, where) from None
+        try:
+            mod = from_onnx(folded, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+        except Exception as err2:
+            raise _import_error(folded, err2, where) from None
     return mod, specs
+
+
+def _import_error(model, err, where: str) -> ModelError:
+    message = str(err).strip().splitlines()
+    detail = message[-1] if message else type(err).__name__
+    culprit = _first_dynamic_pad(model)
+    hint = f" (node {culprit!r} computes its pads at run time)" if culprit else ""
+    return ModelError(
+        f"TVM's ONNX importer could not take {where}{hint}: {detail}. Export with static shapes "
+        "(torch.onnx.export(..., dynamo=True) folds such shape computations), or constant-fold the model first"
+    )
+
+
+def _first_dynamic_pad(model) -> str | None:
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    for node in model.graph.node:
+        if node.op_type == "Pad" and len(node.input) > 1 and node.input[1] not in constants:
+            return node.name or node.output[0]
+    return None
+
+
+def _constant_fold(model, specs):
+    """Fold shape computations of known shapes with ONNX Runtime's basic graph optimizations, if installed.
+
+    Exporters leave e.g. "same" padding as a run-time computation on the input shape; with static input
+    shapes it is constant, but TVM's importer refuses it ("Dynamic pads are not supported yet").
+    """
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    import tempfile
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    by_name = {spec.name: spec for spec in specs}
+    for value in fixed.graph.input:
+        if value.name in by_name:
+            for dim, size in zip(value.type.tensor_type.shape.dim, by_name[value.name].shape, strict=False):
+                dim.ClearField("dim_param")
+                dim.dim_value = size
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = os.path.join(folder, "in.onnx"), os.path.join(folder, "folded.onnx")
+        onnx.save(fixed, source)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = target
+        try:
+            ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            return onnx.load(target)
+        except Exception:  # noqa: BLE001 - folding is a best effort; the original error is reported
+            return None

@@ -50,6 +50,8 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.ir import GenericConst  # TVM 0.27: relax constants are ``tvm.ir.GenericConst``
 from tvm.ir.utils import derived_object
+# Not imported by tvm.relax.backend itself, and its __init__ omits dataflow_lower_passes (TVM 0.27).
+from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.target import codegen as _llvm_codegen
@@ -754,11 +756,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.I
         Relax ``main`` calling fused PrimFuncs (``fused_conv2d_int8_nchwc_add_..._maximum_minimum_astype``).
     """
     target = x86_target() if target is None else target
-    passes = [optimize_int8_for_x86()]
-    try:
-        passes += relax.pipeline.library_dispatch_passes(target)
-    except (ValueError, AttributeError):
-        pass
+    passes = [optimize_int8_for_x86(), *_cpu_backend.library_dispatch_passes(target)]
     passes += [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
@@ -1019,7 +1017,7 @@ def build(
                 f"{', '.join(untuned)}. Run tvmquant.schedules.x86.tune(...) with the same target and database.",
                 stacklevel=2,
             )
-    lower = relax.pipeline.dataflow_lower_passes(target) + relax.pipeline.finalize_passes(target)
+    lower = _cpu_backend.dataflow_lower_passes(target) + _cpu_backend.finalize_passes(target)
 
     @tvm.transform.module_pass(opt_level=0, name="TvmquantX86Finalize")
     def finalize(module: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

@@ -1,0 +1,133 @@
+"""INT8 vs FP32 on MobileNetV2 and EfficientNet-Lite0 (ImageNet weights) for every calibration method, with
+ONNX Runtime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations) as the baseline row.
+
+Measures top-1/top-5 on foolbox's 20 labelled ImageNet images, and FP32-vs-INT8 top-1 agreement and logit
+SQNR on 110 other natural images; calibration uses 64 disjoint images (see ``bench/models/imagenet_data.py``).
+Also lists the tensors with the lowest SQNR (the layers that limit accuracy).
+
+Prepare once (needs the ``torch`` extra, see shared/EVAL.md)::
+
+    python bench/models/export_imagenet.py && python bench/models/imagenet_data.py
+
+Run: ``python bench/accuracy_imagenet.py [--models mobilenet_v2 efficientnet_lite0] [--methods ...]``.
+Writes ``bench/results/accuracy_imagenet.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "models"))
+
+from imagenet_data import load_imagenet_eval, preprocess  # noqa: E402
+from ort_baseline import ort_predict, ort_quantize  # noqa: E402
+
+import tvmquant  # noqa: E402
+from tvmquant.config import MSE, Entropy, Max, Percentile, QuantConfig, TensorSpec  # noqa: E402
+from tvmquant.quant_math import sqnr_db  # noqa: E402
+
+ONNX_DIR = os.path.join(HERE, "models", "onnx")
+METHODS = {
+    "max": Max(),
+    "percentile99.99": Percentile(99.99),
+    "percentile99.999": Percentile(99.999),
+    "entropy": Entropy(),
+    "mse": MSE(),
+}
+
+
+def run_all(compiled, images):
+    return np.concatenate([np.asarray(compiled(image[None])) for image in images], axis=0)
+
+
+def scores(logits, labels, reference_logits):
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    ref_top1 = np.argmax(reference_logits, axis=1)
+    return {
+        "top1": int(np.sum(top5[:, 0] == labels)),
+        "top5": int(np.sum([label in row for label, row in zip(labels, top5)])),
+        "agree_with_fp32": float(np.mean(top5[:, 0] == ref_top1) * 100),
+    }
+
+
+def evaluate(name, model_path, data, methods, report):
+    calib = preprocess(data["calib_u8"], name)
+    labelled = preprocess(data["labelled_u8"], name)
+    labels = data["labelled_labels"]
+    agreement = preprocess(data["agreement_u8"], name)
+    rows = []
+    fp32 = None
+    for method_name in methods:
+        config = QuantConfig(activation=TensorSpec("uint8", "affine", method=METHODS[method_name]))
+        start = time.time()
+        qmodel = tvmquant.quantize(model_path, config, calib, progress=False, report_batches=8)
+        quantize_s = time.time() - start
+        if fp32 is None:
+            fp32_model = qmodel.compile(mode="fp32")
+            fp32 = {"labelled": run_all(fp32_model, labelled), "agreement": run_all(fp32_model, agreement)}
+            rows.append({"name": "fp32", **scores(fp32["labelled"], labels, fp32["labelled"])})
+            print(f"[{name}] fp32 top1 {rows[-1]['top1']}/20 top5 {rows[-1]['top5']}/20", flush=True)
+        int8 = qmodel.compile(mode="int8")
+        labelled_logits = run_all(int8, labelled)
+        agreement_logits = run_all(int8, agreement)
+        row = {
+            "name": f"tvmquant {method_name} (uint8 affine, per-channel)",
+            **scores(labelled_logits, labels, fp32["labelled"]),
+            "agreement_top1_pct": float(np.mean(np.argmax(agreement_logits, 1) == np.argmax(fp32["agreement"], 1)) * 100),
+            "logit_sqnr_db": sqnr_db(fp32["agreement"], agreement_logits),
+            "quantize_seconds": round(quantize_s, 1),
+        }
+        if report:
+            worst = sorted((v, k) for k, v in qmodel.sqnr.items() if not k.startswith("output"))[:5]
+            row["lowest_sqnr_tensors"] = [{"tensor": k, "sqnr_db": round(v, 2)} for v, k in worst]
+        rows.append(row)
+        print(f"[{name}] {row['name']}: top1 {row['top1']}/20 agree {row['agreement_top1_pct']:.1f}% "
+              f"SQNR {row['logit_sqnr_db']:.1f} dB", flush=True)
+    for method in ("minmax", "percentile"):
+        path = ort_quantize(model_path, calib, method=method)
+        labelled_logits = ort_predict(path, labelled)
+        agreement_logits = ort_predict(path, agreement)
+        row = {
+            "name": f"onnxruntime quantize_static QDQ {method} per-channel",
+            **scores(labelled_logits, labels, fp32["labelled"]),
+            "agreement_top1_pct": float(np.mean(np.argmax(agreement_logits, 1) == np.argmax(fp32["agreement"], 1)) * 100),
+            "logit_sqnr_db": sqnr_db(fp32["agreement"], agreement_logits),
+        }
+        rows.append(row)
+        print(f"[{name}] {row['name']}: top1 {row['top1']}/20 agree {row['agreement_top1_pct']:.1f}% "
+              f"SQNR {row['logit_sqnr_db']:.1f} dB", flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "efficientnet_lite0"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "accuracy_imagenet.json"))
+    args = parser.parse_args()
+    data = load_imagenet_eval()
+    result = {
+        "command": "python bench/accuracy_imagenet.py " + " ".join(sys.argv[1:]),
+        "data": {"labelled": 20, "agreement": int(len(data["agreement_u8"])), "calibration": int(len(data["calib_u8"]))},
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "models": {},
+    }
+    for name in args.models:
+        path = os.path.join(ONNX_DIR, f"{name}.onnx")
+        result["models"][name] = evaluate(name, path, data, args.methods, report=True)
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

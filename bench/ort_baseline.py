@@ -1,0 +1,63 @@
+"""ONNX Runtime's static quantization as a baseline row: QDQ, per-channel int8 weights, uint8 activations.
+
+Used by the accuracy and speed benchmarks so that every table compares tvmquant with ORT on the same
+calibration and evaluation data.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+
+class _Reader:
+    def __init__(self, input_name: str, samples: np.ndarray):
+        self.items = iter([{input_name: sample[None]} for sample in samples])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def ort_quantize(model_path: str, calib: np.ndarray, method: str = "minmax", per_channel: bool = True,
+                 percentile: float = 99.99) -> str:
+    """Quantize ``model_path`` with ``onnxruntime.quantization.quantize_static``; return the QDQ file path."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model = onnx.load(model_path)
+    input_name = model.graph.input[0].name
+    folder = tempfile.mkdtemp(prefix="ort-q-")
+    pre = os.path.join(folder, "pre.onnx")
+    quant_pre_process(model_path, pre, skip_symbolic_shape=True)
+    out = os.path.join(folder, f"q_{method}.onnx")
+    calibrate_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                        "entropy": CalibrationMethod.Entropy}[method]
+    extra = {"CalibPercentile": percentile} if method == "percentile" else {}
+    quantize_static(
+        pre, out, _Reader(input_name, calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calibrate_method,
+        extra_options=extra,
+    )
+    return out
+
+
+def ort_session(path: str, threads: int = 2):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def ort_predict(path: str, images: np.ndarray, batch: int = 100) -> np.ndarray:
+    """Logits of the ONNX model on ``images`` (batched when the model's batch axis is dynamic)."""
+    session = ort_session(path)
+    name = session.get_inputs()[0].name
+    dim0 = session.get_inputs()[0].shape[0]
+    step = batch if not isinstance(dim0, int) else dim0
+    outputs = [session.run(None, {name: images[i:i + step]})[0] for i in range(0, len(images), step)]
+    return np.concatenate(outputs, axis=0)

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from ort_baseline import ort_predict, ort_quantize  # noqa: E402
+from tvmquant.testing.ort import ort_predict, ort_quantize  # noqa: E402
 
 import tvmquant  # noqa: E402
 from tvmquant.config import MSE, Entropy, Max, Percentile, PerChannel, PerTensor, QuantConfig, TensorSpec  # noqa: E402

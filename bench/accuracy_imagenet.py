@@ -29,7 +29,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "models"))
 
 from imagenet_data import load_imagenet_eval, preprocess  # noqa: E402
-from ort_baseline import ort_predict, ort_quantize  # noqa: E402
+from tvmquant.testing.ort import ort_predict, ort_quantize  # noqa: E402
 
 import tvmquant  # noqa: E402
 from tvmquant.config import MSE, Entropy, Max, Percentile, QuantConfig, TensorSpec  # noqa: E402

@@ -64,9 +64,19 @@ def _relax_inputs(mod: tvm.IRModule) -> list:
 
 
 def load_model(model, params: dict | None = None, batch_size: int = 1):
-    """``(prepared FP32 module, input specs, ONNX bytes or None)`` from an ONNX path/ModelProto or an IRModule."""
+    """``(prepared module, input specs, ONNX bytes or None, is_qdq)`` from an ONNX path/ModelProto or an IRModule.
+
+    A pre-quantized (QDQ) model comes back as its simulated QDQ module, integer weights kept.
+    """
+    from .frontend.qdq import is_qdq_module, prepare_qdq
+
     if isinstance(model, tvm.IRModule):
-        mod = prepare(model, params)
+        if is_qdq_module(model):
+            if params:
+                model = relax.transform.BindParams("main", params)(model)
+            mod = prepare_qdq(model)
+        else:
+            mod = prepare(model, params)
         source = None
     else:
         from .frontend.onnx import load_onnx_model
@@ -74,10 +84,10 @@ def load_model(model, params: dict | None = None, batch_size: int = 1):
         proto = load_onnx_model(model)
         where = f"{os.fspath(model)!r}" if not hasattr(model, "graph") else "the ONNX model"
         mod, _ = import_onnx(proto, batch_size=batch_size, where=where)
-        mod = prepare(mod)
+        mod = prepare_qdq(mod) if is_qdq_module(mod) else prepare(mod)
         source = proto.SerializeToString()
     check_static(mod)
-    return mod, _relax_inputs(mod), source
+    return mod, _relax_inputs(mod), source, is_qdq_module(mod)
 
 
 def quantize(
@@ -124,9 +134,15 @@ def quantize(
     >>> logits = qmodel.compile()(test_x[:1])
     """
     config = config or QuantConfig()
+    fp32, inputs, source, qdq = load_model(model, params, batch_size)
+    if qdq:
+        # Pre-quantized (e.g. ONNX Runtime QDQ): scales and zero points are taken as given.
+        from .frontend.qdq import describe_qdq
+
+        _, table = describe_qdq(fp32)
+        return QuantizedModel(fp32, fp32, table, config, inputs, source, qdq=fp32)
     if calib_data is None:
         raise ModelError("calib_data is required: give a few hundred representative input samples")
-    fp32, inputs, source = load_model(model, params, batch_size)
     annotated = apply_pass(AnnotateQuant(config), fp32)
     table = calibrate(annotated, calib_data, inputs, config, progress=progress)
     qmodel = QuantizedModel(fp32, annotated, table, config, inputs, source)
@@ -146,10 +162,13 @@ class QuantizedModel:
     inputs: list
     source: bytes | None = None
     sqnr: dict = field(default_factory=dict)
+    qdq: tvm.IRModule | None = None  # set for pre-quantized (QDQ) models: their simulated module as imported
 
     @property
     def simulated(self) -> tvm.IRModule:
         """Fake-quant FP32 model (quantize/dequantize around every quantized tensor)."""
+        if self.qdq is not None:
+            return self.qdq
         return apply_pass(BindQuantParams(self.table), self.annotated)
 
     @property
@@ -159,6 +178,10 @@ class QuantizedModel:
 
     @property
     def layers(self) -> list:
+        if self.qdq is not None:
+            from .frontend.qdq import describe_qdq
+
+            return describe_qdq(self.qdq)[0]
         return layers_of(self.annotated)
 
     # -- reports ------------------------------------------------------------------------------------------
@@ -216,7 +239,9 @@ class QuantizedModel:
         """The same quantized model (same table) compiled for another static batch size (ONNX sources only)."""
         if self.source is None:
             raise ModelError("rebatch needs the ONNX source; for an IRModule, quantize it with the batch you need")
-        fp32, inputs, source = load_model(self.source_model(), batch_size=batch_size)
+        fp32, inputs, source, qdq = load_model(self.source_model(), batch_size=batch_size)
+        if qdq:
+            return QuantizedModel(fp32, fp32, self.table, self.config, inputs, source, qdq=fp32)
         annotated = apply_pass(AnnotateQuant(self.config), fp32)
         return QuantizedModel(fp32, annotated, self.table, self.config, inputs, source, dict(self.sqnr))
 
@@ -238,6 +263,8 @@ class QuantizedModel:
         modules = {"int8": lambda: self.mod, "simulated": lambda: self.simulated, "fp32": lambda: self.fp32}
         if mode not in modules:
             raise ValueError(f"mode must be one of {sorted(modules)}, got {mode!r}")
+        if mode == "fp32" and self.qdq is not None:
+            raise ValueError("a pre-quantized (QDQ) model has no FP32 version; use mode='simulated'")
         mod = modules[mode]()
         from .compile import build
 
@@ -266,6 +293,8 @@ class QuantizedModel:
         }
         if self.source is not None:
             files["source.onnx"] = self.source
+        if self.qdq is not None:
+            files["qdq.relax.json"] = tvm.ir.save_json(self.qdq)
         atomic_write(path, lambda handle: _write_zip(handle, files))
 
 
@@ -306,6 +335,7 @@ def load(path) -> QuantizedModel:
             fp32 = tvm.ir.load_json(archive.read("fp32.relax.json").decode())
             annotated = tvm.ir.load_json(archive.read("annotated.relax.json").decode())
             source = archive.read("source.onnx") if "source.onnx" in archive.namelist() else None
+            qdq = tvm.ir.load_json(archive.read("qdq.relax.json").decode()) if "qdq.relax.json" in archive.namelist() else None
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{path!r} is not a tvmquant artifact ({err}); write one with `tvmquant quantize -o`") from None
     if manifest.get("format") != ARTIFACT_FORMAT:
@@ -313,7 +343,7 @@ def load(path) -> QuantizedModel:
     table = {name: QParams.from_dict(data) for name, data in manifest["quant_table"].items()}
     inputs = [InputSpec.from_dict(d) for d in manifest["inputs"]]
     config = QuantConfig.from_dict(manifest["config"])
-    return QuantizedModel(fp32, annotated, table, config, inputs, source, manifest.get("sqnr_db", {}))
+    return QuantizedModel(fp32, annotated, table, config, inputs, source, manifest.get("sqnr_db", {}), qdq)
 
 
 class CompiledModel:

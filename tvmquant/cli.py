@@ -70,7 +70,7 @@ def cmd_quantize(args) -> int:
 
     _check_output_path(args.output)
     config = _config_from_args(args)
-    calib = _load_npz(args.calib, "calibration data")
+    calib = _load_npz(args.calib, "calibration data") if args.calib else None
     qmodel = quantize(args.model, config, calib, progress=not args.quiet, batch_size=args.batch_size)
     qmodel.save(args.output)
     if not args.quiet:
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="calibrate and quantize an FP32 ONNX model")
     q.add_argument("model", help="FP32 ONNX file")
-    q.add_argument("--calib", required=True, help=".npz with one array per model input, samples on axis 0")
+    q.add_argument("--calib", help=".npz with one array per model input, samples on axis 0 (not needed for QDQ models)")
     q.add_argument("--method", choices=["max", "entropy", "percentile", "mse"], help="activation calibration")
     q.add_argument("--percentile", type=float, default=99.99, help="percentile for --method percentile")
     q.add_argument("--scheme", choices=["affine", "symmetric"], help="activations: uint8 affine or int8 symmetric")

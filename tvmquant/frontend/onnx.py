@@ -89,6 +89,7 @@ def import_onnx(model, batch_size: int = 1, where: str = "the ONNX model"):
             "or pass the FP32 model to tvmquant"
         )
     specs = input_specs(model, batch_size)
+    check_qdq_nodes(model, where)
     from tvm.relax.frontend.onnx import from_onnx
 
     shape_dict = {spec.name: list(spec.shape) for spec in specs}
@@ -158,3 +159,38 @@ def _constant_fold(model, specs):
             return onnx.load(target)
         except Exception:  # noqa: BLE001 - folding is a best effort; the original error is reported
             return None
+
+
+def check_qdq_nodes(model, where: str = "the ONNX model") -> None:
+    """Refuse QuantizeLinear/DequantizeLinear nodes with inconsistent constant parameters, naming the node."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in model.graph.initializer}
+    ranges = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtype(np.int32): (-(2**31), 2**31 - 1)}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:
+            continue
+        name = f"{node.op_type} node {node.name or node.output[0]!r} in {where}"
+        if node.input[1] not in inits:
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            raise ModelError(f"{name}: scale must be positive and finite, got {scale.ravel()[:4]}")
+        if len(node.input) > 2 and node.input[2] in inits:
+            zero_point = numpy_helper.to_array(inits[node.input[2]])
+            if zero_point.dtype in ranges:
+                low, high = ranges[zero_point.dtype]
+                if np.any(zero_point.astype(np.int64) < low) or np.any(zero_point.astype(np.int64) > high):
+                    raise ModelError(f"{name}: zero point outside the {zero_point.dtype} range")
+            if zero_point.size != scale.size:
+                raise ModelError(f"{name}: {scale.size} scales but {zero_point.size} zero points")
+        if scale.size > 1 and node.input[0] in inits:
+            dims = list(inits[node.input[0]].dims)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            axis = axis % len(dims) if dims else 0
+            if not dims or dims[axis] != scale.size:
+                raise ModelError(
+                    f"{name}: {scale.size} per-channel scales on axis {axis}, but tensor {node.input[0]!r} has "
+                    f"shape {dims}; the axis must be the output-channel axis"
+                )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .._compat import Var
+from .._compat import Var, is_const
 
 
 class UnsupportedGraphError(ValueError):
@@ -97,7 +97,7 @@ class BindingRewriter:
                             )
                         value = self.remap(binding.value)
                         new_value = self.rewrite(binding.var, value)
-                        if isinstance(new_value, Var):
+                        if isinstance(new_value, Var) or is_const(new_value):
                             self.var_map[binding.var] = new_value
                         else:
                             name = binding.var.name if not binding.var.name.startswith(("lv", "gv")) else None

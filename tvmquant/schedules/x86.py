@@ -64,6 +64,7 @@ __all__ = [
     "BlockInt8Conv2d",
     "ConvertInt8ConvLayout",
     "ExpandClip",
+    "GatherLayoutTransform",
     "Int8Isa",
     "PackInt8Dense",
     "TuningProgress",
@@ -74,6 +75,7 @@ __all__ = [
     "extract_tasks",
     "host_mcpu",
     "int8_isa",
+    "layout_transform_gather",
     "optimize_int8_for_x86",
     "prepare",
     "tune",
@@ -712,13 +714,93 @@ class PackInt8Dense:
         return out
 
 
+def layout_transform_gather(data: te.Tensor, index_map: tirx.IndexMap, pad_value) -> te.Tensor:
+    """``layout_transform`` as a gather over the output (an injective compute FuseOps can fuse).
+
+    Parameters
+    ----------
+    data : te.Tensor
+    index_map : tvm.tirx.IndexMap
+        Maps input indices to output indices (as ``R.layout_transform``).
+    pad_value : int, float or None
+        Value of output elements that no input element maps to (0 when None).
+
+    Returns
+    -------
+    te.Tensor
+    """
+    in_shape = list(data.shape)
+    inverse, padding = index_map.non_surjective_inverse(in_shape)
+    out_shape = index_map.map_shape(in_shape)
+    may_pad = not (isinstance(padding, tirx.IntImm) and int(padding.value) == 0)
+    fill = tirx.const(0 if pad_value is None else pad_value, data.dtype)
+
+    def compute(*out_idx):
+        src = inverse.map_indices(list(out_idx))
+        if not may_pad:
+            return data[tuple(src)]
+        # For the block/unblock maps used here, an output index is padding exactly when its source index
+        # falls outside the input (checking that avoids substituting into the inverse's predicate).
+        outside = None
+        for index, extent in zip(src, in_shape):
+            cond = index >= extent
+            outside = cond if outside is None else tirx.Or(outside, cond)
+        return tirx.if_then_else(outside, fill, data[tuple(src)])
+
+    return te.compute(out_shape, compute, name="layout_transform_gather")
+
+
+@tvm.transform.module_pass(opt_level=0, name="GatherLayoutTransform")
+class GatherLayoutTransform:
+    """Lower ``R.layout_transform`` to an injective gather (:func:`layout_transform_gather`) via ``call_te``.
+
+    TVM's legalization of ``relax.layout_transform`` writes through the index map (a scatter), which
+    ``AnnotateTIROpPattern`` marks opaque, so every transform stays a kernel of its own. As a gather it is
+    injective: ``FuseOps`` fuses the transform into the NCHW epilogue after a conv and into the ``pad`` in
+    front of the next one. Transforms whose map cannot be inverted are left to ``LegalizeOps``.
+    Run before ``LegalizeOps``.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return _GatherLayoutRewriter(mod).transform()
+
+
+@relax.expr_functor.mutator
+class _GatherLayoutRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+
+    def transform(self) -> tvm.IRModule:
+        for gvar, func in self.mod_.functions.items():
+            if isinstance(func, relax.Function) and not _is_primitive(func):
+                self.builder_.update_func(gvar, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_call_(self, call):  # noqa: D102  (PyExprMutator hook)
+        call = self.visit_expr_post_order(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.layout_transform"):
+            return call
+        if _static_shape(call.args[0]) is None:
+            return call
+        pad_value = call.attrs.pad_value
+        pad_value = None if pad_value is None else pad_value.value
+        try:
+            return self.builder_.call_te(layout_transform_gather, call.args[0], call.attrs.index_map, pad_value,
+                                         primfunc_name_hint="layout_transform")
+        except (tvm.TVMError, ValueError) as err:  # e.g. a map IndexMap cannot invert
+            logger.debug("GatherLayoutTransform: keeping %s (%s)", call, err)
+            return call
+
+
 def optimize_int8_for_x86(block: int = IC_BLOCK) -> tvm.transform.Pass:
     """The graph-level INT8 passes for x86, in order (run before ``LegalizeOps``).
 
     Returns
     -------
     tvm.transform.Pass
-        ``Sequential([ExpandClip, ConvertInt8ConvLayout, BlockInt8Conv2d, PackInt8Dense, DeadCodeElimination])``.
+        ``Sequential([ExpandClip, ConvertInt8ConvLayout, BlockInt8Conv2d, PackInt8Dense, GatherLayoutTransform,
+        DeadCodeElimination])``.
 
     Examples
     --------
@@ -730,6 +812,7 @@ def optimize_int8_for_x86(block: int = IC_BLOCK) -> tvm.transform.Pass:
             ConvertInt8ConvLayout(block),
             BlockInt8Conv2d(),
             PackInt8Dense(),
+            GatherLayoutTransform(),
             # ConvertLayout's layout_transform of each original weight is dead once the weight is packed.
             relax.transform.DeadCodeElimination(),
         ],

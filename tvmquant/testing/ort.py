@@ -1,4 +1,4 @@
-"""ONNX Runtime's static quantization as a baseline row: QDQ, per-channel int8 weights, uint8 activations.
+"""ONNX Runtime helpers for tests and benchmarks: static QDQ quantization as a baseline (onnxruntime is a dev extra).
 
 Used by the accuracy and speed benchmarks so that every table compares tvmquant with ORT on the same
 calibration and evaluation data.
@@ -21,7 +21,7 @@ class _Reader:
 
 
 def ort_quantize(model_path: str, calib: np.ndarray, method: str = "minmax", per_channel: bool = True,
-                 percentile: float = 99.99) -> str:
+                 percentile: float = 99.99, activation_type: str = "uint8", out_dir: str | None = None) -> str:
     """Quantize ``model_path`` with ``onnxruntime.quantization.quantize_static``; return the QDQ file path."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -29,7 +29,7 @@ def ort_quantize(model_path: str, calib: np.ndarray, method: str = "minmax", per
 
     model = onnx.load(model_path)
     input_name = model.graph.input[0].name
-    folder = tempfile.mkdtemp(prefix="ort-q-")
+    folder = out_dir or tempfile.mkdtemp(prefix="ort-q-")
     pre = os.path.join(folder, "pre.onnx")
     quant_pre_process(model_path, pre, skip_symbolic_shape=True)
     out = os.path.join(folder, f"q_{method}.onnx")
@@ -38,16 +38,20 @@ def ort_quantize(model_path: str, calib: np.ndarray, method: str = "minmax", per
     extra = {"CalibPercentile": percentile} if method == "percentile" else {}
     quantize_static(
         pre, out, _Reader(input_name, calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calibrate_method,
+        activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calibrate_method,
         extra_options=extra,
     )
     return out
 
 
-def ort_session(path: str, threads: int = 2):
+def ort_session(path: str, threads: int = 2, optimize: bool = True):
+    """An ONNX Runtime CPU session; ``optimize=False`` runs the graph as written (no kernel fusion), which
+    follows the ONNX operator definitions exactly."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

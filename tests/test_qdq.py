@@ -117,3 +117,40 @@ def test_per_channel_axis_mismatch_is_refused(tmp_path, cnn_path):
             attribute.i = 1  # weights are OIHW: the scales are along axis 0
     with pytest.raises(ModelError, match="per-channel scales on axis 1"):
         tvmquant.quantize(model, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ export
+@pytest.mark.parametrize("build", [residual_cnn, transformer_block], ids=["cnn", "transformer"])
+def test_export_qdq_runs_in_ort_and_matches_simulate(tmp_path, build):
+    model = build()
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    data = np.random.default_rng(0).standard_normal([8, *shape[1:]]).astype(np.float32)
+    qmodel = tvmquant.quantize(model, calib_data=data, progress=False, report_batches=0)
+    path = tmp_path / "qdq.onnx"
+    qmodel.export_onnx(path)
+    exported = onnx.load(path)
+    onnx.checker.check_model(exported)
+    ops = [n.op_type for n in exported.graph.node]
+    assert ops.count("QuantizeLinear") >= 5 and "BatchNormalization" not in ops
+    weights = [i for i in exported.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    assert len(weights) == sum(1 for layer in qmodel.layers if layer.weight)  # every quantized weight is int8
+    per_channel = [n for n in exported.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    assert per_channel
+    simulated = qmodel.compile(mode="simulated")
+    exact, fused = ort_session(str(path), optimize=False), ort_session(str(path))
+    for x in data[:3]:
+        expected = simulated(x[None])
+        np.testing.assert_allclose(exact.run(None, {"input": x[None]})[0], expected, rtol=1e-5, atol=1e-5)
+        # ORT's fused int8 kernels requantize with their own rounding: close, not exact
+        got = fused.run(None, {"input": x[None]})[0]
+        assert 10 * np.log10(np.sum(expected**2) / np.sum((expected - got) ** 2)) > 30
+
+
+def test_cli_export_round_trips_through_qdq_import(tmp_path, cnn_path):
+    data = calibration_images(8)
+    qmodel = tvmquant.quantize(cnn_path, calib_data=data, progress=False, report_batches=0)
+    qmodel.save(tmp_path / "m.tvmq")
+    assert cli.main(["export", str(tmp_path / "m.tvmq"), "--format", "onnx-qdq", "-o", str(tmp_path / "q.onnx"), "-q"]) == 0
+    reimported = tvmquant.quantize(str(tmp_path / "q.onnx"), progress=False)
+    x = data[:1]
+    np.testing.assert_allclose(reimported.compile()(x), qmodel.compile()(x), rtol=1e-5, atol=1e-5)

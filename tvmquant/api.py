@@ -270,6 +270,13 @@ class QuantizedModel:
 
         return CompiledModel(build(mod, target=target, db=db), self.inputs)
 
+    def export_onnx(self, path, sample: dict | None = None) -> None:
+        """Write a standard QDQ ONNX model (QuantizeLinear/DequantizeLinear, per-channel int8 weights, int32
+        biases) that ONNX Runtime runs; see :mod:`tvmquant.export`."""
+        from .export import export_qdq
+
+        export_qdq(self, path, sample)
+
     def manifest(self) -> dict:
         return {
             "format": ARTIFACT_FORMAT,

@@ -126,6 +126,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .api import load
+
+    _check_output_path(args.output)
+    qmodel = load(args.artifact)
+    qmodel.export_onnx(args.output)
+    if not args.quiet:
+        print(f"wrote {args.output} ({args.format})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Quantize the bundled Fashion-MNIST CNN and print FP32 vs INT8 accuracy."""
     from . import quantize
@@ -176,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("export", help="export a quantized artifact to another format")
+    e.add_argument("artifact")
+    e.add_argument("--format", choices=["onnx-qdq"], default="onnx-qdq", help="QDQ ONNX (ONNX Runtime, TensorRT)")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="quantize the bundled Fashion-MNIST model and print FP32 vs INT8 accuracy")
     d.add_argument("-q", "--quiet", action="store_true")

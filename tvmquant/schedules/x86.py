@@ -788,7 +788,7 @@ class _GatherLayoutRewriter(relax.PyExprMutator):
         try:
             return self.builder_.call_te(layout_transform_gather, call.args[0], call.attrs.index_map, pad_value,
                                          primfunc_name_hint="layout_transform")
-        except (tvm.TVMError, ValueError) as err:  # e.g. a map IndexMap cannot invert
+        except (RuntimeError, ValueError) as err:  # e.g. a map IndexMap cannot invert (InternalError)
             logger.debug("GatherLayoutTransform: keeping %s (%s)", call, err)
             return call
 

@@ -18,11 +18,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tvmquant.testing.ort import ort_predict, ort_quantize  # noqa: E402
-
 import tvmquant  # noqa: E402
 from tvmquant.config import MSE, Entropy, Max, Percentile, PerChannel, PerTensor, QuantConfig, TensorSpec  # noqa: E402
 from tvmquant.examples import fmnist_model_path, load_fashion_mnist, load_fmnist_example  # noqa: E402
+from tvmquant.testing.ort import ort_predict, ort_quantize  # noqa: E402
 
 EVAL_BATCH = 100
 
@@ -40,7 +39,7 @@ def configs():
 def evaluate(compiled, images, labels) -> tuple[float, np.ndarray]:
     preds = []
     for start in range(0, len(images), EVAL_BATCH):
-        logits = compiled(images[start:start + EVAL_BATCH])
+        logits = compiled(images[start : start + EVAL_BATCH])
         preds.append(np.argmax(logits, axis=1))
     preds = np.concatenate(preds)
     return float(np.mean(preds == labels) * 100), preds
@@ -60,9 +59,14 @@ def main():
         qmodel = tvmquant.quantize(model, config, calib, progress=False, report_batches=0)
         seconds = time.time() - start
         acc, pred = evaluate(qmodel.rebatch(EVAL_BATCH).compile(mode="int8"), test_x, test_y)
-        row = {"name": f"tvmquant {name}", "accuracy": acc, "delta": acc - fp32_acc,
-               "agreement": float(np.mean(pred == fp32_pred) * 100), "quantize_seconds": round(seconds, 2),
-               "default": config == default}
+        row = {
+            "name": f"tvmquant {name}",
+            "accuracy": acc,
+            "delta": acc - fp32_acc,
+            "agreement": float(np.mean(pred == fp32_pred) * 100),
+            "quantize_seconds": round(seconds, 2),
+            "default": config == default,
+        }
         rows.append(row)
         print(f"{row['name']:<44} {acc:6.2f}% ({row['delta']:+.2f})  agree {row['agreement']:.2f}%")
     for method in ("minmax", "percentile"):
@@ -70,8 +74,12 @@ def main():
         logits = ort_predict(path, test_x)
         pred = np.argmax(logits, axis=1)
         acc = float(np.mean(pred == test_y) * 100)
-        row = {"name": f"onnxruntime quantize_static QDQ {method} per_channel", "accuracy": acc,
-               "delta": acc - fp32_acc, "agreement": float(np.mean(pred == fp32_pred) * 100)}
+        row = {
+            "name": f"onnxruntime quantize_static QDQ {method} per_channel",
+            "accuracy": acc,
+            "delta": acc - fp32_acc,
+            "agreement": float(np.mean(pred == fp32_pred) * 100),
+        }
         rows.append(row)
         print(f"{row['name']:<44} {acc:6.2f}% ({row['delta']:+.2f})  agree {row['agreement']:.2f}%")
     result = {

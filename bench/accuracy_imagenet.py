@@ -29,11 +29,11 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "models"))
 
 from imagenet_data import load_imagenet_eval, preprocess  # noqa: E402
-from tvmquant.testing.ort import ort_predict, ort_quantize  # noqa: E402
 
 import tvmquant  # noqa: E402
 from tvmquant.config import MSE, Entropy, Max, Percentile, QuantConfig, TensorSpec  # noqa: E402
 from tvmquant.quant_math import sqnr_db  # noqa: E402
+from tvmquant.testing.ort import ort_predict, ort_quantize  # noqa: E402
 
 ONNX_DIR = os.path.join(HERE, "models", "onnx")
 METHODS = {
@@ -82,7 +82,9 @@ def evaluate(name, model_path, data, methods, report):
         row = {
             "name": f"tvmquant {method_name} (uint8 affine, per-channel)",
             **scores(labelled_logits, labels, fp32["labelled"]),
-            "agreement_top1_pct": float(np.mean(np.argmax(agreement_logits, 1) == np.argmax(fp32["agreement"], 1)) * 100),
+            "agreement_top1_pct": float(
+                np.mean(np.argmax(agreement_logits, 1) == np.argmax(fp32["agreement"], 1)) * 100
+            ),
             "logit_sqnr_db": sqnr_db(fp32["agreement"], agreement_logits),
             "quantize_seconds": round(quantize_s, 1),
         }
@@ -90,8 +92,11 @@ def evaluate(name, model_path, data, methods, report):
             worst = sorted((v, k) for k, v in qmodel.sqnr.items() if not k.startswith("output"))[:5]
             row["lowest_sqnr_tensors"] = [{"tensor": k, "sqnr_db": round(v, 2)} for v, k in worst]
         rows.append(row)
-        print(f"[{name}] {row['name']}: top1 {row['top1']}/20 agree {row['agreement_top1_pct']:.1f}% "
-              f"SQNR {row['logit_sqnr_db']:.1f} dB", flush=True)
+        print(
+            f"[{name}] {row['name']}: top1 {row['top1']}/20 agree {row['agreement_top1_pct']:.1f}% "
+            f"SQNR {row['logit_sqnr_db']:.1f} dB",
+            flush=True,
+        )
     for method in ("minmax", "percentile"):
         path = ort_quantize(model_path, calib, method=method)
         labelled_logits = ort_predict(path, labelled)
@@ -99,12 +104,17 @@ def evaluate(name, model_path, data, methods, report):
         row = {
             "name": f"onnxruntime quantize_static QDQ {method} per-channel",
             **scores(labelled_logits, labels, fp32["labelled"]),
-            "agreement_top1_pct": float(np.mean(np.argmax(agreement_logits, 1) == np.argmax(fp32["agreement"], 1)) * 100),
+            "agreement_top1_pct": float(
+                np.mean(np.argmax(agreement_logits, 1) == np.argmax(fp32["agreement"], 1)) * 100
+            ),
             "logit_sqnr_db": sqnr_db(fp32["agreement"], agreement_logits),
         }
         rows.append(row)
-        print(f"[{name}] {row['name']}: top1 {row['top1']}/20 agree {row['agreement_top1_pct']:.1f}% "
-              f"SQNR {row['logit_sqnr_db']:.1f} dB", flush=True)
+        print(
+            f"[{name}] {row['name']}: top1 {row['top1']}/20 agree {row['agreement_top1_pct']:.1f}% "
+            f"SQNR {row['logit_sqnr_db']:.1f} dB",
+            flush=True,
+        )
     return rows
 
 
@@ -117,7 +127,11 @@ def main():
     data = load_imagenet_eval()
     result = {
         "command": "python bench/accuracy_imagenet.py " + " ".join(sys.argv[1:]),
-        "data": {"labelled": 20, "agreement": int(len(data["agreement_u8"])), "calibration": int(len(data["calib_u8"]))},
+        "data": {
+            "labelled": 20,
+            "agreement": int(len(data["agreement_u8"])),
+            "calibration": int(len(data["calib_u8"])),
+        },
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "models": {},
     }

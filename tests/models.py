@@ -45,7 +45,9 @@ class _Graph:
         bias = (0.1 * self.rng.standard_normal(channels)).astype(np.float32)
         mean = (0.1 * self.rng.standard_normal(channels)).astype(np.float32)
         var = (1.0 + 0.1 * self.rng.random(channels)).astype(np.float32)
-        return self.node("BatchNormalization", [x, self.const(scale), self.const(bias), self.const(mean), self.const(var)], "bn")
+        return self.node(
+            "BatchNormalization", [x, self.const(scale), self.const(bias), self.const(mean), self.const(var)], "bn"
+        )
 
     def gemm(self, x, cin, cout):
         weight = (self.rng.standard_normal((cout, cin)) * np.sqrt(1.0 / cin)).astype(np.float32)
@@ -78,7 +80,7 @@ def residual_cnn(seed: int = 0, channels: int = 16, size: int = 16) -> onnx.Mode
     c = g.node("Concat", [m, side], axis=1)
     c = g.node("Relu", [g.conv(c, 2 * channels, channels, k=1)])
     pooled = g.node("Flatten", [g.node("GlobalAveragePool", [c])])
-    logits = g.gemm(pooled, channels, 10)
+    g.gemm(pooled, channels, 10)
     g.nodes[-1].output[0] = "logits"
     return g.model(
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
@@ -115,16 +117,25 @@ def transformer_block(seed: int = 0, seq: int = 16, dim: int = 32, heads: int = 
     scores = g.node("MatMul", [q, g.node("Transpose", [k], perm=[0, 1, 3, 2])])
     scores = g.node("Mul", [scores, g.const(np.array(1.0 / np.sqrt(head_dim), np.float32))])
     attn = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), v])
-    attn = g.node("Reshape", [g.node("Transpose", [attn], perm=[0, 2, 1, 3]), g.const(np.array([1, seq, dim], np.int64))])
+    attn = g.node(
+        "Reshape", [g.node("Transpose", [attn], perm=[0, 2, 1, 3]), g.const(np.array([1, seq, dim], np.int64))]
+    )
     x = g.node("Add", [x, linear(attn, dim, dim)])
     h = linear(layer_norm(x), dim, 4 * dim)
     gelu = g.node(
         "Mul",
-        [g.node("Mul", [h, g.const(np.array(0.5, np.float32))]),
-         g.node("Add", [g.node("Erf", [g.node("Div", [h, g.const(np.array(np.sqrt(2.0), np.float32))])]),
-                        g.const(np.array(1.0, np.float32))])],
+        [
+            g.node("Mul", [h, g.const(np.array(0.5, np.float32))]),
+            g.node(
+                "Add",
+                [
+                    g.node("Erf", [g.node("Div", [h, g.const(np.array(np.sqrt(2.0), np.float32))])]),
+                    g.const(np.array(1.0, np.float32)),
+                ],
+            ),
+        ],
     )
-    out = g.node("Add", [x, linear(gelu, 4 * dim, dim)])
+    g.node("Add", [x, linear(gelu, 4 * dim, dim)])
     g.nodes[-1].output[0] = "output"
     return g.model(
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, seq, dim])],
@@ -153,11 +164,16 @@ def dynamic_pad_conv() -> onnx.ModelProto:
         helper.make_node("Conv", ["padded", "weight"], ["y"], name="conv"),
     ]
     inits = {
-        "start": np.array([2], np.int64), "end": np.array([4], np.int64), "one": np.array([1, 1], np.int64),
-        "head": np.array([0, 0, 1, 1, 0, 0], np.int64), "weight": weight,
+        "start": np.array([2], np.int64),
+        "end": np.array([4], np.int64),
+        "one": np.array([1, 1], np.int64),
+        "head": np.array([0, 0, 1, 1, 0, 0], np.int64),
+        "weight": weight,
     }
     graph = helper.make_graph(
-        nodes, "dynamic_pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        nodes,
+        "dynamic_pad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
         initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()],
     )

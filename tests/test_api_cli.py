@@ -38,21 +38,47 @@ def test_import_is_cheap_and_lazy():
         "before = set(sys.modules); tvmquant.quantize; "
         "print(time.time() - t, 'onnx' in set(sys.modules), 'tvmquant.frontend.onnx' in sys.modules)"
     )
-    baseline = subprocess.run([sys.executable, "-c", "import sys, tvm; print('torch' in sys.modules)"],
-                              capture_output=True, text=True, check=True).stdout.split()
+    baseline = subprocess.run(
+        [sys.executable, "-c", "import sys, tvm; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert float(out[0]) < 2.0
     assert out[1] == "False"  # onnx is not imported by tvmquant
-    code_torch = "import sys, tvm; a = 'torch' in sys.modules; import tvmquant; tvmquant.quantize; print(a, 'torch' in sys.modules)"
-    torch_before, torch_after = subprocess.run([sys.executable, "-c", code_torch], capture_output=True, text=True,
-                                               check=True).stdout.split()
+    code_torch = (
+        "import sys, tvm; a = 'torch' in sys.modules; import tvmquant; tvmquant.quantize; "
+        "print(a, 'torch' in sys.modules)"
+    )
+    torch_before, torch_after = subprocess.run(
+        [sys.executable, "-c", code_torch], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert torch_after == torch_before == baseline[0]  # tvmquant adds no torch import beyond TVM's own
 
 
 def test_cli_quantize_inspect_run(tmp_path, model_file, calib_file):
     out = tmp_path / "cnn.tvmq"
-    assert cli.main(["quantize", model_file, "--calib", calib_file, "--method", "percentile", "--percentile",
-                     "99.9", "--skip", "conv2d_0", "-o", str(out), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "quantize",
+                model_file,
+                "--calib",
+                calib_file,
+                "--method",
+                "percentile",
+                "--percentile",
+                "99.9",
+                "--skip",
+                "conv2d_0",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     qmodel = tvmquant.load(out)
     assert qmodel.config.activation.method == tvmquant.Percentile(99.9)
     assert [layer.name for layer in qmodel.layers if not layer.quantized] == ["conv2d_0"]
@@ -69,8 +95,23 @@ def test_cli_config_file_and_flags_match_python(tmp_path, model_file, calib_file
     config = tvmquant.QuantConfig(activation=tvmquant.TensorSpec("int8", "symmetric", method=tvmquant.Entropy()))
     (tmp_path / "cfg.json").write_text(config.to_json())
     out = tmp_path / "a.tvmq"
-    assert cli.main(["quantize", model_file, "--calib", calib_file, "--config", str(tmp_path / "cfg.json"),
-                     "--per-tensor", "-o", str(out), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "quantize",
+                model_file,
+                "--calib",
+                calib_file,
+                "--config",
+                str(tmp_path / "cfg.json"),
+                "--per-tensor",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     loaded = tvmquant.load(out).config
     assert loaded == config.replace(weight=tvmquant.TensorSpec("int8", "symmetric", tvmquant.PerTensor()))
 
@@ -91,10 +132,10 @@ def test_artifact_round_trip_is_exact(tmp_path, model_file):
 def test_iterable_and_dict_calibration_forms_agree(model_file):
     data = calibration_images(4)
     stacked = tvmquant.quantize(model_file, calib_data={"input": data}, progress=False, report_batches=0)
-    listed = tvmquant.quantize(model_file, calib_data=[{"input": x[None]} for x in data], progress=False,
-                               report_batches=0)
-    arrays = tvmquant.quantize(model_file, calib_data=iter([x[None] for x in data]), progress=False,
-                               report_batches=0)
+    listed = tvmquant.quantize(
+        model_file, calib_data=[{"input": x[None]} for x in data], progress=False, report_batches=0
+    )
+    arrays = tvmquant.quantize(model_file, calib_data=iter([x[None] for x in data]), progress=False, report_batches=0)
     for name, params in stacked.table.items():
         np.testing.assert_array_equal(params.scale, listed.table[name].scale)
         np.testing.assert_array_equal(params.scale, arrays.table[name].scale)
@@ -149,8 +190,14 @@ def test_qoperator_model_is_refused_with_reexport_hint():
     from onnx import TensorProto, helper
 
     node = helper.make_node("QLinearMatMul", ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"], name="qmm")
-    inputs = [helper.make_tensor_value_info(n, TensorProto.UINT8 if n in ("a", "b", "az", "bz", "yz") else TensorProto.FLOAT, [2, 2] if n in ("a", "b") else [])
-              for n in ["a", "as", "az", "b", "bs", "bz", "ys", "yz"]]
+    inputs = [
+        helper.make_tensor_value_info(
+            n,
+            TensorProto.UINT8 if n in ("a", "b", "az", "bz", "yz") else TensorProto.FLOAT,
+            [2, 2] if n in ("a", "b") else [],
+        )
+        for n in ["a", "as", "az", "b", "bs", "bz", "ys", "yz"]
+    ]
     graph = helper.make_graph([node], "q", inputs, [helper.make_tensor_value_info("y", TensorProto.UINT8, [2, 2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     with pytest.raises(ModelError, match="QLinearMatMul.*'qmm'.*QDQ"):

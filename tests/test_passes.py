@@ -78,11 +78,17 @@ def test_annotate_before_expected():
             R.func_attr({"num_input": 1})
             with R.dataflow():
                 xi = R.call_pure_packed(
-                    "tvmquant.observe", x, R.str("conv2d_0.in0"), R.str("activation"),
+                    "tvmquant.observe",
+                    x,
+                    R.str("conv2d_0.in0"),
+                    R.str("activation"),
                     ty_args=(R.Tensor((1, 2, 4, 4), "float32"),),
                 )
                 wi = R.call_pure_packed(
-                    "tvmquant.observe", R.const(weight), R.str("conv2d_0.weight"), R.str("weight"),
+                    "tvmquant.observe",
+                    R.const(weight),
+                    R.str("conv2d_0.weight"),
+                    R.str("weight"),
                     ty_args=(R.Tensor((3, 2, 3, 1), "float32"),),
                 )
                 c = R.nn.conv2d(xi, wi)
@@ -95,14 +101,20 @@ def test_annotate_before_expected():
     tvm.ir.assert_structural_equal(_strip_layers(after), Expected)
     (layer,) = layers_of(after)
     assert (layer.name, layer.op_type, layer.inputs, layer.weight, layer.weight_axis) == (
-        "conv2d_0", "conv2d", ["conv2d_0.in0"], "conv2d_0.weight", 0
+        "conv2d_0",
+        "conv2d",
+        ["conv2d_0.in0"],
+        "conv2d_0.weight",
+        0,
     )
     # idempotent
     tvm.ir.assert_structural_equal(apply_pass(AnnotateQuant(QuantConfig()), after), after)
 
 
 def _qp(name, role, dtype, scheme, scale, zero_point, qmin, qmax, axis=None):
-    return QParams(name, role, dtype, scheme, np.asarray(scale, np.float32), np.asarray(zero_point, np.int32), qmin, qmax, axis)
+    return QParams(
+        name, role, dtype, scheme, np.asarray(scale, np.float32), np.asarray(zero_point, np.int32), qmin, qmax, axis
+    )
 
 
 def test_bind_then_realize_before_expected():
@@ -121,7 +133,9 @@ def test_bind_then_realize_before_expected():
     annotated = apply_pass(AnnotateQuant(QuantConfig()), Before)
     table = {
         "conv2d_0.in0": _qp("conv2d_0.in0", "activation", "uint8", "affine", 0.5, 10, 0, 255),
-        "conv2d_0.weight": _qp("conv2d_0.weight", "weight", "int8", "symmetric", [0.5 / 127, 1.0 / 127], [0, 0], -127, 127, 0),
+        "conv2d_0.weight": _qp(
+            "conv2d_0.weight", "weight", "int8", "symmetric", [0.5 / 127, 1.0 / 127], [0, 0], -127, 127, 0
+        ),
     }
     realized = apply_pass(RealizeQuant(), apply_pass(BindQuantParams(table), annotated))
     _well_formed(realized)
@@ -172,7 +186,7 @@ def _realized_vs_simulated(qmodel, batches):
 def test_realized_equals_simulated_on_residual_cnn(config):
     data = calibration_images(12)
     qmodel = quantize(residual_cnn(), config, data[:8], progress=False, report_batches=0)
-    worst, realized = _realized_vs_simulated(qmodel, [{"input": data[i:i + 1]} for i in range(8, 12)])
+    worst, realized = _realized_vs_simulated(qmodel, [{"input": data[i : i + 1]} for i in range(8, 12)])
     assert worst <= 1
     assert realized.script(show_meta=False).count('out_dtype="int32"') == 7  # 6 convs + 1 matmul
 
@@ -181,7 +195,7 @@ def test_realized_equals_simulated_on_transformer_block():
     rng = np.random.default_rng(0)
     data = rng.standard_normal((10, 16, 32)).astype(np.float32)
     qmodel = quantize(transformer_block(), calib_data=data[:6], progress=False, report_batches=0)
-    worst, _ = _realized_vs_simulated(qmodel, [{"input": data[i:i + 1]} for i in range(6, 10)])
+    worst, _ = _realized_vs_simulated(qmodel, [{"input": data[i : i + 1]} for i in range(6, 10)])
     assert worst <= 1
 
 
@@ -207,7 +221,11 @@ def test_partial_quantization_by_name_type_and_predicate():
     model = residual_cnn()
     by_name = quantize(model, QuantConfig(skip=("conv2d_0",)), data, progress=False, report_batches=0)
     assert [layer.name for layer in by_name.layers if not layer.quantized] == ["conv2d_0"]
-    first_conv = next(b.value for b in by_name.mod["main"].body.blocks[0].bindings if getattr(b.value.op, "name", "") == "relax.nn.conv2d")
+    first_conv = next(
+        b.value
+        for b in by_name.mod["main"].body.blocks[0].bindings
+        if getattr(b.value.op, "name", "") == "relax.nn.conv2d"
+    )
     assert str(first_conv.args[0].ty.dtype) == "float32"
     by_type = quantize(model, QuantConfig(skip=("op:add",)), data, progress=False, report_batches=0)
     assert [layer.name for layer in by_type.layers if not layer.quantized] == ["add_0"]

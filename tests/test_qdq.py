@@ -3,10 +3,10 @@
 import numpy as np
 import onnx
 import pytest
+from models import calibration_images, residual_cnn, transformer_block
 from onnx import numpy_helper
 
 import tvmquant
-from models import calibration_images, residual_cnn, transformer_block
 from tvmquant import cli
 from tvmquant.frontend.prepare import ModelError
 from tvmquant.testing.ort import ort_quantize, ort_session
@@ -31,11 +31,21 @@ def cnn_path(tmp_path_factory):
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
 @pytest.mark.parametrize("activation_type", ["uint8", "int8"])
 def test_ort_qdq_models_realize_to_integers_and_match_ort(tmp_path, cnn_path, per_channel, activation_type):
-    qdq_path = ort_quantize(cnn_path, calibration_images(8), "minmax", per_channel=per_channel,
-                            activation_type=activation_type, out_dir=str(tmp_path))
+    qdq_path = ort_quantize(
+        cnn_path,
+        calibration_images(8),
+        "minmax",
+        per_channel=per_channel,
+        activation_type=activation_type,
+        out_dir=str(tmp_path),
+    )
     qmodel = tvmquant.quantize(qdq_path, progress=False)  # no calibration data needed
     assert qmodel.qdq is not None
-    convs = [b.value for b in qmodel.mod["main"].body.blocks[0].bindings if getattr(b.value.op, "name", "") == "relax.nn.conv2d"]
+    convs = [
+        b.value
+        for b in qmodel.mod["main"].body.blocks[0].bindings
+        if getattr(b.value.op, "name", "") == "relax.nn.conv2d"
+    ]
     assert len(convs) == 6 and all(str(c.attrs["out_dtype"]) == "int32" for c in convs)
     assert all(str(c.args[0].ty.dtype) == activation_type for c in convs)
     session = ort_session(qdq_path)
@@ -56,8 +66,11 @@ def test_qdq_weights_stay_the_same_integers(tmp_path, cnn_path):
     originals = {init.name: numpy_helper.to_array(init) for init in qdq.graph.initializer}
     int8_weights = sorted(v.tobytes() for v in originals.values() if v.dtype == np.int8 and v.ndim == 4)
     qmodel = tvmquant.quantize(qdq_path, progress=False)
-    realized = [b.value.args[1].value.numpy() for b in qmodel.mod["main"].body.blocks[0].bindings
-                if getattr(b.value.op, "name", "") == "relax.nn.conv2d"]
+    realized = [
+        b.value.args[1].value.numpy()
+        for b in qmodel.mod["main"].body.blocks[0].bindings
+        if getattr(b.value.op, "name", "") == "relax.nn.conv2d"
+    ]
     assert sorted(w.tobytes() for w in realized) == int8_weights
 
 
@@ -67,7 +80,9 @@ def test_qdq_transformer_block(tmp_path):
     data = np.random.default_rng(0).standard_normal((8, 1, 16, 32)).astype(np.float32).reshape(8, 16, 32)
     qdq_path = ort_quantize(str(path), data, "minmax", out_dir=str(tmp_path))
     qmodel = tvmquant.quantize(qdq_path, progress=False)
-    matmuls = [b.value for b in qmodel.mod["main"].body.blocks[0].bindings if getattr(b.value.op, "name", "") == "relax.matmul"]
+    matmuls = [
+        b.value for b in qmodel.mod["main"].body.blocks[0].bindings if getattr(b.value.op, "name", "") == "relax.matmul"
+    ]
     assert sum(str(m.attrs["out_dtype"]) == "int32" for m in matmuls) >= 6
     got = qmodel.compile()(data[:1])
     np.testing.assert_array_equal(got, qmodel.compile(mode="simulated")(data[:1]))  # realized == QDQ graph
@@ -110,8 +125,11 @@ def test_per_channel_axis_mismatch_is_refused(tmp_path, cnn_path):
     qdq_path = ort_quantize(cnn_path, calibration_images(8), "minmax", out_dir=str(tmp_path))
     model = onnx.load(qdq_path)
     inits = {i.name: i for i in model.graph.initializer}
-    node = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-                and len(inits[n.input[0]].dims) == 4)
+    node = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 4
+    )
     for attribute in node.attribute:
         if attribute.name == "axis":
             attribute.i = 1  # weights are OIHW: the scales are along axis 0
@@ -134,7 +152,9 @@ def test_export_qdq_runs_in_ort_and_matches_simulate(tmp_path, build):
     assert ops.count("QuantizeLinear") >= 5 and "BatchNormalization" not in ops
     weights = [i for i in exported.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
     assert len(weights) == sum(1 for layer in qmodel.layers if layer.weight)  # every quantized weight is int8
-    per_channel = [n for n in exported.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    per_channel = [
+        n for n in exported.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)
+    ]
     assert per_channel
     simulated = qmodel.compile(mode="simulated")
     exact, fused = ort_session(str(path), optimize=False), ort_session(str(path))
@@ -150,7 +170,10 @@ def test_cli_export_round_trips_through_qdq_import(tmp_path, cnn_path):
     data = calibration_images(8)
     qmodel = tvmquant.quantize(cnn_path, calib_data=data, progress=False, report_batches=0)
     qmodel.save(tmp_path / "m.tvmq")
-    assert cli.main(["export", str(tmp_path / "m.tvmq"), "--format", "onnx-qdq", "-o", str(tmp_path / "q.onnx"), "-q"]) == 0
+    assert (
+        cli.main(["export", str(tmp_path / "m.tvmq"), "--format", "onnx-qdq", "-o", str(tmp_path / "q.onnx"), "-q"])
+        == 0
+    )
     reimported = tvmquant.quantize(str(tmp_path / "q.onnx"), progress=False)
     x = data[:1]
     np.testing.assert_allclose(reimported.compile()(x), qmodel.compile()(x), rtol=1e-5, atol=1e-5)

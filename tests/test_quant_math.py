@@ -82,7 +82,10 @@ def test_bit_exact_with_onnx_reference(dtype, per_channel):
         nodes,
         "qdq",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
-        [helper.make_tensor_value_info("q", onnx_type, x.shape), helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)],
+        [
+            helper.make_tensor_value_info("q", onnx_type, x.shape),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape),
+        ],
         initializer=[
             helper.make_tensor("scale", TensorProto.FLOAT, scale.shape, scale.ravel()),
             helper.make_tensor("zp", onnx_type, zero_point.shape, zero_point.astype(np_dtype).ravel()),

@@ -195,11 +195,12 @@ class QuantizedModel:
             if index >= max_batches:
                 break
             captured: dict = {}
-            with observing(lambda name, t: captured.__setitem__(name, t)):
+            store = captured.__setitem__
+            with observing(store):
                 reference = _flatten_outputs(run_vm(fp32_vm, batch, self.inputs))
             reference_tensors = dict(captured)
             captured.clear()
-            with observing(lambda name, t: captured.__setitem__(name, t)):
+            with observing(store):
                 approx = _flatten_outputs(run_vm(sim_vm, batch, self.inputs))
             pairs = [(name, reference_tensors[name], captured[name]) for name in captured if name in reference_tensors]
             pairs += [(f"output{i}", r, a) for i, (r, a) in enumerate(zip(reference, approx))]
@@ -223,7 +224,12 @@ class QuantizedModel:
                     "layer": layer.name,
                     "op": layer.op_type,
                     "status": "int8" if layer.quantized else "fp32",
-                    "reason": layer.reason or ("inputs on the grid of an earlier tensor" if layer.quantized and not inputs and not layer.weight else ""),
+                    "reason": layer.reason
+                    or (
+                        "inputs on the grid of an earlier tensor"
+                        if layer.quantized and not inputs and not layer.weight
+                        else ""
+                    ),
                     "input_scale": [float(p.scale) for p in params],
                     "input_zero_point": [int(p.zero_point) for p in params],
                     "weight_scale": (
@@ -342,11 +348,19 @@ def load(path) -> QuantizedModel:
             fp32 = tvm.ir.load_json(archive.read("fp32.relax.json").decode())
             annotated = tvm.ir.load_json(archive.read("annotated.relax.json").decode())
             source = archive.read("source.onnx") if "source.onnx" in archive.namelist() else None
-            qdq = tvm.ir.load_json(archive.read("qdq.relax.json").decode()) if "qdq.relax.json" in archive.namelist() else None
+            qdq = (
+                tvm.ir.load_json(archive.read("qdq.relax.json").decode())
+                if "qdq.relax.json" in archive.namelist()
+                else None
+            )
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{path!r} is not a tvmquant artifact ({err}); write one with `tvmquant quantize -o`") from None
+        raise ArtifactError(
+            f"{path!r} is not a tvmquant artifact ({err}); write one with `tvmquant quantize -o`"
+        ) from None
     if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{path!r} has artifact format {manifest.get('format')!r}; this tvmquant reads {ARTIFACT_FORMAT}")
+        raise ArtifactError(
+            f"{path!r} has artifact format {manifest.get('format')!r}; this tvmquant reads {ARTIFACT_FORMAT}"
+        )
     table = {name: QParams.from_dict(data) for name, data in manifest["quant_table"].items()}
     inputs = [InputSpec.from_dict(d) for d in manifest["inputs"]]
     config = QuantConfig.from_dict(manifest["config"])
@@ -390,7 +404,9 @@ def check_inputs(feed: dict, inputs) -> dict:
     for spec in inputs:
         array = np.asarray(feed[spec.name])
         if tuple(array.shape) != tuple(spec.shape):
-            raise ValueError(f"input {spec.name!r} has shape {tuple(array.shape)}, the model expects {tuple(spec.shape)}")
+            raise ValueError(
+                f"input {spec.name!r} has shape {tuple(array.shape)}, the model expects {tuple(spec.shape)}"
+            )
         if array.dtype != np.dtype(spec.dtype):
             if np.issubdtype(array.dtype, np.floating) and np.issubdtype(np.dtype(spec.dtype), np.floating):
                 array = array.astype(spec.dtype)
@@ -408,14 +424,20 @@ class Summary:
     outputs: dict
 
     def __str__(self) -> str:
-        header = f"{'layer':<24} {'op':<20} {'dtype':<5} {'in scale':>10} {'in zp':>6} {'w scale (min..max)':>22} {'SQNR dB':>8}  note"
+        header = (
+            f"{'layer':<24} {'op':<20} {'dtype':<5} {'in scale':>10} {'in zp':>6} "
+            f"{'w scale (min..max)':>22} {'SQNR dB':>8}  note"
+        )
         lines = [header, "-" * len(header)]
         for row in self.rows:
             scale = f"{row['input_scale'][0]:.4g}" if row["input_scale"] else "-"
             zero = str(row["input_zero_point"][0]) if row["input_zero_point"] else "-"
             weight = f"{row['weight_scale'][0]:.3g}..{row['weight_scale'][1]:.3g}" if row["weight_scale"] else "-"
             sqnr = f"{row['input_sqnr_db']:.1f}" if row["input_sqnr_db"] is not None else "-"
-            lines.append(f"{row['layer']:<24} {row['op']:<20} {row['status']:<5} {scale:>10} {zero:>6} {weight:>22} {sqnr:>8}  {row['reason']}")
+            lines.append(
+                f"{row['layer']:<24} {row['op']:<20} {row['status']:<5} {scale:>10} {zero:>6} {weight:>22} "
+                f"{sqnr:>8}  {row['reason']}"
+            )
         quantized = sum(row["status"] == "int8" for row in self.rows)
         lines.append(f"{quantized} of {len(self.rows)} layers in INT8")
         for name, value in self.outputs.items():
@@ -456,7 +478,12 @@ def _json_default(value):
 def _versions() -> dict:
     import platform
 
-    return {"tvmquant": __version__, "tvm": tvm.__version__, "numpy": np.__version__, "python": platform.python_version()}
+    return {
+        "tvmquant": __version__,
+        "tvm": tvm.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 __all__ = ["quantize", "pipeline", "load", "QuantizedModel", "CompiledModel", "Summary", "LayerInfo"]

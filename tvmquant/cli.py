@@ -37,7 +37,10 @@ def _config_from_args(args):
         activation = TensorSpec("int8", "symmetric", activation.granularity, activation.bits, activation.method)
     if args.method:
         activation = TensorSpec(
-            activation.dtype, activation.scheme, activation.granularity, activation.bits,
+            activation.dtype,
+            activation.scheme,
+            activation.granularity,
+            activation.bits,
             method_from_name(args.method, args.percentile),
         )
     weight = config.weight

@@ -33,7 +33,7 @@ def as_target(target):
         except Exception as err:  # TVM raises its own error types
             raise ValueError(
                 f"target {target!r} is not understood ({err}); give a tag such as 'nvidia/nvidia-h100', "
-                "'llvm', or a JSON dict such as '{\"kind\": \"llvm\", \"mcpu\": \"sapphirerapids\"}'"
+                '\'llvm\', or a JSON dict such as \'{"kind": "llvm", "mcpu": "sapphirerapids"}\''
             ) from None
     raise TypeError(f"target must be a tvm Target, dict, str or None, got {type(target).__name__}")
 

@@ -192,16 +192,16 @@ class TensorSpec:
         if not (isinstance(self.bits, int) and 2 <= self.bits <= 8):
             raise ConfigError(f"bits must be an int in [2, 8], got {self.bits!r}")
         if not isinstance(self.method, (Max, Percentile, Entropy, MSE)):
-            raise ConfigError(
-                f"method must be Max(), Percentile(p), Entropy() or MSE(), got {self.method!r}"
-            )
+            raise ConfigError(f"method must be Max(), Percentile(p), Entropy() or MSE(), got {self.method!r}")
         if self.scheme == "symmetric" and self.dtype == "uint8":
             raise ConfigError("a symmetric scheme needs a signed dtype: use dtype='int8' or scheme='affine'")
 
     @property
     def qmin(self) -> int:
         """Smallest quantized value (symmetric drops the most negative one)."""
-        lo = _DTYPE_RANGES[self.dtype][0] if self.bits == 8 else (-(1 << (self.bits - 1)) if self.dtype == "int8" else 0)
+        lo = (
+            _DTYPE_RANGES[self.dtype][0] if self.bits == 8 else (-(1 << (self.bits - 1)) if self.dtype == "int8" else 0)
+        )
         return lo + 1 if self.scheme == "symmetric" else lo
 
     @property
@@ -258,9 +258,7 @@ class QuantConfig:
     True
     """
 
-    activation: TensorSpec = field(
-        default_factory=lambda: TensorSpec(dtype="uint8", scheme="affine", method=Max())
-    )
+    activation: TensorSpec = field(default_factory=lambda: TensorSpec(dtype="uint8", scheme="affine", method=Max()))
     weight: TensorSpec = field(
         default_factory=lambda: TensorSpec(dtype="int8", scheme="symmetric", granularity=PerChannel(0))
     )

@@ -124,14 +124,22 @@ def _build_qdq(qmodel, sample):
     for tensor, params in quantized_tensor.items():
         zero_dtype = np.uint8 if params.dtype == "uint8" else np.int8
         scale_name, zero_name = f"{tensor}_qdq_scale", f"{tensor}_qdq_zero_point"
-        graph.initializer.extend([
-            numpy_helper.from_array(np.asarray(params.scale, np.float32).reshape(()), scale_name),
-            numpy_helper.from_array(np.asarray(params.zero_point).astype(zero_dtype).reshape(()), zero_name),
-        ])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.asarray(params.scale, np.float32).reshape(()), scale_name),
+                numpy_helper.from_array(np.asarray(params.zero_point).astype(zero_dtype).reshape(()), zero_name),
+            ]
+        )
         new_nodes_after[tensor] = [
-            helper.make_node("QuantizeLinear", [tensor, scale_name, zero_name], [f"{tensor}_q"], name=f"{tensor}_QuantizeLinear"),
-            helper.make_node("DequantizeLinear", [f"{tensor}_q", scale_name, zero_name], [f"{tensor}_dq"],
-                             name=f"{tensor}_DequantizeLinear"),
+            helper.make_node(
+                "QuantizeLinear", [tensor, scale_name, zero_name], [f"{tensor}_q"], name=f"{tensor}_QuantizeLinear"
+            ),
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{tensor}_q", scale_name, zero_name],
+                [f"{tensor}_dq"],
+                name=f"{tensor}_DequantizeLinear",
+            ),
         ]
         for node, position in consumers.get(tensor, []):
             if node.op_type in _QUANTIZABLE:
@@ -149,7 +157,9 @@ def _build_qdq(qmodel, sample):
         weight = numpy_helper.to_array(inits[node.input[1]])
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
         as_relax = weight.T if trans_b else weight
-        match = next((w for w, v in weight_values.items() if v.shape == as_relax.shape and np.array_equal(v, as_relax)), None)
+        match = next(
+            (w for w, v in weight_values.items() if v.shape == as_relax.shape and np.array_equal(v, as_relax)), None
+        )
         if match is None:
             continue  # folded differently in Relax (e.g. BatchNorm): keep this weight in FP32
         params = qmodel.table[match]
@@ -159,7 +169,16 @@ def _build_qdq(qmodel, sample):
 
         weight_q = quantize(weight, params.scale, params.zero_point, "int8", onnx_axis, params.qmin, params.qmax)
         base = node.input[1]
-        _add_dq(graph, new_nodes_after, "", base, weight_q, params.scale, np.zeros_like(params.zero_point, np.int8), onnx_axis)
+        _add_dq(
+            graph,
+            new_nodes_after,
+            "",
+            base,
+            weight_q,
+            params.scale,
+            np.zeros_like(params.zero_point, np.int8),
+            onnx_axis,
+        )
         rewired[(id(node), 1)] = f"{base}_int8_dq"
         bias_slot = None
         if len(node.input) > 2 and node.input[2] in inits:
@@ -204,16 +223,25 @@ def _add_dq(graph, new_nodes_after, after, name, data, scale, zero_point, axis):
 
     scale = np.asarray(scale, np.float32)
     per_channel = scale.size > 1
-    graph.initializer.extend([
-        numpy_helper.from_array(np.asarray(data), f"{name}_int8"),
-        numpy_helper.from_array(scale.reshape(-1) if per_channel else scale.reshape(()), f"{name}_int8_scale"),
-        numpy_helper.from_array(np.asarray(zero_point).reshape(-1) if per_channel else np.asarray(zero_point).reshape(()),
-                                f"{name}_int8_zero_point"),
-    ])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.asarray(data), f"{name}_int8"),
+            numpy_helper.from_array(scale.reshape(-1) if per_channel else scale.reshape(()), f"{name}_int8_scale"),
+            numpy_helper.from_array(
+                np.asarray(zero_point).reshape(-1) if per_channel else np.asarray(zero_point).reshape(()),
+                f"{name}_int8_zero_point",
+            ),
+        ]
+    )
     attrs = {"axis": int(axis)} if per_channel and axis is not None else {}
     new_nodes_after.setdefault(after, []).append(
-        helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_int8_scale", f"{name}_int8_zero_point"],
-                         [f"{name}_int8_dq"], name=f"{name}_DequantizeLinear", **attrs)
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{name}_int8", f"{name}_int8_scale", f"{name}_int8_zero_point"],
+            [f"{name}_int8_dq"],
+            name=f"{name}_DequantizeLinear",
+            **attrs,
+        )
     )
 
 
@@ -254,11 +282,19 @@ def _fold_batchnorm(model):
         epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         factor = (gamma / np.sqrt(var + np.float32(epsilon))).astype(np.float32)
         weight = numpy_helper.to_array(inits[conv.input[1]])
-        bias = numpy_helper.to_array(inits[conv.input[2]]) if len(conv.input) > 2 and conv.input[2] else np.zeros(len(factor), np.float32)
+        bias = (
+            numpy_helper.to_array(inits[conv.input[2]])
+            if len(conv.input) > 2 and conv.input[2]
+            else np.zeros(len(factor), np.float32)
+        )
         new_weight = (weight * factor.reshape(-1, 1, 1, 1)).astype(np.float32)
         new_bias = ((bias - mean) * factor + beta).astype(np.float32)
-        graph.initializer.extend([numpy_helper.from_array(new_weight, f"{conv.input[1]}_bn_folded"),
-                                  numpy_helper.from_array(new_bias, f"{bn.output[0]}_bn_bias")])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(new_weight, f"{conv.input[1]}_bn_folded"),
+                numpy_helper.from_array(new_bias, f"{bn.output[0]}_bn_bias"),
+            ]
+        )
         conv.input[1] = f"{conv.input[1]}_bn_folded"
         if len(conv.input) > 2:
             conv.input[2] = f"{bn.output[0]}_bn_bias"

@@ -63,7 +63,12 @@ class _RestoreConstants(BindingRewriter):
         name = op_name(value)
         if name == "relax.call_pure_packed" and getattr(value.args[0], "global_symbol", None) == _PLACEHOLDER:
             return self.hidden[value.args[1].value]
-        if name == "relax.dequantize" and is_const(value.args[0]) and is_const(value.args[1]) and is_const(value.args[2]):
+        if (
+            name == "relax.dequantize"
+            and is_const(value.args[0])
+            and is_const(value.args[1])
+            and is_const(value.args[2])
+        ):
             scale, zero_point = const_value(value.args[1]), const_value(value.args[2])
             axis = int(value.attrs["axis"]) % max(len(tensor_shape(value.args[0])), 1) if scale.size > 1 else None
             out = self.emit(value)
@@ -170,10 +175,15 @@ def describe_qdq(mod: tvm.IRModule):
                 axis = int(value.attrs["axis"]) % len(tensor_shape(source)) if scale.size > 1 else None
                 qmin, qmax = {"int8": (-128, 127), "uint8": (0, 255)}.get(dtype, (-(2**31), 2**31 - 1))
                 params = QParams(
-                    "", "weight" if is_const(source) else "activation", dtype,
+                    "",
+                    "weight" if is_const(source) else "activation",
+                    dtype,
                     "symmetric" if np.all(zero_point == 0) and dtype == "int8" else "affine",
                     scale.astype(np.float32).reshape(-1 if axis is not None else ()),
-                    zero_point.astype(np.int32).reshape(-1 if axis is not None else ()), qmin, qmax, axis,
+                    zero_point.astype(np.int32).reshape(-1 if axis is not None else ()),
+                    qmin,
+                    qmax,
+                    axis,
                 )
                 dequantized[binding.var] = (None if is_const(source) else source, params)
                 continue
@@ -189,7 +199,9 @@ def describe_qdq(mod: tvm.IRModule):
             info = LayerInfo(f"{rule.op_type}_{index}", rule.op_type, output_shape=tensor_shape(binding.var))
             args = list(value.args)
             quantized = True
-            positions = sorted(set(rule.activation_inputs) | ({rule.weight_input} if rule.weight_input is not None else set()))
+            positions = sorted(
+                set(rule.activation_inputs) | ({rule.weight_input} if rule.weight_input is not None else set())
+            )
             for position in positions:
                 items = args[position].fields if isinstance(args[position], relax.Tuple) else [args[position]]
                 for item in items:

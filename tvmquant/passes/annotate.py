@@ -172,7 +172,9 @@ class _Annotator(BindingRewriter):
                 else:
                     args[pos] = self._mark_activation(args[pos], f"{info.name}.in{pos}", info)
             if weight_pos is not None:
-                args[weight_pos] = self.emit(marker(args[weight_pos], info.weight, "weight"), info.weight.replace(".", "_"))
+                args[weight_pos] = self.emit(
+                    marker(args[weight_pos], info.weight, "weight"), info.weight.replace(".", "_")
+                )
         self.layers.append(info)
         new_value = relax.Call(value.op, args, value.attrs, list(value.ty_args))
         out = self.emit(new_value, None)
@@ -193,7 +195,11 @@ class _Annotator(BindingRewriter):
         args = value.args
         if name == "relax.nn.conv2d":
             attrs = value.attrs
-            return str(attrs["data_layout"]) == "NCHW" and str(attrs["kernel_layout"]) == "OIHW" and self._is_float_tensor(args[0])
+            return (
+                str(attrs["data_layout"]) == "NCHW"
+                and str(attrs["kernel_layout"]) == "OIHW"
+                and self._is_float_tensor(args[0])
+            )
         if name == "relax.add":
             # A bias add (a constant operand) is folded into the producer; only tensor + tensor is a layer.
             return all(self._is_float_tensor(a) and not is_const(a) for a in args)

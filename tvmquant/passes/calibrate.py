@@ -125,7 +125,11 @@ def iter_batches(calib_data, inputs):
             batch = spec.shape[0] if spec.shape else 1
             if tuple(array.shape) == tuple(spec.shape):
                 chunks = 1
-            elif array.ndim == len(spec.shape) and tuple(array.shape[1:]) == tuple(spec.shape[1:]) and array.shape[0] % batch == 0:
+            elif (
+                array.ndim == len(spec.shape)
+                and tuple(array.shape[1:]) == tuple(spec.shape[1:])
+                and array.shape[0] % batch == 0
+            ):
                 chunks = array.shape[0] // batch
             else:
                 raise CalibrationDataError(
@@ -137,7 +141,7 @@ def iter_batches(calib_data, inputs):
             num_chunks = chunks
             arrays[spec.name] = (array, batch)
         for chunk in range(num_chunks or 0):
-            yield {name: array[chunk * batch:(chunk + 1) * batch] for name, (array, batch) in arrays.items()}
+            yield {name: array[chunk * batch : (chunk + 1) * batch] for name, (array, batch) in arrays.items()}
 
 
 def count_samples(calib_data, inputs) -> int | None:
@@ -401,11 +405,15 @@ def qdq_expr(rewriter: BindingRewriter, tensor, params: QParams):
     axis = params.axis if params.axis is not None else -1
     base = params.name.replace(".", "_")
     if params.role == "weight" and is_const(tensor):
-        q_value = quantize(const_value(tensor), params.scale, params.zero_point, params.dtype, params.axis, params.qmin, params.qmax)
+        q_value = quantize(
+            const_value(tensor), params.scale, params.zero_point, params.dtype, params.axis, params.qmin, params.qmax
+        )
         q = const(q_value)
     else:
         q = rewriter.emit(relax.op.quantize(tensor, scale, zero_point, axis=axis, out_dtype=params.dtype), base + "_q")
         low, high = _DTYPE_BOUNDS[params.dtype]
         if params.qmin > low or params.qmax < high:
-            q = rewriter.emit(relax.op.clip(q, relax.prim_value(params.qmin), relax.prim_value(params.qmax)), base + "_qc")
+            q = rewriter.emit(
+                relax.op.clip(q, relax.prim_value(params.qmin), relax.prim_value(params.qmax)), base + "_qc"
+            )
     return relax.op.dequantize(q, scale, zero_point, axis=axis, out_dtype="float32")

@@ -359,7 +359,8 @@ class _Realizer(BindingRewriter):
         if not aff.per_tensor:
             name = op_name(value)
             keeps_channels = name in ("relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d") or (
-                name == "relax.mean" and 1 not in [int(a) % self._ndim(aff.base) for a in value.attrs["axis"]]
+                name == "relax.mean"
+                and 1 not in [int(a) % self._ndim(aff.base) for a in value.attrs["axis"]]
                 and bool(value.attrs["keepdims"])
             )
             if not (keeps_channels and aff.axis == 1):

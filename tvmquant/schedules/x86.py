@@ -50,6 +50,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.ir import GenericConst  # TVM 0.27: relax constants are ``tvm.ir.GenericConst``
 from tvm.ir.utils import derived_object
+
 # Not imported by tvm.relax.backend itself, and its __init__ omits dataflow_lower_passes (TVM 0.27).
 from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
 from tvm.s_tir import meta_schedule as ms
@@ -786,8 +787,9 @@ class _GatherLayoutRewriter(relax.PyExprMutator):
         pad_value = call.attrs.pad_value
         pad_value = None if pad_value is None else pad_value.value
         try:
-            return self.builder_.call_te(layout_transform_gather, call.args[0], call.attrs.index_map, pad_value,
-                                         primfunc_name_hint="layout_transform")
+            index_map = call.attrs.index_map  # call_te cannot pass an IndexMap through: close over it
+            return self.builder_.call_te(lambda data: layout_transform_gather(data, index_map, pad_value),
+                                         call.args[0], primfunc_name_hint="layout_transform")
         except (RuntimeError, ValueError) as err:  # e.g. a map IndexMap cannot invert (InternalError)
             logger.debug("GatherLayoutTransform: keeping %s (%s)", call, err)
             return call

@@ -20,8 +20,15 @@ class _Reader:
         return next(self.items, None)
 
 
-def ort_quantize(model_path: str, calib: np.ndarray, method: str = "minmax", per_channel: bool = True,
-                 percentile: float = 99.99, activation_type: str = "uint8", out_dir: str | None = None) -> str:
+def ort_quantize(
+    model_path: str,
+    calib: np.ndarray,
+    method: str = "minmax",
+    per_channel: bool = True,
+    percentile: float = 99.99,
+    activation_type: str = "uint8",
+    out_dir: str | None = None,
+) -> str:
     """Quantize ``model_path`` with ``onnxruntime.quantization.quantize_static``; return the QDQ file path."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -33,12 +40,21 @@ def ort_quantize(model_path: str, calib: np.ndarray, method: str = "minmax", per
     pre = os.path.join(folder, "pre.onnx")
     quant_pre_process(model_path, pre, skip_symbolic_shape=True)
     out = os.path.join(folder, f"q_{method}.onnx")
-    calibrate_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                        "entropy": CalibrationMethod.Entropy}[method]
+    calibrate_method = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[method]
     extra = {"CalibPercentile": percentile} if method == "percentile" else {}
     quantize_static(
-        pre, out, _Reader(input_name, calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-        activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calibrate_method,
+        pre,
+        out,
+        _Reader(input_name, calib),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=calibrate_method,
         extra_options=extra,
     )
     return out
@@ -63,5 +79,5 @@ def ort_predict(path: str, images: np.ndarray, batch: int = 100) -> np.ndarray:
     name = session.get_inputs()[0].name
     dim0 = session.get_inputs()[0].shape[0]
     step = batch if not isinstance(dim0, int) else dim0
-    outputs = [session.run(None, {name: images[i:i + step]})[0] for i in range(0, len(images), step)]
+    outputs = [session.run(None, {name: images[i : i + step]})[0] for i in range(0, len(images), step)]
     return np.concatenate(outputs, axis=0)

@@ -48,6 +48,10 @@ class BindingRewriter:
     def begin(self, func) -> None:
         """Called before the first binding, with the original function."""
 
+    def extra_params(self, func) -> list:
+        """Parameters to append to the rebuilt function (called after :meth:`begin`)."""
+        return []
+
     # -- machinery ----------------------------------------------------------------------------------------
     def remap(self, expr):
         if isinstance(expr, Var):
@@ -87,7 +91,7 @@ class BindingRewriter:
         if not isinstance(body, relax.SeqExpr):
             raise UnsupportedGraphError(f"{self.func_name!r} has no binding blocks")
         self.begin(func)
-        with self.bb.function(tmp_name, params=list(func.params), attrs=attrs):
+        with self.bb.function(tmp_name, params=list(func.params) + self.extra_params(func), attrs=attrs):
             with self.bb.dataflow():
                 for block in body.blocks:
                     for binding in block.bindings:

@@ -10,11 +10,11 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 from tvmquant import QuantConfig, quantize
+from tvmquant._compat import to_tensor
 from tvmquant.frontend.prepare import CanonicalizeClip, prepare
 from tvmquant.passes import AnnotateQuant, BindQuantParams, ExposeQuantizedTensors, QParams, RealizeQuant
 from tvmquant.passes._rewrite import apply_pass
 from tvmquant.passes.annotate import LAYERS_ATTR, layers_of
-from tvmquant._compat import to_tensor
 from tvmquant.passes.calibrate import compile_vm, run_vm
 from tvmquant.testing.forcing import teacher_forced
 

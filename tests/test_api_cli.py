@@ -229,3 +229,29 @@ def test_dynamic_pads_of_a_known_shape_are_folded():
     qmodel = tvmquant.quantize(model, calib_data=data, progress=False, report_batches=2)
     assert [layer.name for layer in qmodel.layers] == ["conv2d_0"]
     assert qmodel.sqnr["output0"] > 30
+
+
+def test_compile_deployable_library_loads_with_runtime_only(tmp_path, model_file, calib_file):
+    artifact = tmp_path / "m.tvmq"
+    assert cli.main(["quantize", model_file, "--calib", calib_file, "-o", str(artifact), "-q"]) == 0
+    library = tmp_path / "m.so"
+    assert cli.main(["compile", str(artifact), "-o", str(library), "-q"]) == 0
+    assert library.exists() and (tmp_path / "m.so.json").exists()
+    x = calibration_images(1, seed=9)
+    np.save(tmp_path / "x.npy", x)
+    expected = tvmquant.load(artifact).compile()(x)
+    script = (
+        "import os, sys, numpy as np; from tvmquant.deploy import load_library; "
+        f"m = load_library({str(library)!r}); y = m(np.load({str(tmp_path / 'x.npy')!r})); "
+        f"np.save({str(tmp_path / 'y.npy')!r}, y); import tvm.base; "
+        "maps = open('/proc/self/maps').read(); "
+        "print(tvm.base._RUNTIME_ONLY, 'libtvm_compiler' in maps)"
+    )
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]  # the compiler library was never loaded
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
+    # `tvmquant run` takes the library too
+    np.savez(tmp_path / "x.npz", input=x)
+    assert cli.main(["run", str(library), "--input", str(tmp_path / "x.npz"), "-o", str(tmp_path / "y.npz"), "-q"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npz")["output0"], expected)

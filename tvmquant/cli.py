@@ -129,6 +129,20 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from .api import load
+    from .deploy import export_library
+
+    _check_output_path(args.output)
+    qmodel = load(args.artifact)
+    if args.batch_size:
+        qmodel = qmodel.rebatch(args.batch_size)
+    metadata = export_library(qmodel, args.output, target=args.target, db=args.db)
+    if not args.quiet:
+        print(f"wrote {args.output} and {args.output}.json (target {metadata['target']})")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .api import load
 
@@ -190,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("compile", help="compile an artifact into a deployable library (.so + .so.json)")
+    c.add_argument("artifact")
+    c.add_argument(
+        "--target", default=None, help="'llvm' (this CPU), a JSON target dict, or a tag like nvidia/nvidia-h100"
+    )
+    c.add_argument("--db", default=None, help="tuning database directory from `tvmquant tune`")
+    c.add_argument("--batch-size", type=int, default=None, help="static batch size (ONNX sources)")
+    c.add_argument("-o", "--output", required=True, help="library to write (.so)")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_compile)
 
     e = sub.add_parser("export", help="export a quantized artifact to another format")
     e.add_argument("artifact")

@@ -1,0 +1,153 @@
+"""Deployable binaries: a shared library the TVM runtime loads, plus a JSON file of metadata beside it.
+
+``model.so`` holds the compiled Relax VM executable; ``model.so.json`` the input/output names, shapes and
+dtypes, the quantization table and the versions that built it. Loading needs only TVM's runtime library
+(``TVM_USE_RUNTIME_LIB=1``: no compiler): this module imports nothing from the compiler side.
+
+Example (on the deployment machine)::
+
+    import os
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"          # runtime only, no libtvm_compiler.so
+    import numpy as np
+    from tvmquant.deploy import load_library
+
+    model = load_library("model.so")                 # reads model.so.json too
+    logits = model(np.zeros(model.inputs[0].shape, np.float32))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+METADATA_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple
+    dtype: str
+
+
+def metadata_path(library_path) -> str:
+    return os.fspath(library_path) + ".json"
+
+
+def export_library(qmodel, path, target=None, db=None, mode: str = "int8") -> dict:
+    """Compile ``qmodel`` for ``target`` and write ``path`` (library) and ``path + '.json'`` (metadata).
+
+    Both files appear only when both were written completely.
+    """
+    import tempfile
+
+    import tvm
+
+    from .api import _versions, atomic_write
+    from .compile import as_target, build
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path!r}: folder {folder!r} does not exist; create it first")
+    target = as_target(target)
+    modules = {"int8": lambda: qmodel.mod, "simulated": lambda: qmodel.simulated, "fp32": lambda: qmodel.fp32}
+    mod = modules[mode]()
+    executable = build(mod, target=target, db=db)
+    outputs = _output_infos(mod)
+    metadata = {
+        "format": METADATA_FORMAT,
+        "mode": mode,
+        "target": str(target.export() if hasattr(target, "export") else target),
+        "inputs": [spec.to_dict() for spec in qmodel.inputs],
+        "outputs": outputs,
+        "quant_table": {name: params.to_dict() for name, params in qmodel.table.items()},
+        "versions": _versions(),
+        "tvm": tvm.__version__,
+    }
+    handle, tmp_library = tempfile.mkstemp(prefix=".tvmquant-", suffix=".so", dir=folder)
+    os.close(handle)
+    try:
+        executable.export_library(tmp_library)
+        atomic_write(metadata_path(path), lambda stream: stream.write(json.dumps(metadata, indent=2).encode()))
+        os.replace(tmp_library, path)
+    except BaseException:
+        if os.path.exists(tmp_library):
+            os.unlink(tmp_library)
+        raise
+    return metadata
+
+
+def _output_infos(mod) -> list:
+    from ._compat import tensor_dtype, tensor_shape
+
+    ret = mod["main"].ret_ty if hasattr(mod["main"], "ret_ty") else None
+    fields = list(getattr(ret, "fields", [])) or [ret]
+    infos = []
+    for index, ty in enumerate(fields):
+        holder = type("T", (), {"ty": ty})
+        infos.append(
+            {"name": f"output{index}", "shape": list(tensor_shape(holder) or ()), "dtype": tensor_dtype(holder)}
+        )
+    return infos
+
+
+class LoadedModel:
+    """A library written by :func:`export_library`, callable on numpy arrays."""
+
+    def __init__(self, path: str, device=None):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        meta_file = metadata_path(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"library {path!r} does not exist")
+        if not os.path.exists(meta_file):
+            raise FileNotFoundError(f"metadata {meta_file!r} is missing: keep it next to the library")
+        with open(meta_file) as handle:
+            self.metadata = json.load(handle)
+        if self.metadata.get("format") != METADATA_FORMAT:
+            raise ValueError(f"{meta_file!r} has metadata format {self.metadata.get('format')!r}; expected 1")
+        self.inputs = [TensorInfo(d["name"], tuple(d["shape"]), d["dtype"]) for d in self.metadata["inputs"]]
+        self.device = device or tvm.cpu()
+        self.vm = VirtualMachine(tvm.runtime.load_module(path), self.device)
+
+    def __call__(self, *args):
+        import tvm
+
+        if len(args) == 1 and hasattr(args[0], "keys"):
+            feed = dict(args[0])
+        else:
+            feed = dict(zip([spec.name for spec in self.inputs], args))
+        if len(self.inputs) == 1 and len(feed) == 1 and self.inputs[0].name not in feed:
+            feed = {self.inputs[0].name: next(iter(feed.values()))}
+        arrays = []
+        for spec in self.inputs:
+            if spec.name not in feed:
+                raise ValueError(f"missing model input {spec.name!r}; the model takes {[s.name for s in self.inputs]}")
+            array = np.asarray(feed[spec.name])
+            if tuple(array.shape) != spec.shape:
+                raise ValueError(f"input {spec.name!r} has shape {tuple(array.shape)}, the model expects {spec.shape}")
+            if array.dtype != np.dtype(spec.dtype):
+                raise ValueError(f"input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
+            arrays.append(tvm.runtime.tensor(np.ascontiguousarray(array), self.device))
+        result = self.vm["main"](*arrays)
+        outputs = _flatten(result)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _flatten(result) -> list:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    out = []
+    for item in result:
+        out.extend(_flatten(item))
+    return out
+
+
+def load_library(path, device=None) -> LoadedModel:
+    """Load a library written by :func:`export_library` (or ``tvmquant compile``); needs only TVM's runtime."""
+    return LoadedModel(os.fspath(path), device)

@@ -16,8 +16,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-import tvmquant  # noqa: E402
 from models import transformer_block  # noqa: E402
+
+import tvmquant  # noqa: E402
 from tvmquant.config import MSE, Entropy, Max, Percentile, QuantConfig, TensorSpec  # noqa: E402
 from tvmquant.quant_math import sqnr_db  # noqa: E402
 from tvmquant.testing.ort import ort_quantize, ort_session  # noqa: E402
@@ -30,7 +31,12 @@ def main():
     model = transformer_block()
     rows = []
     fp32 = None
-    for name, method in [("max", Max()), ("percentile99.99", Percentile(99.99)), ("entropy", Entropy()), ("mse", MSE())]:
+    for name, method in [
+        ("max", Max()),
+        ("percentile99.99", Percentile(99.99)),
+        ("entropy", Entropy()),
+        ("mse", MSE()),
+    ]:
         for scheme, dtype in [("affine", "uint8"), ("symmetric", "int8")]:
             config = QuantConfig(activation=TensorSpec(dtype, scheme, method=method))
             qmodel = tvmquant.quantize(model, config, calib, progress=False, report_batches=0)

@@ -495,8 +495,10 @@ class EntropyObserver(HistogramObserver):
     Symmetric: a histogram of ``|x|``; for every threshold from ``start_bins`` bins up to the whole
     range, the histogram clipped there is compared with its quantization to ``num_quantized_bins``
     levels (:func:`~tvmquant.calibration.histogram.entropy_divergences`), and the threshold of smallest
-    ``KL(P || Q)`` wins. This is the GTC 2017 algorithm (as in NVIDIA's ``pytorch_quantization``),
-    without the ``bins[0] = bins[1]`` tweak that library applies.
+    ``KL(P || Q)`` wins. This is the GTC 2017 algorithm as NVIDIA's ``pytorch_quantization`` implements it,
+    including its ``bins[0] = bins[1]``: the bin holding 0 gets its neighbour's count, so that the spike of
+    exact zeros after a ReLU does not dominate the divergence (without it, post-ReLU thresholds collapse to a
+    fraction of the range: 55% instead of 91% accuracy on the bundled Fashion-MNIST model).
 
     Affine: a histogram of ``x`` over ``[min(x, 0), max(x, 0)]``, searched over windows that clip both tails
     at the same magnitude until one tail runs out of data (see
@@ -556,8 +558,17 @@ class EntropyObserver(HistogramObserver):
         if stops[0] - starts[0] < num_levels:
             # Fewer bins than levels in the whole range: quantizing loses nothing to clip for; keep it all.
             return float(starts[-1]), float(stops[-1])
-        best = entropy_window(hist.counts, starts, stops, num_levels)
+        best = entropy_window(without_zero_spike(hist), starts, stops, num_levels)
         return float(starts[best]), float(stops[best])
+
+
+def without_zero_spike(hist) -> np.ndarray:
+    """The histogram's counts with the bin that holds 0 set to its right neighbour's count (TensorRT)."""
+    counts = hist.counts.copy()
+    zero = -hist.first_bin
+    if 0 <= zero < len(counts) - 1:
+        counts[zero] = counts[zero + 1]
+    return counts
 
 
 class MSEObserver(HistogramObserver):

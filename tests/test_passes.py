@@ -270,3 +270,22 @@ def test_fmnist_model_realized_equals_simulated_and_keeps_accuracy():
     assert fp32_acc > 0.9
     assert int8_acc >= fp32_acc - 0.01  # the 1% goal, on the 1000 bundled test images
     assert np.mean(int8_pred == fp32_pred) > 0.98
+
+
+def test_automatic_sensitivity_driven_partial_quantization():
+    from tvmquant import AutoSkip
+    from tvmquant.passes.sensitivity import layer_sensitivity
+
+    data = calibration_images(8, seed=2)
+    full = quantize(residual_cnn(), calib_data=data, progress=False, report_batches=4)
+    sensitivity = layer_sensitivity(full.annotated, full.table, data, full.inputs)
+    assert set(sensitivity) == {layer.name for layer in full.layers if layer.weight or layer.inputs}
+    target = full.sqnr["output0"] + 3.0  # unreachable with everything quantized
+    config = QuantConfig(auto_skip=AutoSkip(target_sqnr_db=target, max_layers=4))
+    auto = quantize(residual_cnn(), config, data, progress=False, report_batches=4)
+    skipped = [layer for layer in auto.layers if not layer.quantized]
+    assert 1 <= len(skipped) <= 4
+    assert all(layer.reason.startswith("auto: most sensitive") for layer in skipped)
+    assert skipped[0].name == min(sensitivity, key=sensitivity.get)  # the most sensitive goes first
+    assert auto.sqnr["output0"] > full.sqnr["output0"]
+    assert QuantConfig.from_json(config.to_json()) == config

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from .config import (  # noqa: E402
     MSE,
     PRESETS,
+    AutoSkip,
     Entropy,
     Max,
     Percentile,
@@ -64,6 +65,7 @@ __all__ = [
     "SkipName",
     "SkipOpType",
     "SkipPredicate",
+    "AutoSkip",
     "PRESETS",
     "AnnotateQuant",
     "BindQuantParams",

@@ -145,10 +145,35 @@ def quantize(
         raise ModelError("calib_data is required: give a few hundred representative input samples")
     annotated = apply_pass(AnnotateQuant(config), fp32)
     table = calibrate(annotated, calib_data, inputs, config, progress=progress)
+    auto_reasons: dict = {}
+    if config.auto_skip is not None:
+        from .passes.sensitivity import choose_auto_skips
+
+        auto_reasons = choose_auto_skips(annotated, table, calib_data, inputs, config.auto_skip)
+        if auto_reasons:
+            # Skipping changes which tensors are quantized (and their names): annotate and calibrate again.
+            annotated = apply_pass(AnnotateQuant(config.replace(skip=config.skip + tuple(auto_reasons))), fp32)
+            annotated = _with_reasons(annotated, auto_reasons)
+            table = calibrate(annotated, calib_data, inputs, config, progress=progress)
+            config = config.replace(skip=config.skip + tuple(auto_reasons))
     qmodel = QuantizedModel(fp32, annotated, table, config, inputs, source)
     if report_batches:
         qmodel.measure_sqnr(calib_data, report_batches)
     return qmodel
+
+
+def _with_reasons(annotated, reasons: dict):
+    """Record why the automatic mode skipped layers (in the layer table AnnotateQuant stores)."""
+    import json as _json
+
+    from .passes.annotate import LAYERS_ATTR
+
+    layers = _json.loads(str(annotated["main"].attrs[LAYERS_ATTR]))
+    for layer in layers:
+        if layer["name"] in reasons:
+            layer["reason"] = reasons[layer["name"]]
+    annotated["main"] = annotated["main"].with_attr(LAYERS_ATTR, _json.dumps(layers))
+    return annotated
 
 
 @dataclass

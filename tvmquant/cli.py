@@ -47,7 +47,12 @@ def _config_from_args(args):
     if args.per_tensor:
         weight = TensorSpec(weight.dtype, weight.scheme, PerTensor(), weight.bits, weight.method)
     skip = tuple(config.skip) + tuple(args.skip or ())
-    return config.replace(activation=activation, weight=weight, skip=skip)
+    auto_skip = config.auto_skip
+    if args.auto_skip is not None:
+        from .config import AutoSkip
+
+        auto_skip = AutoSkip(target_sqnr_db=args.auto_skip, max_layers=args.auto_skip_max)
+    return config.replace(activation=activation, weight=weight, skip=skip, auto_skip=auto_skip)
 
 
 def _load_npz(path: str, what: str):
@@ -186,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", choices=["affine", "symmetric"], help="activations: uint8 affine or int8 symmetric")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per channel)")
     q.add_argument("--skip", nargs="+", metavar="NAME", help="layers to keep in FP32 (names, or op:TYPE)")
+    q.add_argument(
+        "--auto-skip",
+        type=float,
+        metavar="DB",
+        help="keep the most sensitive layers in FP32 until the output SQNR vs FP32 reaches DB (QuantConfig.auto_skip)",
+    )
+    q.add_argument("--auto-skip-max", type=int, default=8, help="at most this many layers for --auto-skip")
     q.add_argument("--config", help="QuantConfig JSON file (flags override it)")
     q.add_argument("--batch-size", type=int, default=1, help="batch size when the model's batch axis is dynamic")
     q.add_argument("-o", "--output", required=True, help="artifact to write (.tvmq)")

@@ -170,6 +170,31 @@ def _as_skip_rule(entry: Any) -> SkipRule:
     )
 
 
+@dataclass(frozen=True)
+class AutoSkip:
+    """Automatic partial quantization: keep the most sensitive layers in FP32 until the simulated model's
+    output SQNR (vs FP32, on calibration data) reaches ``target_sqnr_db``, skipping at most ``max_layers``.
+
+    A layer's sensitivity is the output SQNR with that layer alone quantized, measured on ``batches``
+    calibration batches.
+    """
+
+    target_sqnr_db: float = 20.0
+    max_layers: int = 8
+    batches: int = 4
+
+    def __post_init__(self):
+        if not (0.0 < float(self.target_sqnr_db) < 200.0):
+            raise ConfigError(f"AutoSkip.target_sqnr_db must be in (0, 200) dB, got {self.target_sqnr_db!r}")
+        if not (isinstance(self.max_layers, int) and self.max_layers >= 1):
+            raise ConfigError(f"AutoSkip.max_layers must be an int >= 1, got {self.max_layers!r}")
+        if not (isinstance(self.batches, int) and self.batches >= 1):
+            raise ConfigError(f"AutoSkip.batches must be an int >= 1, got {self.batches!r}")
+
+    def to_dict(self) -> dict:
+        return {"target_sqnr_db": float(self.target_sqnr_db), "max_layers": self.max_layers, "batches": self.batches}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Tensor specs and the config
 @dataclass(frozen=True)
@@ -247,6 +272,8 @@ class QuantConfig:
     nan_policy : str
         ``"warn"`` counts and drops NaN/Inf in calibration data with one warning per tensor;
         ``"error"`` refuses such data.
+    auto_skip : AutoSkip or None
+        Automatic, sensitivity-driven partial quantization (on top of ``skip``).
     quantize_output_ops : tuple of str
         Op types whose outputs are quantized (residual ``add``, ``concat``, pooling) when their producers are.
 
@@ -264,8 +291,11 @@ class QuantConfig:
     )
     skip: tuple = ()
     nan_policy: str = "warn"
+    auto_skip: AutoSkip | None = None
 
     def __post_init__(self):
+        if self.auto_skip is not None and not isinstance(self.auto_skip, AutoSkip):
+            raise ConfigError(f"auto_skip must be AutoSkip(...) or None, got {self.auto_skip!r}")
         if not isinstance(self.activation, TensorSpec) or not isinstance(self.weight, TensorSpec):
             raise ConfigError("activation and weight must be TensorSpec instances")
         if isinstance(self.activation.granularity, PerChannel):
@@ -290,6 +320,7 @@ class QuantConfig:
             "weight": self.weight.to_dict(),
             "skip": [s.to_dict() for s in self.skip],
             "nan_policy": self.nan_policy,
+            "auto_skip": self.auto_skip.to_dict() if self.auto_skip is not None else None,
         }
 
     @staticmethod
@@ -300,7 +331,7 @@ class QuantConfig:
         version = data.pop("version", None)
         if version != CONFIG_VERSION:
             raise ConfigError(f"config version {version!r} is not supported (this tvmquant reads {CONFIG_VERSION})")
-        _reject_unknown(data, {"activation", "weight", "skip", "nan_policy"}, "config")
+        _reject_unknown(data, {"activation", "weight", "skip", "nan_policy", "auto_skip"}, "config")
         kwargs: dict[str, Any] = {}
         if "activation" in data:
             kwargs["activation"] = TensorSpec.from_dict(data["activation"], "activation")
@@ -310,6 +341,9 @@ class QuantConfig:
             kwargs["skip"] = tuple(_skip_from_dict(s) for s in data["skip"])
         if "nan_policy" in data:
             kwargs["nan_policy"] = data["nan_policy"]
+        if data.get("auto_skip") is not None:
+            _reject_unknown(data["auto_skip"], {"target_sqnr_db", "max_layers", "batches"}, "config.auto_skip")
+            kwargs["auto_skip"] = AutoSkip(**data["auto_skip"])
         return QuantConfig(**kwargs)
 
     def to_json(self) -> str:

@@ -1,0 +1,99 @@
+"""Sensitivity analysis and the automatic partial-quantization mode.
+
+One compiled FP32 module with markers serves every measurement: its markers call back into Python, which
+returns either the tensor unchanged or its fake-quantized value, so any subset of layers can be quantized in
+simulation without recompiling. Each layer's sensitivity is the model-output SQNR with that layer alone
+quantized; the automatic mode then keeps the most sensitive layers in FP32, one at a time, until the output
+SQNR with everything else quantized reaches the target.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ..quant_math import fake_quantize
+from .annotate import layers_of
+from .calibrate import compile_vm, iter_batches, observing, run_vm
+
+
+class _Simulator:
+    def __init__(self, annotated, table, calib_data, inputs, max_batches: int):
+        self.table = table
+        self.inputs = inputs
+        self.vm = compile_vm(annotated)
+        self.batches = list(itertools.islice(iter_batches(calib_data, inputs), max_batches))
+        self.reference = [self._run(batch, frozenset()) for batch in self.batches]
+
+    def _run(self, batch, enabled: frozenset):
+        def callback(name, array):
+            if name in enabled:
+                params = self.table[name]
+                array[...] = fake_quantize(
+                    array, params.scale, params.zero_point, params.qmin, params.qmax, params.axis
+                )
+
+        with observing(callback):
+            result = run_vm(self.vm, batch, self.inputs)
+        return _outputs(result)
+
+    def output_sqnr(self, enabled) -> float:
+        enabled = frozenset(enabled)
+        signal = noise = 0.0
+        for batch, reference in zip(self.batches, self.reference):
+            for ref, out in zip(reference, self._run(batch, enabled)):
+                ref = ref.astype(np.float64)
+                signal += float(np.sum(ref * ref))
+                noise += float(np.sum((ref - out) ** 2))
+        return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
+
+
+def _outputs(result) -> list:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    out = []
+    for item in result:
+        out.extend(_outputs(item))
+    return out
+
+
+def _layer_tensors(layer) -> list:
+    names = [name for name in layer.inputs if not name.startswith("(")]
+    return names + ([layer.weight] if layer.weight else [])
+
+
+def layer_sensitivity(annotated, table, calib_data, inputs, max_batches: int = 4) -> dict:
+    """Output SQNR (dB) with each quantized layer alone quantized, on up to ``max_batches`` batches."""
+    simulator = _Simulator(annotated, table, calib_data, inputs, max_batches)
+    return {
+        layer.name: simulator.output_sqnr(_layer_tensors(layer))
+        for layer in layers_of(annotated)
+        if layer.quantized and _layer_tensors(layer)
+    }
+
+
+def choose_auto_skips(annotated, table, calib_data, inputs, auto, progress: bool = False) -> dict:
+    """Layers to keep in FP32 so that the simulated output SQNR reaches ``auto.target_sqnr_db``.
+
+    Returns ``{layer name: reason}``, most sensitive first; empty if the full model already reaches the target.
+    """
+    simulator = _Simulator(annotated, table, calib_data, inputs, auto.batches)
+    layers = [layer for layer in layers_of(annotated) if layer.quantized and _layer_tensors(layer)]
+    everything = {name for layer in layers for name in _layer_tensors(layer)}
+    if simulator.output_sqnr(everything) >= auto.target_sqnr_db:
+        return {}
+    sensitivity = {layer.name: simulator.output_sqnr(_layer_tensors(layer)) for layer in layers}
+    ranked = sorted(layers, key=lambda layer: sensitivity[layer.name])
+    users: dict = {}
+    for layer in layers:
+        for name in _layer_tensors(layer):
+            users.setdefault(name, set()).add(layer.name)
+    skipped: dict = {}
+    for layer in ranked[: auto.max_layers]:
+        skipped[layer.name] = f"auto: most sensitive (alone: {sensitivity[layer.name]:.1f} dB output SQNR)"
+        # a tensor stays quantized while any layer that reads it stays quantized
+        enabled = {name for name in everything if not users[name] <= set(skipped)}
+        if simulator.output_sqnr(enabled) >= auto.target_sqnr_db:
+            break
+    return skipped

@@ -11,14 +11,15 @@ The split, written to ``bench/data/imagenet_eval.npz``:
     in the name), resized so the short side is 256 and centre-cropped to 224, as torchvision's
     reference evaluation does. Measures FP32 and INT8 top-1 (MobileNetV2 FP32: 17/20).
 ``agreement_u8``, ``agreement_sources`` (110 images, unlabelled)
-    For FP32-vs-INT8 top-1 agreement and SQNR: foolbox's 20 CIFAR-10 and 20 CIFAR-100 images
-    upscaled from 32x32 to 224x224, and 14 seeded random crops (some mirrored) of each of five
-    scikit-image photos: astronaut, chelsea, coffee, rocket and camera.
-``calib_u8``, ``calib_sources`` (64 images, unlabelled)
-    For calibration only: seeded random crops and flips of *other* scikit-image photos
-    (motorcycle_left, hubble_deep_field, ihc, retina, coins, moon, grass, gravel, brick). No source
-    photo of the calibration set appears in the evaluation sets, and neither set contains foolbox's
-    ImageNet images, so calibration never sees an image it is then scored on.
+    For FP32-vs-INT8 top-1 agreement and SQNR: foolbox's 20 CIFAR-10 images upscaled from 32x32 to
+    224x224, and 18 seeded random crops (some mirrored) of each of five scikit-image photos: astronaut,
+    chelsea, coffee, rocket and camera.
+``calib_u8``, ``calib_sources`` (84 images, unlabelled)
+    For calibration only: foolbox's 20 CIFAR-100 images (upscaled like the CIFAR-10 ones) and seeded random
+    crops and flips of *other* scikit-image photos (motorcycle_left, hubble_deep_field, ihc, retina, coins,
+    moon, grass, gravel, brick). No image or source photo of the calibration set appears in the evaluation
+    sets, and neither set contains foolbox's ImageNet images, so calibration never sees an image it is then
+    scored on.
 
 Every ``*_sources`` entry names the file or photo and the crop box, so any image can be traced.
 Grey photos are repeated over the three channels. Randomness is seeded (``SEED``): rerunning the
@@ -66,7 +67,7 @@ CALIBRATION_PHOTOS = {
     "gravel": 6,
     "brick": 6,
 }
-CROPS_PER_AGREEMENT_PHOTO = 14
+CROPS_PER_AGREEMENT_PHOTO = 18
 
 
 def foolbox_data_dir() -> Path:
@@ -285,14 +286,19 @@ def build_imagenet_eval(seed: int = SEED) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     labelled_u8, labelled_labels, labelled_names = load_foolbox_imagenet()
 
-    agreement, agreement_sources = load_foolbox_cifar()
-    agreement = list(agreement)
+    cifar, cifar_sources = load_foolbox_cifar()
+    # CIFAR-10 images are evaluated; the CIFAR-100 ones calibrate, so that calibration sees upscaled small
+    # photos like those it is scored on, without ever seeing one of them.
+    agreement = [image for image, source in zip(cifar, cifar_sources) if not source.startswith("cifar100_")]
+    agreement_sources = [source for source in cifar_sources if not source.startswith("cifar100_")]
+    cifar100 = [image for image, source in zip(cifar, cifar_sources) if source.startswith("cifar100_")]
     for name in AGREEMENT_PHOTOS:
         crops, sources = random_crops(load_skimage_photo(name), CROPS_PER_AGREEMENT_PHOTO, rng, name)
         agreement += crops
         agreement_sources += sources
 
-    calibration, calibration_sources = [], []
+    calibration = list(cifar100)
+    calibration_sources = [source for source in cifar_sources if source.startswith("cifar100_")]
     for name, count in CALIBRATION_PHOTOS.items():
         crops, sources = random_crops(load_skimage_photo(name), count, rng, name)
         calibration += crops

@@ -305,7 +305,7 @@ def build_imagenet_eval(seed: int = SEED) -> dict[str, np.ndarray]:
         calibration_sources += sources
 
     photo_of = re.compile(r"skimage:(\w+) ")
-    shared = {photo_of.match(s).group(1) for s in calibration_sources} & {
+    shared = {m.group(1) for s in calibration_sources if (m := photo_of.match(s))} & {
         m.group(1) for s in agreement_sources if (m := photo_of.match(s))
     }
     if shared:

@@ -31,12 +31,13 @@ sys.path.insert(0, os.path.join(HERE, "models"))
 from imagenet_data import load_imagenet_eval, preprocess  # noqa: E402
 
 import tvmquant  # noqa: E402
-from tvmquant.config import MSE, Entropy, Max, Percentile, QuantConfig, TensorSpec  # noqa: E402
+from tvmquant.config import MSE, AutoSkip, Entropy, Max, Percentile, QuantConfig, TensorSpec  # noqa: E402
 from tvmquant.quant_math import sqnr_db  # noqa: E402
 from tvmquant.testing.ort import ort_predict, ort_quantize  # noqa: E402
 
 ONNX_DIR = os.path.join(HERE, "models", "onnx")
 METHODS = {
+    "percentile99.99+auto_skip20dB": Percentile(99.99),
     "max": Max(),
     "percentile99.99": Percentile(99.99),
     "percentile99.999": Percentile(99.999),
@@ -68,6 +69,8 @@ def evaluate(name, model_path, data, methods, report):
     fp32 = None
     for method_name in methods:
         config = QuantConfig(activation=TensorSpec("uint8", "affine", method=METHODS[method_name]))
+        if "auto_skip" in method_name:
+            config = config.replace(auto_skip=AutoSkip(target_sqnr_db=20.0, max_layers=8))
         start = time.time()
         qmodel = tvmquant.quantize(model_path, config, calib, progress=False, report_batches=8)
         quantize_s = time.time() - start
@@ -81,6 +84,7 @@ def evaluate(name, model_path, data, methods, report):
         agreement_logits = run_all(int8, agreement)
         row = {
             "name": f"tvmquant {method_name} (uint8 affine, per-channel)",
+            "fp32_layers": [layer.name for layer in qmodel.layers if not layer.quantized],
             **scores(labelled_logits, labels, fp32["labelled"]),
             "agreement_top1_pct": float(
                 np.mean(np.argmax(agreement_logits, 1) == np.argmax(fp32["agreement"], 1)) * 100

@@ -35,6 +35,10 @@ def latency_ms(fn, x, repeat: int = 200) -> float:
     return float(np.median(times) * 1000)
 
 
+def _ort_runner(session):
+    return lambda x: session.run(None, {"input": x})
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--db", default=None)
@@ -46,11 +50,12 @@ def main():
     for per_channel in (True, False):
         path = ort_quantize(fmnist_model_path(), calib, "minmax", per_channel=per_channel, out_dir=folder)
         session = ort_session(path, threads=2)
-        ort_pred = np.concatenate([np.argmax(session.run(None, {"input": test_x[i:i + 100]})[0], 1)
-                                   for i in range(0, len(test_x), 100)])
+        ort_pred = np.concatenate(
+            [np.argmax(session.run(None, {"input": test_x[i : i + 100]})[0], 1) for i in range(0, len(test_x), 100)]
+        )
         qmodel = tvmquant.quantize(path, progress=False)
         batched = qmodel.rebatch(100).compile(db=None)
-        tvm_pred = np.concatenate([np.argmax(batched(test_x[i:i + 100]), 1) for i in range(0, len(test_x), 100)])
+        tvm_pred = np.concatenate([np.argmax(batched(test_x[i : i + 100]), 1) for i in range(0, len(test_x), 100)])
         single = qmodel.compile(db=args.db)
         one = test_x[:1]
         row = {
@@ -58,7 +63,7 @@ def main():
             "onnxruntime_accuracy": float(np.mean(ort_pred == test_y) * 100),
             "tvmquant_accuracy": float(np.mean(tvm_pred == test_y) * 100),
             "prediction_agreement_pct": float(np.mean(ort_pred == tvm_pred) * 100),
-            "onnxruntime_latency_ms_b1_2threads": latency_ms(lambda x: session.run(None, {"input": x}), one),
+            "onnxruntime_latency_ms_b1_2threads": latency_ms(_ort_runner(session), one),
             "tvmquant_latency_ms_b1": latency_ms(single, one),
             "tvmquant_tuned": args.db is not None,
         }

@@ -190,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="calibrate and quantize an FP32 ONNX model")
     q.add_argument("model", help="FP32 ONNX file")
     q.add_argument("--calib", help=".npz with one array per model input, samples on axis 0 (not needed for QDQ models)")
-    q.add_argument("--method", choices=["max", "entropy", "percentile", "mse"], help="activation calibration (default percentile 99.99)")
+    q.add_argument(
+        "--method",
+        choices=["max", "entropy", "percentile", "mse"],
+        help="activation calibration (default percentile 99.99)",
+    )
     q.add_argument("--percentile", type=float, default=99.99, help="percentile for --method percentile")
     q.add_argument("--scheme", choices=["affine", "symmetric"], help="activations: uint8 affine or int8 symmetric")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per channel)")
@@ -203,8 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--auto-skip-max", type=int, default=8, help="at most this many layers for --auto-skip")
     q.add_argument("--config", help="QuantConfig JSON file (flags override it)")
-    q.add_argument("--preset", choices=sorted(__import__("tvmquant.config").config.PRESETS),
-                   help="start from a named config (default x86_vnni); flags override it")
+    q.add_argument(
+        "--preset",
+        choices=sorted(__import__("tvmquant.config").config.PRESETS),
+        help="start from a named config (default x86_vnni); flags override it",
+    )
     q.add_argument("--batch-size", type=int, default=1, help="batch size when the model's batch axis is dynamic")
     q.add_argument("-o", "--output", required=True, help="artifact to write (.tvmq)")
     q.add_argument("-q", "--quiet", action="store_true")

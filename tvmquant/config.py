@@ -286,7 +286,9 @@ class QuantConfig:
     True
     """
 
-    activation: TensorSpec = field(default_factory=lambda: TensorSpec(dtype="uint8", scheme="affine", method=Percentile(99.99)))
+    activation: TensorSpec = field(
+        default_factory=lambda: TensorSpec(dtype="uint8", scheme="affine", method=Percentile(99.99))
+    )
     weight: TensorSpec = field(
         default_factory=lambda: TensorSpec(dtype="int8", scheme="symmetric", granularity=PerChannel(0))
     )

@@ -1,0 +1,47 @@
+"""Tuned INT8 kernels.
+
+- :mod:`tvmquant.schedules.x86`: blocked VNNI convs/dense for x86 (graph passes, ``tune``, ``build``).
+- :mod:`tvmquant.schedules.intrinsics`: the x86 INT8 tensor intrinsics, fixed for TVM 0.27's LLVM 22.
+
+The submodules are imported lazily (by the functions below, or directly by the caller), so that
+``import tvmquant`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def build_with_database(mod, target, db: str | os.PathLike | None = None):
+    """Compile a Relax module with the tuning database ``db`` (or none), dispatching on the target kind.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        Relax module, weights bound as constants.
+    target : tvm.target.Target
+    db : str or os.PathLike, optional
+        Database directory written by :func:`tvmquant.schedules.x86.tune`.
+
+    Returns
+    -------
+    tvm.relax.VMExecutable
+
+    Notes
+    -----
+    For ``llvm`` targets this is :func:`tvmquant.schedules.x86.build` (blocked INT8 kernels, VNNI; kernels
+    without a record get an untuned default schedule). Other targets go through meta-schedule's
+    ``compile_relax`` with the database, when one is given.
+    """
+    db_dir = None if db is None else os.fspath(db)
+    if target.kind.name == "llvm":
+        from . import x86
+
+        return x86.build(mod, target, db_dir=db_dir)
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    if db_dir is None:
+        return tvm.compile(mod, target=target)
+    database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+    return ms.relax_integration.compile_relax(database, mod, target, params=None)

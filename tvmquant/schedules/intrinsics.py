@@ -1,7 +1,7 @@
 """x86 INT8 tensor intrinsics that compile with the LLVM bundled in TVM 0.27.
 
-Importing this module registers (or re-registers) the 16x4 u8 x s8 -> s32 dot-product intrinsics that
-meta-schedule's x86 rules tensorize with:
+:func:`register_x86_intrinsics` registers (or re-registers) the 16x4 u8 x s8 -> s32 dot-product
+intrinsics that meta-schedule's x86 rules tensorize with:
 
 - ``dot_16x4_vnni`` (AVX512-VNNI ``vpdpbusd``). TVM 0.27's stock implementation passes three
   ``int32x16`` operands to ``llvm.x86.avx512.vpdpbusd.512``; LLVM 21+ declares that intrinsic as
@@ -9,21 +9,24 @@ meta-schedule's x86 rules tensorize with:
   ("Call parameter type does not match function signature"). Meta-schedule then silently keeps the
   scalar candidates (about 30x slower). The implementation here reinterprets the broadcast data as
   ``uint8x64`` and loads the weights as ``int8x64``.
-- ``dot_16x4_avx512`` (AVX-512BW ``vpmaddubsw`` + ``vpmaddwd``) is the stock one; it already uses the
-  ``<64 x i8>`` operand types, so it is left as registered.
+- ``dot_16x4_avx512`` (AVX-512BW, no VNNI). TVM's stock implementation is one ``vpmaddubsw`` +
+  ``vpmaddwd``, but ``vpmaddubsw`` adds its two u8 x s8 products into an int16 *with saturation*:
+  255 * 127 * 2 = 64770 does not fit, so full-range activations give wrong sums (seen here: 98% of a conv's
+  outputs off). The implementation here splits the data bytes into 4-bit halves (each pair sum then fits
+  easily: 15 * 128 * 2 = 3840), runs ``vpmaddubsw``/``vpmaddwd`` on both halves and weights the high half
+  by 16 inside ``vpmaddwd``: exact, at about twice the stock instruction count.
 
 Ordering rule: the stock modules (``tvm.s_tir.tensor_intrin``) must be imported *before* the override,
 because importing them later would try to register ``dot_16x4_vnni`` again without ``override`` and fail.
-This module imports them itself, so importing it first is always safe. Tuning records store only the
-intrinsic's name, so the override must be registered in every process that tunes *or* replays a database
-(``tvmquant.schedules.x86.build`` imports this module for that reason).
+:func:`register_x86_intrinsics` imports them first. That import parses every TVMScript intrinsic TVM ships
+(~25 s on the 2-core machines here, 17 s of it CUDA), so it happens on first use, not when this module is
+imported. Tuning records store only the intrinsic's name, so the override must be registered in every
+process that tunes *or* replays a database (``tvmquant.schedules.x86.tune`` and ``build`` call it).
 """
 
 from __future__ import annotations
 
-import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the stock intrinsics first; see module docstring)
 from tvm.s_tir import TensorIntrin
-from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
 from tvm.script import tirx as T
 
 #: Name of the AVX512-VNNI 16x4 intrinsic (the name meta-schedule's x86 "vnni" rules look up).
@@ -34,6 +37,23 @@ AVX512_DOT_16X4 = "dot_16x4_avx512"
 LANES = 16
 #: u8/s8 pairs reduced per lane per call: the innermost input-channel block.
 REDUCE = 4
+
+
+@T.prim_func(s_tir=True)
+def dot_product_16x4_u8i8i32_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    # The same description as tvm.s_tir.tensor_intrin.x86's (that module is slow to import; see above).
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
 
 @T.prim_func(s_tir=True)
@@ -61,11 +81,47 @@ def dot_product_16x4_u8i8i32_vnni_llvm22(
         )
 
 
-def register_x86_intrinsics() -> None:
-    """(Re-)register the LLVM-22-compatible ``dot_16x4_vnni`` intrinsic.
+@T.prim_func(s_tir=True)
+def dot_product_16x4_u8i8i32_avx512_exact(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        A_u8x4 = A.vload([0], "uint8x4")
+        A_i32 = T.reinterpret(A_u8x4, dtype="int32")
+        A_u8x64 = T.reinterpret(T.broadcast(A_i32, 16), dtype="uint8x64")
+        # 4-bit halves of the data: vpmaddubsw's int16 pair sums can no longer saturate.
+        A_low = T.bitwise_and(A_u8x64, T.broadcast(T.uint8(15), 64))
+        A_high = T.shift_right(A_u8x64, T.broadcast(T.uint8(4), 64))
+        B_i8x64 = B.vload([0, 0], dtype="int8x64")
+        low_pairs = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"), A_low, B_i8x64, dtype="int16x32"
+        )
+        high_pairs = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddubs.w.512"), A_high, B_i8x64, dtype="int16x32"
+        )
+        C[T.ramp(T.int32(0), 1, 16)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
+            low_pairs,
+            T.int16x32(1),
+            dtype="int32x16",
+        ) + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.pmaddw.d.512"),
+            high_pairs,
+            T.int16x32(16),
+            dtype="int32x16",
+        )
 
-    Idempotent; called when this module is imported. Call it again only if some other code re-registered
-    the stock (broken) implementation afterwards.
+
+def register_x86_intrinsics() -> None:
+    """(Re-)register ``dot_16x4_vnni`` (LLVM-22 operand types) and ``dot_16x4_avx512`` (exact), after
+    TVM's stock intrinsics.
+
+    Idempotent. The first call in a process imports ``tvm.s_tir.tensor_intrin`` (slow, see the module
+    docstring); later calls only re-register.
 
     Examples
     --------
@@ -75,9 +131,11 @@ def register_x86_intrinsics() -> None:
     >>> TensorIntrin.get(VNNI_DOT_16X4) is not None
     True
     """
+    import tvm.s_tir.tensor_intrin  # noqa: F401  (stock intrinsics first, so they never re-register later)
+
     TensorIntrin.register(
         VNNI_DOT_16X4, dot_product_16x4_u8i8i32_desc, dot_product_16x4_u8i8i32_vnni_llvm22, override=True
     )
-
-
-register_x86_intrinsics()
+    TensorIntrin.register(
+        AVX512_DOT_16X4, dot_product_16x4_u8i8i32_desc, dot_product_16x4_u8i8i32_avx512_exact, override=True
+    )

@@ -19,11 +19,18 @@ What this module does, in pipeline order (:func:`optimize_int8_for_x86` returns 
 4. :class:`PackInt8Dense` does the same for ``R.matmul(u8 [.., K], s8 const [K, N], out_dtype="int32")``
    with weights packed ``[N/16, K/4, 16, 4]``.
 
-Then the usual Relax lowering (``LegalizeOps``, ``FoldConstant``, ``FuseOps``, ``FuseTIR``) fuses each conv
-with its epilogue; :func:`tune` tunes the fused kernels with meta-schedule and :func:`build` applies the
-tuning database. Meta-schedule's default x86 rules tensorize the blocked compute with ``dot_16x4_vnni``
-when the target has AVX512-VNNI and ``dot_16x4_avx512`` when it has AVX-512BW only; on AVX2 the same
-blocked kernels are vectorised without an intrinsic.
+5. :class:`GatherLayoutTransform` lowers the remaining ``R.layout_transform`` ops to injective gathers, so
+   ``FuseOps`` can fuse them with neighbouring pads and epilogues (TVM's own lowering is opaque to fusion).
+
+Then :func:`prepare` runs the usual Relax lowering (``LegalizeOps``, ``FoldConstant``, ``FuseOps``,
+``FuseTIR``), which fuses each conv with its epilogue, and :class:`ScheduleDataMovement`, which gives the
+kernels without a reduction (pads, layout transforms) a fixed schedule so that they are not tuned.
+:func:`tune` tunes the remaining kernels with meta-schedule and :func:`build` applies the tuning database,
+scheduling kernels without a record from meta-schedule's first design-space sketch
+(:class:`ScheduleUntunedFromSketch`). Meta-schedule's default x86 rules tensorize the blocked compute with
+``dot_16x4_vnni`` when the target has AVX512-VNNI and ``dot_16x4_avx512`` when it has AVX-512BW only (both
+re-registered by :mod:`tvmquant.schedules.intrinsics`: the stock ones fail LLVM 22's verifier, resp.
+saturate); on AVX2 the same blocked kernels are vectorised without an intrinsic.
 
 Input contract (what the quantization passes produce): ``R.nn.conv2d(x_q: uint8 NCHW, w_q: int8 OIHW
 constant, out_dtype="int32")`` and ``R.matmul(x_q: uint8, w_q: int8 constant [K, N], out_dtype="int32")``.
@@ -31,7 +38,8 @@ Signed activations are left alone (shift them to uint8 first). Run these passes 
 passes and before ``LegalizeOps``; :func:`tune` and :func:`build` run them for you.
 
 Version-sensitive imports (TVM 0.27: ``tvm.s_tir.meta_schedule``, ``tvm.ir.GenericConst``,
-``tvm.ir.utils.derived_object``, ``tvm.target.codegen.llvm_*``) are gathered at the top of this module.
+``tvm.ir.utils.derived_object``, ``tvm.relax.backend.cpu_generic.pipeline``, ``tvm.target.codegen.llvm_*``)
+are gathered at the top of this module.
 """
 
 from __future__ import annotations
@@ -57,7 +65,8 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.target import codegen as _llvm_codegen
 
-from . import intrinsics  # noqa: F401  (registers the LLVM-22-compatible dot_16x4_vnni)
+from . import intrinsics
+from ._ms_worker import build_candidate
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +77,8 @@ __all__ = [
     "GatherLayoutTransform",
     "Int8Isa",
     "PackInt8Dense",
+    "ScheduleDataMovement",
+    "ScheduleUntunedFromSketch",
     "TuningProgress",
     "build",
     "conv2d_nchwc_int8",
@@ -79,6 +90,7 @@ __all__ = [
     "layout_transform_gather",
     "optimize_int8_for_x86",
     "prepare",
+    "records_for_target",
     "tune",
     "untuned_functions",
     "x86_target",
@@ -90,6 +102,8 @@ OC_BLOCK = 16
 IC_QUAD = 4
 #: Input-channel block of the blocked data layout when the channel count allows it.
 IC_BLOCK = 16
+#: Data-movement kernels with fewer iterations than this run serially (see schedule_data_movement).
+PARALLEL_MIN_ELEMENTS = 1 << 20
 
 Int8Isa = Literal["amx", "vnni", "avx512", "avx2", "generic"]
 
@@ -156,8 +170,10 @@ def x86_target(mcpu: str | None = None, num_cores: int | None = None) -> tvm.tar
     if mcpu is None:
         mcpu = host_mcpu()
     if not _llvm_codegen.llvm_is_valid_cpu(mcpu, "x86_64"):
-        raise ValueError(f"x86_target: LLVM does not know the CPU {mcpu!r}; try 'znver4', 'sapphirerapids', "
-                         "'cascadelake', 'skylake-avx512' or 'haswell'")
+        raise ValueError(
+            f"x86_target: LLVM does not know the CPU {mcpu!r}; try 'znver4', 'sapphirerapids', "
+            "'cascadelake', 'skylake-avx512' or 'haswell'"
+        )
     if num_cores is None:
         num_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores)})
@@ -200,7 +216,19 @@ def _warn_if_not_runnable_here(target: tvm.target.Target) -> None:
         return
     host = _target_features(tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()}))
     # Only ISA extensions matter; tuning flags such as "prefer-256-bit" differ between CPUs harmlessly.
-    isa_prefixes = ("avx", "amx", "sse", "fma", "f16c", "bmi", "vpclmul", "gfni", "vaes", "movdir", "serialize")
+    isa_prefixes = (
+        "avx",
+        "amx",
+        "sse",
+        "fma",
+        "f16c",
+        "bmi",
+        "vpclmul",
+        "gfni",
+        "vaes",
+        "movdir",
+        "serialize",
+    )
     missing = sorted(f for f in _target_features(target) - host if f.startswith(isa_prefixes))
     if missing:
         warnings.warn(
@@ -245,8 +273,7 @@ def conv2d_nchwc_int8(
     batch, _, in_h, in_w, ic_block = (int(v) for v in data.shape)
     out_blocks, blocks_per_group, k_h, k_w, ic_quads, oc_block, quad = (int(v) for v in kernel.shape)
     if ic_quads * quad != ic_block:
-        raise ValueError(f"conv2d_nchwc_int8: kernel block {ic_quads}x{quad} does not match data block "
-                         f"{ic_block}")
+        raise ValueError(f"conv2d_nchwc_int8: kernel block {ic_quads}x{quad} does not match data block {ic_block}")
     stride_h, stride_w = (int(s) for s in strides)
     dil_h, dil_w = (int(d) for d in dilation)
     out_h = (in_h - (k_h - 1) * dil_h - 1) // stride_h + 1
@@ -267,8 +294,13 @@ def conv2d_nchwc_int8(
     return te.compute(
         (batch, out_blocks, out_h, out_w, oc_block),
         lambda n, ob, oh, ow, oi: te.sum(
-            data[n, in_block(ob), oh * stride_h + r_h * dil_h, ow * stride_w + r_w * dil_w,
-                 r_quad * quad + r_elem].astype("int32")
+            data[
+                n,
+                in_block(ob),
+                oh * stride_h + r_h * dil_h,
+                ow * stride_w + r_w * dil_w,
+                r_quad * quad + r_elem,
+            ].astype("int32")
             * kernel[ob, r_block, r_h, r_w, r_quad, oi, r_elem].astype("int32"),
             axis=[r_h, r_w, r_block, r_quad, r_elem],
         ),
@@ -346,11 +378,7 @@ def _ic_block_for(channels_per_group: int, groups: int) -> int | None:
 
 
 def _is_u8s8_int32(call, out_dtype) -> bool:
-    return (
-        _dtype(call.args[0]) == "uint8"
-        and _dtype(call.args[1]) == "int8"
-        and str(out_dtype) == "int32"
-    )
+    return _dtype(call.args[0]) == "uint8" and _dtype(call.args[1]) == "int8" and str(out_dtype) == "int32"
 
 
 def pack_conv2d_weight(weight_oihw: np.ndarray, groups: int, ic_block: int) -> np.ndarray:
@@ -381,8 +409,7 @@ def pack_conv2d_weight(weight_oihw: np.ndarray, groups: int, ic_block: int) -> n
     in_pad = _round_up(in_per_group, ic_block)
     padded = np.zeros((out_pad, in_pad, k_h, k_w), dtype=np.int8)
     padded[:out_ch, :in_per_group] = weight_oihw
-    blocked = padded.reshape(out_pad // OC_BLOCK, OC_BLOCK, in_pad // ic_block, ic_block // IC_QUAD, IC_QUAD,
-                             k_h, k_w)
+    blocked = padded.reshape(out_pad // OC_BLOCK, OC_BLOCK, in_pad // ic_block, ic_block // IC_QUAD, IC_QUAD, k_h, k_w)
     # -> [ob, icb, kh, kw, quad_index, oc_in_block, elem_in_quad]
     return np.ascontiguousarray(blocked.transpose(0, 2, 5, 6, 3, 1, 4))
 
@@ -440,6 +467,7 @@ class ExpandClip:
         for gvar, func in mod.functions.items():
             if isinstance(func, relax.Function) and not _is_primitive(func):
                 updated[gvar] = rewrite_call(pattern, rewriter, func)
+        mod = mod.clone()  # IRModule.__setitem__ mutates in place: never touch the caller's module
         for gvar, func in updated.items():
             mod[gvar] = func
         return mod
@@ -451,7 +479,7 @@ def _is_primitive(func) -> bool:
 
 
 def _blockable_conv2d(call, ic_block: int = IC_BLOCK) -> bool:
-    """True when ``call`` is an NCHW u8 x s8 -> s32 conv with constant weight whose channels are whole blocks."""
+    """Whether ``call`` is an NCHW u8 x s8 -> s32 conv, constant weight, channels in whole blocks."""
     if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
         return False
     attrs = call.attrs
@@ -549,7 +577,7 @@ class _Int8Rewriter(relax.PyExprMutator):
 
     # -- conv2d ----------------------------------------------------------------------------------------
     def _constant_weight(self, weight):
-        """The weight as OIHW numpy, looking through ``ConvertLayout``'s ``layout_transform`` of a constant."""
+        """The constant weight as numpy, looking through ``ConvertLayout``'s transform of a constant."""
         if isinstance(weight, GenericConst):
             return weight.value.numpy(), "direct"
         if isinstance(weight, relax.Var):
@@ -580,8 +608,15 @@ class _Int8Rewriter(relax.PyExprMutator):
         layouts = (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
 
         if layouts == ("NCHW", "OIHW", "NCHW") and weight_np.ndim == 4:
-            return self._rewrite_nchw_conv2d(call, weight_np, data_shape, groups, strides, dilation,
-                                             (pad_top, pad_bottom, pad_left, pad_right))
+            return self._rewrite_nchw_conv2d(
+                call,
+                weight_np,
+                data_shape,
+                groups,
+                strides,
+                dilation,
+                (pad_top, pad_bottom, pad_left, pad_right),
+            )
         block = _blocked_layout_block(layouts)
         if block is None or groups != 1:
             return call
@@ -591,13 +626,31 @@ class _Int8Rewriter(relax.PyExprMutator):
             # OIHW{b}i{b}o -> OIHW
             ob, ib, k_h, k_w, bi, bo = weight_np.shape
             weight_np = weight_np.transpose(0, 5, 1, 4, 2, 3).reshape(ob * bo, ib * bi, k_h, k_w)
-        if weight_np.ndim != 4:
+        expected = _static_shape(weight)  # [O/b, C/b, R, S, b, b]: the source must be its OIHW original
+        if (
+            weight_np.ndim != 4
+            or expected is None
+            or weight_np.shape
+            != (
+                expected[0] * block,
+                expected[1] * block,
+                expected[2],
+                expected[3],
+            )
+        ):
             return call
         packed = pack_conv2d_weight(weight_np, groups=1, ic_block=block)
         padded = self._spatial_pad(data, 5, (pad_top, pad_bottom, pad_left, pad_right))
         self.rewritten += 1
-        return self.builder_.call_te(conv2d_nchwc_int8, padded, relax.const(packed, "int8"), strides, dilation,
-                                     1, primfunc_name_hint="conv2d_int8_nchwc")
+        return self.builder_.call_te(
+            conv2d_nchwc_int8,
+            padded,
+            relax.const(packed, "int8"),
+            strides,
+            dilation,
+            1,
+            primfunc_name_hint="conv2d_int8_nchwc",
+        )
 
     def _spatial_pad(self, data, ndim: int, pads):
         pad_top, pad_bottom, pad_left, pad_right = pads
@@ -610,7 +663,7 @@ class _Int8Rewriter(relax.PyExprMutator):
         return self.builder_.emit(relax.op.nn.pad(data, width, pad_value=0.0))
 
     def _rewrite_nchw_conv2d(self, call, weight_np, data_shape, groups, strides, dilation, pads):
-        batch, channels, _, _ = data_shape
+        channels = data_shape[1]
         out_channels = weight_np.shape[0]
         per_group = channels // groups
         if groups > 1 and (per_group == 1 or (out_channels // groups) % OC_BLOCK != 0):
@@ -629,8 +682,15 @@ class _Int8Rewriter(relax.PyExprMutator):
         padded = self._spatial_pad(blocked, 5, pads)
         packed = pack_conv2d_weight(weight_np, groups=groups, ic_block=ic_block)
         conv = self.builder_.emit(
-            self.builder_.call_te(conv2d_nchwc_int8, padded, relax.const(packed, "int8"), strides, dilation,
-                                  groups, primfunc_name_hint="conv2d_int8_nchwc")
+            self.builder_.call_te(
+                conv2d_nchwc_int8,
+                padded,
+                relax.const(packed, "int8"),
+                strides,
+                dilation,
+                groups,
+                primfunc_name_hint="conv2d_int8_nchwc",
+            )
         )
         self.rewritten += 1
         out = relax.op.layout_transform(conv, lambda n, cb, h, w, ci: (n, cb * OC_BLOCK + ci, h, w))
@@ -647,11 +707,9 @@ class _Int8Rewriter(relax.PyExprMutator):
         if not isinstance(weight, GenericConst) or data_shape is None:
             return call
         weight_np = weight.value.numpy()
-        if weight_np.ndim != 2 or len(data_shape) < 1:
-            return call
-        depth, cols = weight_np.shape
-        if len(data_shape) == 1:
+        if weight_np.ndim != 2 or len(data_shape) < 2:
             return call  # vector-matrix products are rare in quantized graphs; keep the generic op
+        depth, cols = weight_np.shape
         depth_pad = _round_up(depth, IC_QUAD)
         if depth_pad != depth:
             width = [0, 0] * (len(data_shape) - 1) + [0, depth_pad - depth]
@@ -661,13 +719,12 @@ class _Int8Rewriter(relax.PyExprMutator):
         out = self.builder_.call_te(dense_packed_int8, data, packed, primfunc_name_hint="dense_int8_packed")
         cols_pad = _round_up(cols, OC_BLOCK)
         if cols_pad != cols:
-            out = relax.op.strided_slice(self.builder_.emit(out), axes=[len(data_shape) - 1], begin=[0],
-                                         end=[cols])
+            out = relax.op.strided_slice(self.builder_.emit(out), axes=[len(data_shape) - 1], begin=[0], end=[cols])
         return out
 
 
 def _blocked_layout_block(layouts) -> int | None:
-    """The block ``b`` if the layouts are ``(NCHW{b}c, OIHW{b}i{b}o, NCHW{b}c)`` (what ConvertLayout makes)."""
+    """The block ``b`` if the layouts are ConvertLayout's ``(NCHW{b}c, OIHW{b}i{b}o, NCHW{b}c)``."""
     data_layout, kernel_layout, out_layout = (str(layout) for layout in layouts)
     if not (data_layout.startswith("NCHW") and data_layout.endswith("c")) or out_layout != data_layout:
         return None
@@ -788,8 +845,11 @@ class _GatherLayoutRewriter(relax.PyExprMutator):
         pad_value = None if pad_value is None else pad_value.value
         try:
             index_map = call.attrs.index_map  # call_te cannot pass an IndexMap through: close over it
-            return self.builder_.call_te(lambda data: layout_transform_gather(data, index_map, pad_value),
-                                         call.args[0], primfunc_name_hint="layout_transform")
+            return self.builder_.call_te(
+                lambda data: layout_transform_gather(data, index_map, pad_value),
+                call.args[0],
+                primfunc_name_hint="layout_transform",
+            )
         except (RuntimeError, ValueError) as err:  # e.g. a map IndexMap cannot invert (InternalError)
             logger.debug("GatherLayoutTransform: keeping %s (%s)", call, err)
             return call
@@ -801,8 +861,8 @@ def optimize_int8_for_x86(block: int = IC_BLOCK) -> tvm.transform.Pass:
     Returns
     -------
     tvm.transform.Pass
-        ``Sequential([ExpandClip, ConvertInt8ConvLayout, BlockInt8Conv2d, PackInt8Dense, GatherLayoutTransform,
-        DeadCodeElimination])``.
+        ``Sequential([ExpandClip, ConvertInt8ConvLayout, BlockInt8Conv2d, PackInt8Dense,
+        GatherLayoutTransform, DeadCodeElimination])``.
 
     Examples
     --------
@@ -822,11 +882,114 @@ def optimize_int8_for_x86(block: int = IC_BLOCK) -> tvm.transform.Pass:
     )
 
 
+def _block_has_reduction(sch, block) -> bool:
+    return any(int(iv.iter_type) != 0 for iv in sch.get(block).iter_vars)  # 0: data parallel
+
+
+def schedule_data_movement(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc | None:
+    """A fixed schedule for a kernel without reductions (layout transforms, pads, fused epilogues).
+
+    Intermediate blocks are inlined into the output block. Blocks of at least ``PARALLEL_MIN_ELEMENTS``
+    iterations run their outermost non-trivial loop in parallel; smaller ones stay serial (on the shared
+    2-core machines here a parallel 200k-element transform measured 2x slower than serial: the thread
+    pool waits for a descheduled worker). Inner loops stay as they are, so LLVM vectorizes them where
+    the access is contiguous.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc or None
+        The scheduled function marked ``tirx.is_scheduled``, or None if ``func`` has a reduction.
+
+    Notes
+    -----
+    Why not meta-schedule: its x86 rules fuse *all* loops of such a kernel and vectorize 64 lanes of the
+    fused index, so each lane recomputes div/mod chains of the layout map. For the NCHW -> NCHW16c
+    transform + pad in front of a 64-channel 56x56 conv that ran at 684 us against 45 us unscheduled, and
+    tuning cannot escape it (that sketch is the whole design space).
+    """
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    if not _has_root_block(sch):
+        return None
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    if not blocks or any(_block_has_reduction(sch, block) for block in blocks):
+        return None
+    outputs = {str(sch.get(b).name_hint) for b in sch.get_output_blocks(root)}
+    for block in blocks:
+        if str(sch.get(block).name_hint) in outputs:
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # noqa: BLE001  (not inlinable: keep it as its own loop nest)
+            pass
+    for block in sch.get_child_blocks(root):
+        if num_cores <= 1 or _block_elements(sch, block) < PARALLEL_MIN_ELEMENTS:
+            continue
+        # Parallelize the outermost loop that has work, without fusing: fused loops recompute their
+        # indices with int64 div/mod every iteration, which made a 5-D pad 10x slower than serial.
+        for loop in sch.get_loops(block):
+            extent = sch.get(loop).extent
+            if isinstance(extent, tirx.IntImm) and int(extent) > 1:
+                sch.parallel(loop)
+                break
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _block_elements(sch, block) -> int:
+    total = 1
+    for loop in sch.get_loops(block):
+        extent = sch.get(loop).extent
+        if not isinstance(extent, tirx.IntImm):
+            return 1 << 62  # dynamic: assume large
+        total *= int(extent)
+    return total
+
+
+def _has_root_block(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@tvm.transform.module_pass(opt_level=0, name="ScheduleDataMovement")
+class ScheduleDataMovement:
+    """Give every kernel without a reduction a fixed parallel schedule (:func:`schedule_data_movement`).
+
+    They are then marked ``tirx.is_scheduled``, so :func:`tune` does not spend trials on them and
+    :func:`build` does not report them as untuned. Run after ``FuseTIR``.
+
+    Parameters
+    ----------
+    num_cores : int
+    """
+
+    def __init__(self, num_cores: int = 1):
+        self.num_cores = num_cores
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mod = mod.clone()
+        for gvar, func in list(mod.functions.items()):
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            scheduled = schedule_data_movement(func, self.num_cores)
+            if scheduled is not None:
+                mod[gvar] = scheduled
+        return mod
+
+
+def _is_scheduled(func) -> bool:
+    attrs = func.attrs
+    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
+
+
 def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.IRModule:
     """Run the INT8 x86 passes and the Relax lowering up to fused TIR (what :func:`tune` tunes).
 
-    The fusion sequence is the one ``meta_schedule.relax_integration.compile_relax`` uses, so database keys
-    match between :func:`tune` and :func:`build`.
+    The fusion sequence is the one ``meta_schedule.relax_integration.compile_relax`` uses, followed by
+    :class:`ScheduleDataMovement`. :func:`tune` and :func:`build` both start here, so their database keys
+    (the structural hash of each fused PrimFunc) match.
 
     Parameters
     ----------
@@ -848,6 +1011,8 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.I
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+        ScheduleDataMovement(int(target.attrs.get("num-cores", 1) or 1)),
     ]
     with target, tvm.transform.PassContext(opt_level=3):
         return tvm.transform.Sequential(passes)(mod)
@@ -856,9 +1021,11 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.I
 # ----------------------------------------------------------------------------------------------------------
 # Tuning
 def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> list[ms.ExtractedTask]:
-    """The meta-schedule tasks of ``mod`` after :func:`prepare` (one per distinct fused kernel)."""
+    """The meta-schedule tasks of ``mod`` after :func:`prepare`: one per distinct fused kernel that has a
+    reduction (data-movement kernels get a fixed schedule in :func:`prepare` and are not tuned)."""
     target = x86_target() if target is None else target
-    return ms.relax_integration.extract_tasks(prepare(mod, target), target)
+    tasks = ms.relax_integration.extract_tasks(prepare(mod, target), target)
+    return [task for task in tasks if not _is_scheduled(task.dispatched[0]["main"])]
 
 
 def _open_database(db_dir: str) -> ms.database.JSONDatabase:
@@ -866,11 +1033,52 @@ def _open_database(db_dir: str) -> ms.database.JSONDatabase:
     return ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
 
 
+def _mcpu(target) -> str:
+    return str(target.attrs.get("mcpu", "")) if target is not None else ""
+
+
+def records_for_target(db_dir: str, target: tvm.target.Target) -> ms.database.MemoryDatabase:
+    """The records of the JSON database in ``db_dir`` that were tuned for ``target``'s CPU.
+
+    A database may hold records of several CPUs (``mcpu``); meta-schedule itself ignores the record's
+    target when it applies a database, so a schedule tensorized with VNNI would be replayed for an AVX2
+    build and fail in LLVM. :func:`tune` and :func:`build` only look at the records this returns.
+
+    Parameters
+    ----------
+    db_dir : str
+    target : tvm.target.Target
+
+    Returns
+    -------
+    tvm.s_tir.meta_schedule.database.MemoryDatabase
+    """
+    selected = ms.database.MemoryDatabase(module_equality="structural")
+    other = 0
+    for record in _open_database(db_dir).get_all_tuning_records():
+        if _mcpu(record.target) != _mcpu(target) or record.target.kind.name != target.kind.name:
+            other += 1
+            continue
+        workload = selected.commit_workload(record.workload.mod)
+        selected.commit_tuning_record(
+            ms.database.TuningRecord(record.trace, workload, record.run_secs, record.target, record.args_info)
+        )
+    if other:
+        logger.info("%s: ignoring %d records tuned for other CPUs than %s", db_dir, other, _mcpu(target))
+    return selected
+
+
 def _is_tuned(database: ms.Database, task: ms.ExtractedTask, target: tvm.target.Target) -> bool:
     mod = task.dispatched[0]
     if not database.has_workload(mod):
         return False
     return database.query_tuning_record(mod, target, task.task_name) is not None
+
+
+def _report(level: int, message: str, echo: bool) -> None:
+    logger.log(level, message)
+    if echo:
+        print(message, file=sys.stderr, flush=True)
 
 
 @derived_object
@@ -902,11 +1110,9 @@ class TuningProgress(PyMeasureCallback):
         self.run_errors = 0
 
     def _say(self, level: int, message: str) -> None:
-        logger.log(level, message)
-        if self.echo:
-            print(message, file=sys.stderr, flush=True)
+        _report(level, message, self.echo)
 
-    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:  # noqa: D102
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         name = self.task_names[task_id]
         prefix = f"[tune] task {task_id + 1}/{len(self.task_names)} {name}"
         failed_builds = [r.error_msg for r in builder_results if r.error_msg]
@@ -914,23 +1120,33 @@ class TuningProgress(PyMeasureCallback):
         if failed_builds:
             self.build_errors += len(failed_builds)
             first = str(failed_builds[0]).strip().splitlines()
-            self._say(logging.WARNING, f"{prefix}: {len(failed_builds)}/{len(builder_results)} candidates failed "
-                                       f"to build (first error: {first[-1] if first else '?'})")
+            self._say(
+                logging.WARNING,
+                f"{prefix}: {len(failed_builds)}/{len(builder_results)} candidates failed "
+                f"to build (first error: {first[-1] if first else '?'})",
+            )
         if failed_runs:
             self.run_errors += len(failed_runs)
             first = str(failed_runs[0]).strip().splitlines()
-            self._say(logging.WARNING, f"{prefix}: {len(failed_runs)}/{len(runner_results)} candidates failed "
-                                       f"to run (first error: {first[-1] if first else '?'})")
+            self._say(
+                logging.WARNING,
+                f"{prefix}: {len(failed_runs)}/{len(runner_results)} candidates failed "
+                f"to run (first error: {first[-1] if first else '?'})",
+            )
         for result in runner_results:
             if result.error_msg is None and result.run_secs:
                 secs = float(np.mean([float(s) for s in result.run_secs]))
                 self.best_sec[task_id] = min(self.best_sec[task_id], secs)
+        if not measure_candidates:
+            return  # the scheduler polls finished tasks with empty batches; nothing to report
         self.trials[task_id] += len(measure_candidates)
         best = self.best_sec[task_id]
         flop = float(task_scheduler.tasks_[task_id].flop)
         speed = f"best {best * 1e6:.1f} us ({flop / best / 1e9:.0f} GOP/s)" if best < math.inf else "no valid run yet"
-        self._say(logging.INFO, f"{prefix}: {self.trials[task_id]} trials (total {sum(self.trials)}/"
-                                f"{self.total_trials}), {speed}")
+        self._say(
+            logging.INFO,
+            f"{prefix}: {self.trials[task_id]} trials (total {sum(self.trials)}/{self.total_trials}), {speed}",
+        )
 
 
 def tune(
@@ -948,6 +1164,7 @@ def tune(
     strategy: Literal["evolutionary", "replay-trace", "replay-func"] = "evolutionary",
     seed: int | None = None,
     progress: bool = True,
+    verbose: bool = False,
 ) -> ms.Database:
     """Tune the INT8 kernels of a Relax module with meta-schedule; records go to a JSON database.
 
@@ -965,15 +1182,17 @@ def tune(
         Global trial budget over the tasks still to tune.
     db_dir : str
         Directory of the JSON database (``database_workload.json``, ``database_tuning_record.json``) and of
-        meta-schedule's per-task logs (``logs/``).
+        meta-schedule's per-task logs (``logs/``). It may be shared by several CPUs: only records tuned
+        for ``target``'s ``mcpu`` count (:func:`records_for_target`).
     trials_per_task : int, optional
         Cap per task; default ``max(num_trials_per_iter, ceil(trials / number_of_tasks))`` so that every
         task gets a share of a small budget.
     num_trials_per_iter : int
         Candidates built and measured per batch.
     builder_timeout_sec : float
-        Per-batch build timeout. Each fresh builder worker spends ~24 s importing TVM's tensor intrinsics
-        on a 2-core machine; meta-schedule's default (30 s) times whole batches out.
+        Build timeout per candidate. Generous because the 2-core machines here are shared; the builder
+        workers use :func:`tvmquant.schedules._ms_worker.build_candidate`, which skips the ~25 s import
+        of every TVMScript intrinsic that meta-schedule's default build function does in each fresh worker.
     runner_repeat : int
         Measurement repeats per candidate.
     task_scheduler, cost_model, strategy : str
@@ -982,6 +1201,10 @@ def tune(
         Random seed of the search.
     progress : bool
         Print one progress line per measured batch to stderr (always logged at INFO).
+    verbose : bool
+        Let meta-schedule print its own per-task tables and debug lines on stdout. Off by default: its
+        console logger is set to WARNING (which shows build-error warnings); full logs still go to
+        ``db_dir/logs``.
 
     Returns
     -------
@@ -997,22 +1220,40 @@ def tune(
     target = x86_target() if target is None else target
     _warn_if_not_runnable_here(target)
     start = time.perf_counter()
+    intrinsics.register_x86_intrinsics()  # before any TuneContext: its rules look the intrinsic up by name
     database = _open_database(db_dir)
+    tuned = records_for_target(db_dir, target)
     tasks = extract_tasks(mod, target)
-    todo = [task for task in tasks if not _is_tuned(database, task, target)]
-    say = TuningProgress([], 0, echo=progress)._say
+    todo = [task for task in tasks if not _is_tuned(tuned, task, target)]
+
+    def say(level, message):
+        _report(level, message, progress)
+
     if not todo:
-        say(logging.INFO, f"[tune] all {len(tasks)} tasks already tuned in {db_dir} "
-                          f"({time.perf_counter() - start:.1f} s); nothing to do")
+        say(
+            logging.INFO,
+            f"[tune] all {len(tasks)} tasks already tuned in {db_dir} "
+            f"({time.perf_counter() - start:.1f} s); nothing to do",
+        )
         return database
-    say(logging.INFO, f"[tune] {len(todo)} of {len(tasks)} tasks to tune ({len(tasks) - len(todo)} found in "
-                      f"{db_dir}), {trials} trials, target {target}")
+    say(
+        logging.INFO,
+        f"[tune] {len(todo)} of {len(tasks)} tasks to tune ({len(tasks) - len(todo)} found in "
+        f"{db_dir}), {trials} trials, target {target}",
+    )
     if trials_per_task is None:
         trials_per_task = max(num_trials_per_iter, math.ceil(trials / len(todo)))
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted_tasks=todo, work_dir=db_dir, space="post-order-apply", strategy=strategy,
-        num_threads=int(target.attrs.get("num-cores", 0)) or "physical", seed=seed,
+        extracted_tasks=todo,
+        work_dir=db_dir,
+        space="post-order-apply",
+        strategy=strategy,
+        num_threads=int(target.attrs.get("num-cores", 0)) or "physical",
+        seed=seed,
     )
+    if not verbose:
+        # Meta-schedule's console handler takes this logger's level when tuning starts (DEBUG if unset).
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     callback = TuningProgress([ctx.task_name for ctx in contexts], trials, echo=progress)
     num_workers = max(1, int(target.attrs.get("num-cores", 1) or 1))
     ms.tune.tune_tasks(
@@ -1022,25 +1263,32 @@ def tune(
         max_trials_global=trials,
         max_trials_per_task=trials_per_task,
         num_trials_per_iter=num_trials_per_iter,
-        builder=ms.builder.LocalBuilder(timeout_sec=builder_timeout_sec, max_workers=num_workers),
+        # build_candidate skips default_build's ~25 s import of every TVMScript intrinsic per worker.
+        builder=ms.builder.LocalBuilder(
+            timeout_sec=builder_timeout_sec, max_workers=num_workers, f_build=build_candidate
+        ),
         runner=ms.runner.LocalRunner(
-            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=runner_repeat, min_repeat_ms=50,
-                                                       enable_cpu_cache_flush=False)
+            evaluator_config=ms.runner.EvaluatorConfig(
+                number=3, repeat=runner_repeat, min_repeat_ms=50, enable_cpu_cache_flush=False
+            )
         ),
         database=database,
         cost_model=cost_model,
         measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
         task_scheduler=task_scheduler,
     )
-    say(logging.INFO, f"[tune] done in {time.perf_counter() - start:.0f} s: {sum(callback.trials)} trials, "
-                      f"{callback.build_errors} build errors, {callback.run_errors} run errors")
+    say(
+        logging.INFO,
+        f"[tune] done in {time.perf_counter() - start:.0f} s: {sum(callback.trials)} trials, "
+        f"{callback.build_errors} build errors, {callback.run_errors} run errors",
+    )
     return database
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Build
 def untuned_functions(mod: tvm.IRModule) -> list[str]:
-    """Names of the PrimFuncs of ``mod`` that no tuning record scheduled (after ``MetaScheduleApplyDatabase``)."""
+    """Names of the PrimFuncs of ``mod`` without a schedule (after ``MetaScheduleApplyDatabase``)."""
     names = []
     for gvar, func in mod.functions.items():
         if isinstance(func, tirx.PrimFunc):
@@ -1050,17 +1298,71 @@ def untuned_functions(mod: tvm.IRModule) -> list[str]:
     return sorted(names)
 
 
+@tvm.transform.module_pass(opt_level=0, name="ScheduleUntunedFromSketch")
+class ScheduleUntunedFromSketch:
+    """Schedule every PrimFunc that has no schedule yet with meta-schedule's first valid design-space sketch.
+
+    The CPU counterpart of ``DefaultGPUSchedule``: no measurement, just the design space meta-schedule would
+    search (multi-level tiling, VNNI tensorization where the target has it, parallel/vectorize/unroll) with
+    decisions drawn from a fixed seed, validated by the same postprocessors as tuning candidates. On a
+    64-channel 56x56 3x3 conv this gives ~10x the speed of unscheduled TIR (which LLVM compiles to scalar,
+    single-threaded loops). PrimFuncs marked ``tirx.is_scheduled`` (tuned) are left alone; a PrimFunc for
+    which no sketch survives the postprocessors stays unscheduled. Run after ``MetaScheduleApplyDatabase``.
+
+    Parameters
+    ----------
+    target : tvm.target.Target
+    seed : int
+        Seed of the sampled tile sizes (fixed, so builds are reproducible).
+    """
+
+    def __init__(self, target: tvm.target.Target, seed: int = 0):
+        self.target = target
+        self.seed = seed
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        intrinsics.register_x86_intrinsics()
+        num_threads = int(self.target.attrs.get("num-cores", 0)) or "physical"
+        mod = mod.clone()
+        for name in untuned_functions(mod):
+            gvar = mod.get_global_var(name)
+            scheduled = _first_valid_sketch(mod[gvar], self.target, name, self.seed, num_threads)
+            if scheduled is not None:
+                mod[gvar] = scheduled
+        return mod
+
+
+def _first_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_threads):
+    context = ms.TuneContext(
+        mod=tvm.IRModule({"main": func}),
+        target=target,
+        space_generator="post-order-apply",
+        search_strategy="replay-trace",
+        task_name=name,
+        rand_state=seed,
+        num_threads=num_threads,
+    )
+    for sketch in context.generate_design_space():
+        if all(postproc.apply(sketch) for postproc in context.space_generator.postprocs):
+            return sketch.mod["main"].with_attr("tirx.is_scheduled", True)
+    logger.debug("ScheduleUntunedFromSketch: no valid sketch for %s; left unscheduled", name)
+    return None
+
+
 def build(
     mod: tvm.IRModule,
     target: tvm.target.Target | None = None,
     db_dir: str | None = None,
     *,
+    fallback: Literal["sketch", "none"] = "sketch",
     warn_untuned: bool = True,
 ) -> relax.VMExecutable:
-    """Compile a Relax module with the INT8 x86 passes and the tuned kernels of ``db_dir``.
+    """Compile a Relax module with the INT8 x86 passes and the tuned kernels of ``db_dir``; never fails
+    for want of a record.
 
-    Kernels without a record (or every kernel when ``db_dir`` is None) compile unscheduled: correct, but
-    scalar and single-threaded. A warning names them.
+    Kernels without a record (all of them when ``db_dir`` is None) get a default schedule
+    (:class:`ScheduleUntunedFromSketch`, ``fallback="sketch"``) or compile unscheduled (``fallback="none"``:
+    correct but scalar and single-threaded). A warning names them.
 
     Parameters
     ----------
@@ -1070,8 +1372,11 @@ def build(
         Defaults to :func:`x86_target` (host CPU).
     db_dir : str, optional
         Directory of the JSON database written by :func:`tune`.
+    fallback : {"sketch", "none"}
+        What untuned kernels get. ``"sketch"`` (and any ``db_dir``) costs ~25 s once per process: TVM's
+        intrinsic registry has to be imported (see :mod:`tvmquant.schedules.intrinsics`).
     warn_untuned : bool
-        Warn with the names of the kernels that compile without a tuned schedule.
+        Warn with the names of the kernels that had no tuning record.
 
     Returns
     -------
@@ -1084,24 +1389,34 @@ def build(
     >>> vm = relax.VirtualMachine(ex, tvm.cpu())  # doctest: +SKIP
     >>> out = vm["main"](tvm.runtime.tensor(x_q)).numpy()  # doctest: +SKIP
     """
-    intrinsics.register_x86_intrinsics()  # records replay `tensorize("dot_16x4_vnni")` by name
+    if fallback not in ("sketch", "none"):
+        raise ValueError(f"build: fallback must be 'sketch' or 'none', got {fallback!r}")
     target = x86_target() if target is None else target
     prepared = prepare(mod, target)
     if db_dir is not None and not os.path.isfile(os.path.join(db_dir, "database_tuning_record.json")):
-        warnings.warn(f"build: no tuning database in {db_dir!r}; compiling every kernel untuned", stacklevel=2)
+        warnings.warn(
+            f"build: no tuning database in {db_dir!r}; every kernel gets the {fallback!r} fallback",
+            stacklevel=2,
+        )
         db_dir = None
     if db_dir is not None:
-        database = _open_database(db_dir)
+        intrinsics.register_x86_intrinsics()  # records replay `tensorize("dot_16x4_vnni")` by name
+        database = records_for_target(db_dir, target)
         with target, database, tvm.transform.PassContext(opt_level=3):
             prepared = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
-    if warn_untuned:
-        untuned = untuned_functions(prepared)
-        if untuned:
-            warnings.warn(
-                f"build: {len(untuned)} kernel(s) have no tuning record and compile unscheduled (slow): "
-                f"{', '.join(untuned)}. Run tvmquant.schedules.x86.tune(...) with the same target and database.",
-                stacklevel=2,
-            )
+    untuned = untuned_functions(prepared)
+    if untuned and warn_untuned and db_dir is not None:
+        what = "get an untuned default schedule" if fallback == "sketch" else "compile unscheduled (slow)"
+        warnings.warn(
+            f"build: {len(untuned)} kernel(s) have no tuning record in {db_dir!r} and {what}: "
+            f"{', '.join(untuned)}. Run tvmquant.schedules.x86.tune(...) with the same target and database.",
+            stacklevel=2,
+        )
+    elif untuned and warn_untuned:
+        logger.info("build: no tuning database; %d kernel(s) use the %r fallback", len(untuned), fallback)
+    if untuned and fallback == "sketch":
+        with target:
+            prepared = ScheduleUntunedFromSketch(target)(prepared)
     lower = _cpu_backend.dataflow_lower_passes(target) + _cpu_backend.finalize_passes(target)
 
     @tvm.transform.module_pass(opt_level=0, name="TvmquantX86Finalize")

@@ -1,0 +1,496 @@
+"""Tests of tvmquant.schedules.x86: blocked INT8 conv/dense rewrites, VNNI tensorization, tuning database.
+
+Exact integer checks against numpy; the design-space test needs no VNNI hardware (it only generates and
+compiles for a fixed target). Tests that run VNNI code skip on CPUs without AVX512-VNNI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+from tvmquant.schedules import x86  # noqa: E402
+
+HOST_FLAGS = x86.cpu_flags()
+needs_vnni = pytest.mark.skipif("avx512_vnni" not in HOST_FLAGS, reason="host CPU has no AVX512-VNNI")
+needs_avx512bw = pytest.mark.skipif("avx512bw" not in HOST_FLAGS, reason="host CPU has no AVX-512BW")
+needs_avx2 = pytest.mark.skipif("avx2" not in HOST_FLAGS, reason="host CPU has no AVX2")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model builders and numpy references
+def conv2d_reference(data, weight, stride=1, padding=0, groups=1):
+    """Exact int conv2d (NCHW/OIHW) in int64, returned as int32."""
+    batch, channels, height, width = data.shape
+    out_ch, per_group, k_h, k_w = weight.shape
+    padded = np.pad(data.astype(np.int64), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    out_h = (height + 2 * padding - k_h) // stride + 1
+    out_w = (width + 2 * padding - k_w) // stride + 1
+    out = np.zeros((batch, out_ch, out_h, out_w), dtype=np.int64)
+    out_per_group = out_ch // groups
+    for g in range(groups):
+        x_g = padded[:, g * per_group : (g + 1) * per_group]
+        w_g = weight[g * out_per_group : (g + 1) * out_per_group].astype(np.int64)
+        for r in range(k_h):
+            for s in range(k_w):
+                patch = x_g[:, :, r : r + stride * out_h : stride, s : s + stride * out_w : stride]
+                out[:, g * out_per_group : (g + 1) * out_per_group] += np.einsum(
+                    "nchw,oc->nohw", patch, w_g[:, :, r, s]
+                )
+    return out.astype(np.int32)
+
+
+def conv_module(data_shape, layers, rng, requantize=False):
+    """A Relax module of quantized convs as the realize passes emit them.
+
+    ``layers``: list of (out_channels, kernel, stride, padding, groups). Each conv is u8 x s8 -> s32 plus an
+    int32 bias; with ``requantize`` the int32 result is requantized to uint8 (cast, per-channel multiply,
+    round, zero point, clip, cast), which is what feeds the next conv. Returns (module, weights, biases).
+    """
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(data_shape, "uint8"))
+    weights, biases = [], []
+    channels = data_shape[1]
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = x
+            for out_ch, kernel, stride, padding, groups in layers:
+                weight = rng.integers(-128, 128, (out_ch, channels // groups, kernel, kernel)).astype("int8")
+                bias = rng.integers(-2000, 2000, (1, out_ch, 1, 1)).astype("int32")
+                weights.append(weight)
+                biases.append(bias)
+                acc = bb.emit(
+                    relax.op.nn.conv2d(
+                        y,
+                        relax.const(weight),
+                        strides=stride,
+                        padding=padding,
+                        groups=groups,
+                        out_dtype="int32",
+                    )
+                )
+                y = bb.emit(relax.op.add(acc, relax.const(bias)))
+                if requantize:
+                    fan_in = channels // groups * kernel * kernel
+                    multiplier = (rng.uniform(0.5, 1.5, (1, out_ch, 1, 1)) / (fan_in * 40)).astype("float32")
+                    f = bb.emit(relax.op.astype(y, "float32"))
+                    f = bb.emit(relax.op.multiply(f, relax.const(multiplier)))
+                    f = bb.emit(relax.op.round(f))
+                    f = bb.emit(relax.op.add(f, relax.const(np.float32(128))))
+                    f = bb.emit(relax.op.clip(f, 0, 255))
+                    y = bb.emit(relax.op.astype(f, "uint8"))
+                channels = out_ch
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get(), weights, biases
+
+
+def run(executable, *args):
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+
+def assembly(executable) -> str:
+    lib = executable.mod
+    return "\n".join([lib.inspect_source("asm")] + [m.inspect_source("asm") for m in lib.imports])
+
+
+def stock_reference(mod, data):
+    """The same Relax module through TVM's default pipeline (no tvmquant passes)."""
+    return run(tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})), data)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure helpers
+def test_pack_conv2d_weight_layout():
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-128, 128, (20, 6, 3, 3)).astype("int8")
+    packed = x86.pack_conv2d_weight(weight, groups=1, ic_block=8)
+    assert packed.shape == (2, 1, 3, 3, 2, 16, 4)  # K 20 -> 32, C 6 -> 8
+    for o, c, r, s in [(0, 0, 0, 0), (19, 5, 2, 1), (7, 4, 1, 2)]:
+        assert packed[o // 16, c // 8, r, s, (c % 8) // 4, o % 16, c % 4] == weight[o, c, r, s]
+    assert not packed[1, 0, :, :, :, 4:, :].any()  # padded output channels are zero
+    assert not packed[0, 0, :, :, 1, :, 2:].any()  # padded input channels are zero
+
+
+def test_pack_dense_weight_layout():
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-128, 128, (10, 20)).astype("int8")
+    packed = x86.pack_dense_weight(weight)
+    assert packed.shape == (2, 3, 16, 4)
+    for k, n in [(0, 0), (9, 19), (5, 17)]:
+        assert packed[n // 16, k // 4, n % 16, k % 4] == weight[k, n]
+    assert not packed[1, :, 4:, :].any() and not packed[:, 2, :, 2:].any()
+
+
+def test_int8_isa_and_targets(tmp_path):
+    assert x86.int8_isa(x86.x86_target("sapphirerapids")) == "amx"
+    assert x86.int8_isa(x86.x86_target("cascadelake")) == "vnni"
+    assert x86.int8_isa(x86.x86_target("znver4")) == "vnni"
+    assert x86.int8_isa(x86.x86_target("skylake-avx512")) == "avx512"
+    assert x86.int8_isa(x86.x86_target("haswell")) == "avx2"
+    target = x86.x86_target(num_cores=2)
+    assert target.attrs["mcpu"] == x86.host_mcpu() and int(target.attrs["num-cores"]) == 2
+    with pytest.raises(ValueError, match="does not know the CPU"):
+        x86.x86_target("not-a-cpu")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni amx_int8\n")
+    assert {"avx512_vnni", "amx_int8"} <= x86.cpu_flags(str(cpuinfo))
+    assert x86.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Graph passes
+def _called_functions(mod):
+    names = []
+
+    def visit(expr):
+        if isinstance(expr, tvm.ir.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
+            names.append(expr.args[0].name_hint)
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return names
+
+
+def test_passes_idempotent_and_well_formed():
+    rng = np.random.default_rng(1)
+    mod, _, _ = conv_module(
+        (1, 32, 8, 8), [(32, 3, 1, 1, 1), (48, 1, 1, 0, 1), (16, 3, 2, 1, 16)], rng, requantize=True
+    )
+    original = mod.script()
+    once = x86.optimize_int8_for_x86()(mod)
+    assert mod.script() == original  # the caller's module is not mutated
+    twice = x86.optimize_int8_for_x86()(once)
+    relax.analysis.well_formed(once)  # raises on the first violation
+    tvm.ir.assert_structural_equal(once, twice)
+    prepared = x86.prepare(mod, x86.x86_target("sapphirerapids", num_cores=2))
+    relax.analysis.well_formed(prepared)
+
+
+def test_conv_chain_stays_blocked_and_fuses_epilogue():
+    rng = np.random.default_rng(2)
+    mod, _, _ = conv_module(
+        (1, 32, 10, 10), [(32, 3, 1, 1, 1), (64, 3, 1, 1, 1), (32, 1, 1, 0, 1)], rng, requantize=True
+    )
+    prepared = x86.prepare(mod, x86.x86_target("sapphirerapids", num_cores=2))
+    calls = _called_functions(prepared)
+    convs = [name for name in calls if "conv2d_int8_nchwc" in name]
+    assert len(convs) == 3
+    # Each conv is fused with its whole requantize epilogue: the fused kernel writes uint8.
+    for name in convs:
+        assert name.startswith("fused_conv2d_int8_nchwc") and name.endswith("_cast" + name.rsplit("_cast", 1)[-1])
+        assert str(prepared[name].params[-1].dtype) == "uint8", name  # TVM 0.27: params are buffers
+    # Only one layout change in and one out: nothing between the convs except the separate pads.
+    transforms = [name for name in calls if "layout_transform" in name]
+    assert len(transforms) == 2, calls
+    between = calls[calls.index(convs[0]) + 1 : calls.index(convs[-1])]
+    assert all("conv2d" in name or name.startswith("pad") for name in between), between
+
+
+def test_signed_and_float_convs_are_left_alone():
+    rng = np.random.default_rng(3)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 6, 6), "int8"))
+    xf = relax.Var("xf", relax.TensorType((1, 16, 6, 6), "float32"))
+    weight = relax.const(rng.integers(-128, 128, (16, 16, 3, 3)).astype("int8"))
+    weight_f = relax.const(rng.standard_normal((16, 16, 3, 3)).astype("float32"))
+    with bb.function("main", [x, xf]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.conv2d(x, weight, padding=1, out_dtype="int32"))
+            b = bb.emit(relax.op.nn.conv2d(xf, weight_f, padding=1))
+            out = bb.emit_output(relax.Tuple([a, b]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    tvm.ir.assert_structural_equal(x86.optimize_int8_for_x86()(mod), mod)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (a) VNNI conv: vpdpbusd in the assembly, exact results
+CONV_CASES = [
+    # (data shape, out channels, kernel, stride, padding, groups)
+    ((1, 64, 14, 14), 64, 3, 1, 1, 1),  # the blocked (ConvertLayout) path
+    ((2, 32, 9, 11), 48, 3, 2, 1, 1),  # batch 2, odd sizes, stride 2
+    ((1, 3, 16, 16), 32, 3, 1, 1, 1),  # C=3: padded to a 4-channel block on the NCHW path
+    ((1, 32, 7, 7), 10, 1, 1, 0, 1),  # K=10: padded to 16 and sliced back
+    ((1, 64, 8, 8), 64, 3, 1, 1, 2),  # grouped, whole 16-channel blocks per group
+    ((1, 16, 8, 8), 16, 3, 1, 1, 16),  # depthwise: stays a generic conv
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape,out_ch,kernel,stride,padding,groups", CONV_CASES)
+def test_vnni_conv_exact_and_uses_vpdpbusd(shape, out_ch, kernel, stride, padding, groups):
+    rng = np.random.default_rng(4)
+    mod, (weight,), (bias,) = conv_module(shape, [(out_ch, kernel, stride, padding, groups)], rng)
+    data = rng.integers(0, 256, shape).astype("uint8")
+    executable = x86.build(mod, x86.x86_target(num_cores=2))
+    expected = conv2d_reference(data, weight, stride, padding, groups) + bias
+    np.testing.assert_array_equal(run(executable, data), expected)
+    if groups != shape[1]:
+        assert "vpdpbusd" in assembly(executable)
+
+
+@needs_vnni
+@pytest.mark.parametrize("channels", [32, 24])  # blocked (ConvertLayout) path, NCHW path
+def test_vnni_dilated_conv_matches_stock_tvm(channels):
+    rng = np.random.default_rng(13)
+    weight = rng.integers(-128, 128, (32, channels, 3, 3)).astype("int8")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, channels, 13, 13), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            conv = relax.op.nn.conv2d(x, relax.const(weight), padding=2, dilation=2, out_dtype="int32")
+            out = bb.emit_output(conv)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    data = rng.integers(0, 256, (1, channels, 13, 13)).astype("uint8")
+    executable = x86.build(mod, x86.x86_target(num_cores=2))
+    np.testing.assert_array_equal(run(executable, data), stock_reference(mod, data))
+    assert "vpdpbusd" in assembly(executable)
+
+
+@needs_vnni
+def test_vnni_requantized_chain_matches_stock_tvm():
+    # Exercises the blocked epilogue: padded channels, per-channel constants moved to the blocked layout,
+    # the clip rewrite, and the C=3 / K=10 edge convs on both sides of the blocked region.
+    rng = np.random.default_rng(5)
+    layers = [(32, 3, 1, 1, 1), (32, 3, 1, 1, 1), (64, 3, 2, 1, 1), (64, 3, 1, 1, 64), (10, 1, 1, 0, 1)]
+    mod, _, _ = conv_module((1, 3, 16, 16), layers, rng, requantize=True)
+    data = rng.integers(0, 256, (1, 3, 16, 16)).astype("uint8")
+    expected = stock_reference(mod, data)
+    assert 20 < expected.mean() < 235  # the multipliers keep the outputs in range (not all clipped)
+    np.testing.assert_array_equal(run(x86.build(mod, x86.x86_target(num_cores=2)), data), expected)
+
+
+@needs_vnni
+def test_vnni_residual_and_pool_match_stock_tvm():
+    # A ResNet-like block: conv -> requantize -> max_pool -> conv, plus a residual add of the pooled
+    # activations, all in the blocked layout; the result must equal TVM's default pipeline exactly.
+    rng = np.random.default_rng(12)
+    channels = 32
+    weights = [rng.integers(-128, 128, (channels, channels, 3, 3)).astype("int8") for _ in range(2)]
+    multiplier = np.float32(1.0 / (channels * 9 * 40))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, channels, 12, 12), "uint8"))
+
+    def requantize(acc):
+        f = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(multiplier)))
+        f = bb.emit(relax.op.add(relax.op.round(f), relax.const(np.float32(128))))
+        return bb.emit(relax.op.astype(relax.op.clip(f, 0, 255), "uint8"))
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = requantize(bb.emit(relax.op.nn.conv2d(x, relax.const(weights[0]), padding=1, out_dtype="int32")))
+            pooled = bb.emit(relax.op.nn.max_pool2d(y, pool_size=2, strides=2))
+            acc = bb.emit(relax.op.nn.conv2d(pooled, relax.const(weights[1]), padding=1, out_dtype="int32"))
+            acc = bb.emit(
+                relax.op.add(acc, relax.op.multiply(relax.op.astype(pooled, "int32"), relax.const(np.int32(300))))
+            )
+            out = bb.emit_output(requantize(acc))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    calls = _called_functions(x86.prepare(mod))
+    assert len([name for name in calls if "layout_transform" in name]) == 2, calls  # in and out only
+    data = rng.integers(0, 256, (1, channels, 12, 12)).astype("uint8")
+    expected = stock_reference(mod, data)
+    assert 20 < expected.mean() < 235
+    np.testing.assert_array_equal(run(x86.build(mod, x86.x86_target(num_cores=2)), data), expected)
+
+
+@needs_vnni
+@pytest.mark.parametrize("batch_shape,depth,cols", [((4,), 100, 40), ((1,), 64, 32), ((2, 3), 30, 17)])
+def test_vnni_dense_exact(batch_shape, depth, cols):
+    rng = np.random.default_rng(6)
+    weight = rng.integers(-128, 128, (depth, cols)).astype("int8")
+    bias = rng.integers(-1000, 1000, (cols,)).astype("int32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((*batch_shape, depth), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.matmul(x, relax.const(weight), out_dtype="int32"))
+            out = bb.emit_output(relax.op.add(acc, relax.const(bias)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert "dense_int8_packed" in "".join(_called_functions(x86.prepare(mod)))
+    data = rng.integers(0, 256, (*batch_shape, depth)).astype("uint8")
+    executable = x86.build(mod, x86.x86_target(num_cores=2))
+    expected = (data.astype(np.int64) @ weight.astype(np.int64) + bias).astype(np.int32)
+    np.testing.assert_array_equal(run(executable, data), expected)
+    assert "vpdpbusd" in assembly(executable)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (b) design space: the VNNI tensorize step, on fixed targets (no hardware needed)
+def _conv_task(target):
+    rng = np.random.default_rng(7)
+    mod, _, _ = conv_module((1, 64, 14, 14), [(64, 3, 1, 1, 1)], rng, requantize=True)
+    tasks = [t for t in x86.extract_tasks(mod, target) if "conv2d_int8_nchwc" in t.task_name]
+    assert len(tasks) == 1
+    return tasks[0]
+
+
+@pytest.mark.parametrize(
+    "mcpu,intrin",
+    [
+        ("sapphirerapids", "dot_16x4_vnni"),
+        ("cascadelake", "dot_16x4_vnni"),
+        ("skylake-avx512", "dot_16x4_avx512"),
+        ("haswell", None),
+    ],
+)
+def test_design_space_tensorizes_with_int8_intrinsic(mcpu, intrin):
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmquant.schedules.intrinsics import register_x86_intrinsics
+
+    register_x86_intrinsics()
+    target = x86.x86_target(mcpu, num_cores=2)
+    task = _conv_task(target)
+    context = ms.TuneContext(
+        mod=task.dispatched[0],
+        target=target,
+        space_generator="post-order-apply",
+        search_strategy="evolutionary",
+        task_name=task.task_name,
+        rand_state=0,
+    )
+    sketches = context.generate_design_space()
+    assert sketches
+    traces = [str(sketch.trace) for sketch in sketches]
+    if intrin is None:
+        assert not any("dot_16x4" in trace for trace in traces)
+        return
+    assert all(f'ann_val="{intrin}"' in trace for trace in traces), traces[0]
+    # After the postprocessors the sketch is tensorized with the LLVM-22-compatible implementation
+    # (uint8x64/int8x64 operands) and compiles for the target: cross-compilation, nothing runs.
+    sketch = sketches[0]
+    assert all(postproc.apply(sketch) for postproc in context.space_generator.postprocs)
+    script = sketch.mod.script()
+    llvm_intrin = "vpdpbusd.512" if intrin == "dot_16x4_vnni" else "pmaddubs.w.512"
+    assert llvm_intrin in script
+    lib = tvm.compile(sketch.mod, target=target)
+    asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
+    assert ("vpdpbusd" if intrin == "dot_16x4_vnni" else "vpmaddubsw") in asm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (c) fallbacks: AVX-512 without VNNI, AVX2, unscheduled
+@pytest.mark.parametrize(
+    "mcpu,instruction",
+    [
+        pytest.param("skylake-avx512", "vpmaddubsw", marks=needs_avx512bw),
+        pytest.param("haswell", None, marks=needs_avx2),
+    ],
+)
+def test_fallback_targets_build_and_match(mcpu, instruction):
+    rng = np.random.default_rng(8)
+    mod, (weight,), (bias,) = conv_module((1, 32, 10, 10), [(32, 3, 1, 1, 1)], rng)
+    data = rng.integers(0, 256, (1, 32, 10, 10)).astype("uint8")
+    executable = x86.build(mod, x86.x86_target(mcpu, num_cores=2))
+    np.testing.assert_array_equal(run(executable, data), conv2d_reference(data, weight, 1, 1) + bias)
+    asm = assembly(executable)
+    assert "vpdpbusd" not in asm
+    if instruction:
+        assert instruction in asm
+
+
+def test_unscheduled_fallback_matches():
+    rng = np.random.default_rng(9)
+    mod, (weight,), (bias,) = conv_module((1, 16, 6, 6), [(16, 3, 1, 1, 1)], rng)
+    data = rng.integers(0, 256, (1, 16, 6, 6)).astype("uint8")
+    executable = x86.build(mod, x86.x86_target("haswell", num_cores=2), fallback="none")
+    np.testing.assert_array_equal(run(executable, data), conv2d_reference(data, weight, 1, 1) + bias)
+
+
+def test_build_without_database_dir_warns(tmp_path):
+    rng = np.random.default_rng(10)
+    mod, _, _ = conv_module((1, 16, 6, 6), [(16, 1, 1, 0, 1)], rng)
+    with pytest.warns(UserWarning, match="no tuning database"):
+        x86.build(mod, x86.x86_target("haswell", num_cores=2), db_dir=str(tmp_path / "nothing"), fallback="none")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (d) tuning database reuse
+def _records(db_dir):
+    path = os.path.join(db_dir, "database_tuning_record.json")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _tune_and_reuse(tmp_path, monkeypatch, capsys, strategy, trials):
+    rng = np.random.default_rng(11)
+    mod, (weight,), (bias,) = conv_module((1, 16, 8, 8), [(16, 1, 1, 0, 1)], rng)
+    target = x86.x86_target(num_cores=2)
+    db_dir = str(tmp_path / "db")
+    x86.tune(mod, target, trials=trials, db_dir=db_dir, num_trials_per_iter=4, strategy=strategy, seed=0)
+    err = capsys.readouterr().err
+    assert "[tune] task" in err and "trials" in err and "best" in err  # the progress lines
+    records = _records(db_dir)
+    tasks = x86.extract_tasks(mod, target)
+    assert len({r[0] for r in records}) == len(tasks)  # every task has records
+    assert all(r[1][1] and max(r[1][1]) < 1e9 for r in records)  # ... that ran
+
+    def no_tuning(**_kwargs):
+        raise AssertionError("second tune() tuned again although every task is in the database")
+
+    monkeypatch.setattr(x86.ms.tune, "tune_tasks", no_tuning)
+    start = time.perf_counter()
+    x86.tune(mod, target, trials=trials, db_dir=db_dir, num_trials_per_iter=4, strategy=strategy)
+    assert time.perf_counter() - start < 20
+    assert "already tuned" in capsys.readouterr().err
+    assert len(_records(db_dir)) == len(records)
+
+    with _no_untuned_warning():
+        executable = x86.build(mod, target, db_dir=db_dir)
+    data = rng.integers(0, 256, (1, 16, 8, 8)).astype("uint8")
+    np.testing.assert_array_equal(run(executable, data), conv2d_reference(data, weight) + bias)
+    assert "vpdpbusd" in assembly(executable)
+    from tvmquant.schedules import build_with_database  # the entry tvmquant.compile.build uses
+
+    with _no_untuned_warning():
+        executable = build_with_database(mod, target, tmp_path / "db")
+    np.testing.assert_array_equal(run(executable, data), conv2d_reference(data, weight) + bias)
+
+    other, _, _ = conv_module((1, 16, 8, 8), [(32, 1, 1, 0, 1)], rng)
+    with pytest.warns(UserWarning, match="no tuning record"):
+        x86.build(other, target, db_dir=db_dir)
+
+    # Records tuned for this CPU must not be replayed for another one (a VNNI schedule would not compile
+    # for AVX2): that build falls back to the untuned schedule, with a warning, and stays exact.
+    with pytest.warns(UserWarning, match="no tuning record"):
+        executable = x86.build(mod, x86.x86_target("haswell", num_cores=2), db_dir=db_dir)
+    np.testing.assert_array_equal(run(executable, data), conv2d_reference(data, weight) + bias)
+
+
+class _no_untuned_warning:
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings(record=True)
+        self._log = self._catch.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        untuned = [w for w in self._log if "no tuning record" in str(w.message)]
+        assert not untuned, untuned[0].message
+        return False
+
+
+@needs_vnni
+def test_database_reuse_skips_tuned_tasks(tmp_path, monkeypatch, capsys):
+    _tune_and_reuse(tmp_path, monkeypatch, capsys, strategy="replay-trace", trials=4)
+
+
+@needs_vnni
+@pytest.mark.slow
+def test_evolutionary_xgb_tuning_and_reuse(tmp_path, monkeypatch, capsys):
+    _tune_and_reuse(tmp_path, monkeypatch, capsys, strategy="evolutionary", trials=24)

@@ -152,6 +152,41 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _module_to_tune(path: str, batch_size):
+    """The Relax module whose kernels to tune: an artifact's INT8 model, or an FP32 ONNX model as is."""
+    if path.endswith(".onnx"):
+        from .api import load_model
+
+        mod, _, _, _ = load_model(path, batch_size=batch_size or 1)
+        return mod
+    from .api import load
+
+    qmodel = load(path)
+    if batch_size:
+        qmodel = qmodel.rebatch(batch_size)
+    return qmodel.mod
+
+
+def cmd_tune(args) -> int:
+    from .compile import as_target
+    from .schedules import x86
+
+    if args.trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {args.trials}")
+    parent = os.path.dirname(os.path.abspath(args.db))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot create tuning database {args.db!r}: folder {parent!r} does not exist")
+    target = as_target(args.target)
+    if target.kind.name != "llvm":
+        raise ValueError(f"tvmquant tune measures on this machine: target {target.kind.name!r} cannot run here")
+    mod = _module_to_tune(args.model, args.batch_size)
+    x86.tune(mod, target, trials=args.trials, db_dir=args.db, trials_per_task=args.trials_per_task,
+             progress=not args.quiet)
+    if not args.quiet:
+        print(f"tuning database: {args.db}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .api import load
 
@@ -240,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="library to write (.so)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
+
+    t = sub.add_parser("tune", help="tune the model's kernels with meta-schedule into a reusable database")
+    t.add_argument("model", help="artifact (.tvmq: its INT8 model) or an FP32 .onnx (for an FP32 baseline)")
+    t.add_argument("--target", default=None, help="'llvm' (this CPU, default) or a JSON target dict")
+    t.add_argument("--trials", type=int, default=64, help="total trial budget over the tasks still untuned")
+    t.add_argument("--trials-per-task", type=int, default=None, help="cap per task")
+    t.add_argument("--db", required=True, help="database directory (created; reused by later runs)")
+    t.add_argument("--batch-size", type=int, default=None, help="static batch size")
+    t.add_argument("-q", "--quiet", action="store_true")
+    t.set_defaults(func=cmd_tune)
 
     e = sub.add_parser("export", help="export a quantized artifact to another format")
     e.add_argument("artifact")

@@ -8,9 +8,11 @@ from ._compat import cpu_target
 
 
 def host_target(num_cores: int | None = None):
-    """An LLVM target for the CPU this process runs on (``mcpu`` detected by LLVM)."""
+    """An LLVM target for the CPU this process runs on (``mcpu`` detected by LLVM, all its cores)."""
+    import os
+
     mcpu = tvm.target.codegen.llvm_get_system_cpu()
-    return cpu_target(mcpu if mcpu and mcpu != "generic" else None, num_cores)
+    return cpu_target(mcpu if mcpu and mcpu != "generic" else None, num_cores or os.cpu_count())
 
 
 def as_target(target):

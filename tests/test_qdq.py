@@ -177,3 +177,20 @@ def test_cli_export_round_trips_through_qdq_import(tmp_path, cnn_path):
     reimported = tvmquant.quantize(str(tmp_path / "q.onnx"), progress=False)
     x = data[:1]
     np.testing.assert_allclose(reimported.compile()(x), qmodel.compile()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_fmnist_model_matches_simulate_within_one_output_step(tmp_path):
+    from tvmquant.examples import fmnist_model_path, load_fmnist_example
+
+    calib, test_x, _ = load_fmnist_example()
+    qmodel = tvmquant.quantize(fmnist_model_path(), calib_data=calib[:64], progress=False, report_batches=0)
+    path = tmp_path / "fmnist_qdq.onnx"
+    qmodel.export_onnx(path)
+    onnx.checker.check_model(onnx.load(path))
+    session, simulated = ort_session(str(path), optimize=False), qmodel.compile(mode="simulated")
+    # the output is FP32 logits: bound the difference by one step of the last quantized tensor (the FC input)
+    last = qmodel.table["matmul_0.in0"]
+    for x in test_x[:8]:
+        expected = simulated(x[None])
+        got = session.run(None, {"input": x[None]})[0]
+        assert np.max(np.abs(got - expected)) <= float(last.scale)

@@ -182,7 +182,7 @@ def kernel_report(db_dir: str, target) -> list:
     return sorted(best.values(), key=lambda r: -r["gops"] * r["us"])
 
 
-def bench_model(name: str, trials_per_task: int, seconds: float, folder: str) -> dict:
+def bench_model(name: str, trials_per_task: int, seconds: float, folder: str, strategy: str = "evolutionary") -> dict:
     import tvmquant
     from tvmquant.api import load_model
     from tvmquant.schedules import x86
@@ -193,7 +193,7 @@ def bench_model(name: str, trials_per_task: int, seconds: float, folder: str) ->
     x_path = os.path.join(folder, f"{name}_x.npy")
     np.save(x_path, x)
     target = x86.x86_target(num_cores=2)
-    result = {"model": name, "trials_per_task": trials_per_task}
+    result = {"model": name, "trials_per_task": trials_per_task, "search_strategy": strategy}
 
     qmodel = tvmquant.quantize(path, calib_data=calib, progress=False, report_batches=0)
     fp32_mod, _, _, _ = load_model(path)
@@ -203,7 +203,13 @@ def bench_model(name: str, trials_per_task: int, seconds: float, folder: str) ->
         start = time.time()
         tasks = len(x86.extract_tasks(mod, target))
         x86.tune(
-            mod, target, trials=trials_per_task * tasks, db_dir=db_dir, trials_per_task=trials_per_task, progress=True
+            mod,
+            target,
+            trials=trials_per_task * tasks,
+            db_dir=db_dir,
+            trials_per_task=trials_per_task,
+            strategy=strategy,
+            progress=True,
         )
         result[f"{label}_tuning_seconds"] = round(time.time() - start, 1)
         result[f"{label}_tasks"] = tasks
@@ -245,6 +251,12 @@ def main():
     parser.add_argument("--models", nargs="+", default=["fmnist", "resnet50", "mobilenet_v2"])
     parser.add_argument("--trials-per-task", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
+    parser.add_argument(
+        "--strategy",
+        default="evolutionary",
+        choices=["evolutionary", "replay-trace"],
+        help="meta-schedule search (evolutionary uses the XGBoost cost model)",
+    )
     parser.add_argument("--out", default=os.path.join(HERE, "results", "speed_x86.json"))
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="tvmquant-speed-")
@@ -265,7 +277,7 @@ def main():
         "models": {},
     }
     for name in args.models:
-        result["models"][name] = bench_model(name, args.trials_per_task, args.seconds, folder)
+        result["models"][name] = bench_model(name, args.trials_per_task, args.seconds, folder, args.strategy)
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=2)
 

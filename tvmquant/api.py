@@ -18,6 +18,7 @@ from tvm import relax
 
 from . import __version__
 from ._compat import tensor_dtype, tensor_shape, to_tensor
+from ._io import check_inputs, feed_from_args, flatten_outputs
 from .config import QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
 from .frontend.prepare import ModelError, check_static, prepare
@@ -222,11 +223,11 @@ class QuantizedModel:
             captured: dict = {}
             store = captured.__setitem__
             with observing(store):
-                reference = _flatten_outputs(run_vm(fp32_vm, batch, self.inputs))
+                reference = flatten_outputs(run_vm(fp32_vm, batch, self.inputs))
             reference_tensors = dict(captured)
             captured.clear()
             with observing(store):
-                approx = _flatten_outputs(run_vm(sim_vm, batch, self.inputs))
+                approx = flatten_outputs(run_vm(sim_vm, batch, self.inputs))
             pairs = [(name, reference_tensors[name], captured[name]) for name in captured if name in reference_tensors]
             pairs += [(f"output{i}", r, a) for i, (r, a) in enumerate(zip(reference, approx))]
             for name, ref, app in pairs:
@@ -402,43 +403,14 @@ class CompiledModel:
         self.vm = relax.VirtualMachine(executable, self.device)
 
     def __call__(self, *args, **kwargs):
-        if len(args) == 1 and hasattr(args[0], "keys"):
-            feed = dict(args[0])
-        else:
-            feed = dict(zip([spec.name for spec in self.inputs], args))
-        feed.update(kwargs)
-        checked = check_inputs(feed, self.inputs)
+        checked = check_inputs(feed_from_args(args, kwargs, self.inputs), self.inputs)
         result = self.vm["main"](*[to_tensor(checked[spec.name], self.device) for spec in self.inputs])
-        outputs = _flatten_outputs(result)
+        outputs = flatten_outputs(result)
         return outputs[0] if len(outputs) == 1 else outputs
 
     def export_library(self, path) -> None:
         atomic_write(path, lambda handle: None)  # validates the folder early
         self.executable.export_library(os.fspath(path))
-
-
-def check_inputs(feed: dict, inputs) -> dict:
-    """Validate names, shapes and dtypes of run-time inputs with errors naming the input."""
-    names = [spec.name for spec in inputs]
-    if len(inputs) == 1 and len(feed) == 1 and names[0] not in feed:
-        feed = {names[0]: next(iter(feed.values()))}
-    missing = [name for name in names if name not in feed]
-    if missing:
-        raise ValueError(f"missing model inputs {missing}; the model takes {names}")
-    out = {}
-    for spec in inputs:
-        array = np.asarray(feed[spec.name])
-        if tuple(array.shape) != tuple(spec.shape):
-            raise ValueError(
-                f"input {spec.name!r} has shape {tuple(array.shape)}, the model expects {tuple(spec.shape)}"
-            )
-        if array.dtype != np.dtype(spec.dtype):
-            if np.issubdtype(array.dtype, np.floating) and np.issubdtype(np.dtype(spec.dtype), np.floating):
-                array = array.astype(spec.dtype)
-            else:
-                raise ValueError(f"input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
-        out[spec.name] = array
-    return out
 
 
 @dataclass
@@ -471,15 +443,6 @@ class Summary:
 
     def to_dict(self) -> dict:
         return {"layers": self.rows, "outputs": self.outputs}
-
-
-def _flatten_outputs(result) -> list:
-    if hasattr(result, "numpy"):
-        return [result.numpy()]
-    outputs = []
-    for item in result:
-        outputs.extend(_flatten_outputs(item))
-    return outputs
 
 
 def _db(signal: float, noise: float) -> float:

@@ -19,18 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 
-import numpy as np
+from ._io import InputSpec, check_inputs, feed_from_args, flatten_outputs
 
 METADATA_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple
-    dtype: str
 
 
 def metadata_path(library_path) -> str:
@@ -111,41 +103,17 @@ class LoadedModel:
             self.metadata = json.load(handle)
         if self.metadata.get("format") != METADATA_FORMAT:
             raise ValueError(f"{meta_file!r} has metadata format {self.metadata.get('format')!r}; expected 1")
-        self.inputs = [TensorInfo(d["name"], tuple(d["shape"]), d["dtype"]) for d in self.metadata["inputs"]]
+        self.inputs = [InputSpec.from_dict(d) for d in self.metadata["inputs"]]
         self.device = device or tvm.cpu()
         self.vm = VirtualMachine(tvm.runtime.load_module(path), self.device)
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         import tvm
 
-        if len(args) == 1 and hasattr(args[0], "keys"):
-            feed = dict(args[0])
-        else:
-            feed = dict(zip([spec.name for spec in self.inputs], args))
-        if len(self.inputs) == 1 and len(feed) == 1 and self.inputs[0].name not in feed:
-            feed = {self.inputs[0].name: next(iter(feed.values()))}
-        arrays = []
-        for spec in self.inputs:
-            if spec.name not in feed:
-                raise ValueError(f"missing model input {spec.name!r}; the model takes {[s.name for s in self.inputs]}")
-            array = np.asarray(feed[spec.name])
-            if tuple(array.shape) != spec.shape:
-                raise ValueError(f"input {spec.name!r} has shape {tuple(array.shape)}, the model expects {spec.shape}")
-            if array.dtype != np.dtype(spec.dtype):
-                raise ValueError(f"input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
-            arrays.append(tvm.runtime.tensor(np.ascontiguousarray(array), self.device))
-        result = self.vm["main"](*arrays)
-        outputs = _flatten(result)
+        checked = check_inputs(feed_from_args(args, kwargs, self.inputs), self.inputs)
+        result = self.vm["main"](*[tvm.runtime.tensor(checked[spec.name], self.device) for spec in self.inputs])
+        outputs = flatten_outputs(result)
         return outputs[0] if len(outputs) == 1 else outputs
-
-
-def _flatten(result) -> list:
-    if hasattr(result, "numpy"):
-        return [result.numpy()]
-    out = []
-    for item in result:
-        out.extend(_flatten(item))
-    return out
 
 
 def load_library(path, device=None) -> LoadedModel:

@@ -6,28 +6,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
+from .._io import InputSpec
 from .prepare import ModelError
 
 #: Quantized-operator ONNX ops that TVM's importer does not take (QOperator format).
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input: its name, static shape and dtype."""
-
-    name: str
-    shape: tuple
-    dtype: str
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @staticmethod
-    def from_dict(data: dict) -> "InputSpec":
-        return InputSpec(data["name"], tuple(data["shape"]), data["dtype"])
 
 
 def load_onnx_model(model):

@@ -13,6 +13,7 @@ import itertools
 
 import numpy as np
 
+from .._io import flatten_outputs
 from ..quant_math import fake_quantize
 from .annotate import layers_of
 from .calibrate import compile_vm, iter_batches, observing, run_vm
@@ -36,7 +37,7 @@ class _Simulator:
 
         with observing(callback):
             result = run_vm(self.vm, batch, self.inputs)
-        return _outputs(result)
+        return flatten_outputs(result)
 
     def output_sqnr(self, enabled) -> float:
         enabled = frozenset(enabled)
@@ -47,15 +48,6 @@ class _Simulator:
                 signal += float(np.sum(ref * ref))
                 noise += float(np.sum((ref - out) ** 2))
         return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
-
-
-def _outputs(result) -> list:
-    if hasattr(result, "numpy"):
-        return [result.numpy()]
-    out = []
-    for item in result:
-        out.extend(_outputs(item))
-    return out
 
 
 def _layer_tensors(layer) -> list:

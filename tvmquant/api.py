@@ -6,6 +6,7 @@ RealizeQuant (integer model) -> compile.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -190,14 +191,14 @@ class QuantizedModel:
     sqnr: dict = field(default_factory=dict)
     qdq: tvm.IRModule | None = None  # set for pre-quantized (QDQ) models: their simulated module as imported
 
-    @property
+    @functools.cached_property
     def simulated(self) -> tvm.IRModule:
         """Fake-quant FP32 model (quantize/dequantize around every quantized tensor)."""
         if self.qdq is not None:
             return self.qdq
         return apply_pass(BindQuantParams(self.table), self.annotated)
 
-    @property
+    @functools.cached_property
     def mod(self) -> tvm.IRModule:
         """The integer model (INT8 inputs, INT32 accumulation)."""
         return apply_pass(RealizeQuant(), self.simulated)

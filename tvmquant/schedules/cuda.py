@@ -1,0 +1,336 @@
+"""INT8 meta-schedule rules for NVIDIA GPUs: WMMA tensor cores (s8 x s8 -> s32) and a dp4a fallback.
+
+Why not meta-schedule's stock ``cuda-tensorcore`` rules: in TVM 0.27 their int8 WMMA candidates keep A, B and
+the int32 accumulator tile in ``shared.dyn``; the shared-memory merging passes then let the int32 tile reuse
+the int8 tiles' memory, and ``LowerAccessPtr`` rejects the int8 alias of an int32 buffer, so (depending on
+the sampled tiles) nearly every candidate fails to build. :func:`int8_rules` keeps A/B in ``shared.dyn`` and
+stages the int32 C tile in static ``shared``, with no software pipeline; every sampled candidate builds.
+Vector loads are limited to 1-4 lanes because CUDA codegen emits invalid ``make_int2`` / ``make_int4`` calls
+for int8x8 / int8x16 constant broadcasts (the zero padding of a conv).
+
+The dp4a rule (``__dp4a``, 4-way int8 dot product) is the fallback for shapes or GPUs without int8 tensor
+cores.
+
+Building needs no GPU: without a CUDA driver ``tvm.compile`` returns the CUDA source only, and
+:func:`compile_cuda_source` runs ``nvcc`` on it (cubin to check that ``ptxas`` accepts it, PTX to check which
+instructions were used). ``TVM_CUDA_COMPILE_MODE=nvcc`` is set on import so that ``tvm.compile`` uses the
+installed ``nvcc`` where a driver is present.
+
+Version-sensitive imports (TVM 0.27: ``tvm.s_tir.meta_schedule``, ``tvm.s_tir.tensor_intrin``,
+``tvm.support.nvcc``) are gathered at the top of this module; the intrinsic modules (slow to import: they
+parse every CUDA intrinsic) are imported by :func:`int8_rules`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+
+import tvm  # noqa: E402
+from tvm import te  # noqa: E402
+from tvm.s_tir import meta_schedule as ms  # noqa: E402
+
+__all__ = [
+    "BuiltCandidate",
+    "Int8Kind",
+    "compile_cuda_source",
+    "cuda_source",
+    "cuda_target",
+    "have_gpu",
+    "have_nvcc",
+    "int8_conv2d_nhwc",
+    "int8_matmul",
+    "int8_rules",
+    "int8_space",
+    "nvcc_arch",
+    "sample_and_build",
+]
+
+Int8Kind = Literal["wmma", "dp4a"]
+
+#: vector lengths for cooperative shared-memory loads (int8x8 / int8x16 broadcasts miscompile, see above)
+VECTOR_LOAD_LENS = (1, 2, 3, 4)
+
+
+def cuda_target(tag: str = "nvidia/nvidia-h100") -> tvm.target.Target:
+    """The CUDA target for ``tag``, with the thread and shared-memory limits meta-schedule needs.
+
+    Example: ``cuda_target()`` is an H100 (``sm_90a``); a bare ``{"kind": "cuda"}`` lacks
+    ``max_threads_per_block`` and is refused by meta-schedule.
+    """
+    return tvm.target.Target(tag)
+
+
+def have_nvcc() -> bool:
+    """True when ``nvcc`` is on PATH."""
+    return shutil.which("nvcc") is not None
+
+
+def have_gpu() -> bool:
+    """True when a CUDA device is present (False, not an error, without a driver)."""
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # no CUDA runtime in this build of TVM
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Workloads
+def int8_matmul(m: int = 256, n: int = 256, k: int = 256, transpose_b: bool = True) -> tvm.IRModule:
+    """``C[m, n] = sum_k A[m, k] * B[n, k]`` (s8 x s8 -> s32) as a one-function TIR module.
+
+    ``transpose_b=True`` is the NT layout (B given as ``[n, k]``, the layout of a dense weight); with False
+    B is ``[k, n]``.
+    """
+    data = te.placeholder((m, k), "int8", name="A")
+    weight = te.placeholder((n, k) if transpose_b else (k, n), "int8", name="B")
+    red = te.reduce_axis((0, k), "k")
+    if transpose_b:
+        out = te.compute(
+            (m, n), lambda i, j: te.sum(data[i, red].astype("int32") * weight[j, red].astype("int32"), axis=red),
+            name="C",
+        )
+    else:
+        out = te.compute(
+            (m, n), lambda i, j: te.sum(data[i, red].astype("int32") * weight[red, j].astype("int32"), axis=red),
+            name="C",
+        )
+    return tvm.IRModule({"main": te.create_prim_func([data, weight, out]).with_attr("global_symbol", "main")})
+
+
+def int8_conv2d_nhwc(
+    batch: int = 1, height: int = 14, width: int = 14, channels: int = 64, out_channels: int = 64,
+    kernel: int = 3, padding: int = 1,
+) -> tvm.IRModule:
+    """Stride-1 NHWC x OHWI conv2d (s8 x s8 -> s32) with zero padding, as a one-function TIR module.
+
+    Data ``[batch, height, width, channels]``, weight ``[out_channels, kernel, kernel, channels]``, output
+    ``[batch, out_h, out_w, out_channels]``. The pad is its own block, so that the search may keep it out of
+    the tensorized conv.
+    """
+    data = te.placeholder((batch, height, width, channels), "int8", name="X")
+    weight = te.placeholder((out_channels, kernel, kernel, channels), "int8", name="W")
+    padded = te.compute(
+        (batch, height + 2 * padding, width + 2 * padding, channels),
+        lambda b, y, x, c: te.if_then_else(
+            te.all(y >= padding, y < height + padding, x >= padding, x < width + padding),
+            data[b, y - padding, x - padding, c],
+            tvm.tirx.const(0, "int8"),
+        ),
+        name="pad",
+    )
+    out_h, out_w = height + 2 * padding - kernel + 1, width + 2 * padding - kernel + 1
+    rc = te.reduce_axis((0, channels), "rc")
+    ry = te.reduce_axis((0, kernel), "ry")
+    rx = te.reduce_axis((0, kernel), "rx")
+    out = te.compute(
+        (batch, out_h, out_w, out_channels),
+        lambda b, y, x, k: te.sum(
+            padded[b, y + ry, x + rx, rc].astype("int32") * weight[k, ry, rx, rc].astype("int32"), axis=[ry, rx, rc]
+        ),
+        name="conv",
+    )
+    return tvm.IRModule({"main": te.create_prim_func([data, weight, out]).with_attr("global_symbol", "main")})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules and design space
+def int8_rules(kind: Int8Kind = "wmma", vector_load_lens=VECTOR_LOAD_LENS) -> list:
+    """Meta-schedule rules for INT8 on CUDA: the INT8 rule first, then meta-schedule's usual cuda rules.
+
+    Parameters
+    ----------
+    kind : "wmma" or "dp4a"
+        ``"wmma"``: 16x16x16 s8s8s32 WMMA for NN and NT layouts (A/B in ``shared.dyn``, C in static
+        ``shared``, no software pipeline). ``"dp4a"``: ``__dp4a`` on CUDA cores.
+    vector_load_lens : sequence of int
+        Lane counts for shared-memory loads.
+
+    Returns
+    -------
+    list of tvm.s_tir.meta_schedule.ScheduleRule
+    """
+    import tvm.s_tir.tensor_intrin.cuda as cuda_intrin  # registers the WMMA intrinsics
+    import tvm.s_tir.tensor_intrin.dot_product_common  # noqa: F401  registers dp4a_s8s8s32
+
+    rule = ms.schedule_rule
+    # The first stock cuda rule is ApplyCustomRule; ours replaces the stock MultiLevelTiling after it.
+    stock = list(ms.ScheduleRule.create("cuda"))[1:]
+    if kind == "wmma":
+        groups = [
+            cuda_intrin.get_wmma_intrin_group("shared.dyn", "shared", "int8", "int32", trans_b)
+            for trans_b in (False, True)
+        ]
+        int8_rule = rule.MultiLevelTilingTensorCore(
+            intrin_groups=groups,
+            structure="SSSRRSRS",
+            tile_binds=["blockIdx.y", "blockIdx.x", "threadIdx.y"],
+            max_innermost_factor=4,
+            vector_load_lens=list(vector_load_lens),
+            reuse_read=rule.ReuseType(req="must", levels=[4], scope="shared.dyn"),
+            reuse_write=rule.ReuseType(req="must", levels=[2], scope="shared"),
+            use_software_pipeline=False,
+        )
+    elif kind == "dp4a":
+        int8_rule = rule.MultiLevelTilingWithIntrin(
+            "dp4a_s8s8s32",
+            structure="SSSRRSRS",
+            tile_binds=["blockIdx.x", "vthread.x", "threadIdx.x"],
+            max_innermost_factor=64,
+            vector_load_lens=list(vector_load_lens),
+            reuse_read=rule.ReuseType(req="must", levels=[4], scope="shared"),
+            reuse_write=rule.ReuseType(req="must", levels=[3], scope="local"),
+        )
+    else:
+        raise ValueError(f"int8 CUDA rule kind {kind!r} is not one of 'wmma', 'dp4a'")
+    return [rule.ApplyCustomRule(), int8_rule] + stock
+
+
+def int8_space(target: tvm.target.Target, kind: Int8Kind = "wmma") -> ms.space_generator.PostOrderApply:
+    """The design-space generator for INT8 kernels on ``target`` (rules of :func:`int8_rules`).
+
+    Postprocessors: ``cuda-tensorcore`` (rewrites the tensorize annotations). Mutators: ``cuda-tensorcore``
+    for WMMA, ``cuda`` for dp4a. Pass it as ``space=`` to ``ms.tune_tir`` / ``ms.relax_integration.tune_relax``.
+
+    Example
+    -------
+    >>> space = int8_space(cuda_target(), "wmma")
+    >>> db = ms.tune_tir(int8_matmul(), cuda_target(), "work", 64, space=space)  # doctest: +SKIP
+    """
+    if target.kind.name != "cuda":
+        raise ValueError(f"int8_space needs a cuda target, got {target.kind.name!r} ({target})")
+    mutators = "cuda-tensorcore" if kind == "wmma" else "cuda"
+    return ms.space_generator.PostOrderApply(
+        sch_rules=int8_rules(kind), postprocs="cuda-tensorcore", mutator_probs=mutators
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building without a GPU
+def nvcc_arch(target: tvm.target.Target) -> list[str]:
+    """``nvcc`` ``-gencode`` flags for the target's ``arch`` (``sm_90a`` -> compute_90a / sm_90a)."""
+    arch = str(target.attrs.get("arch", "sm_90"))
+    number = re.fullmatch(r"sm_(\d+[a-z]?)", arch)
+    if number is None:
+        raise ValueError(f"target {target} has arch {arch!r}; expected sm_XX")
+    return ["-gencode", f"arch=compute_{number.group(1)},code=sm_{number.group(1)}"]
+
+
+def compile_cuda_source(source: str, target: tvm.target.Target, target_format: str = "ptx") -> bytes:
+    """Compile CUDA source with the installed ``nvcc`` to ``"ptx"`` or ``"cubin"`` for ``target``'s arch."""
+    from tvm.support import nvcc
+
+    with target:
+        return bytes(nvcc.compile_cuda(source, target_format=target_format, arch=nvcc_arch(target), compiler="nvcc"))
+
+
+def cuda_source(lib) -> str:
+    """The CUDA source of a module built by ``tvm.compile`` (its imported device modules)."""
+    parts = []
+    for module in lib.mod.imports:
+        try:
+            parts.append(module.inspect_source())
+        except Exception:  # a module kind without source (e.g. an already-loaded cubin)
+            continue
+    return "".join(parts)
+
+
+@dataclass
+class BuiltCandidate:
+    """One sampled schedule and what building it gave.
+
+    ``error`` is None when ``tvm.compile`` (and, with ``nvcc``, ptxas via a cubin build) accepted it.
+    """
+
+    index: int
+    script: str
+    source: str = ""
+    ptx: str = ""
+    error: str | None = None
+    seconds: float = 0.0
+    lib: object = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def count(self, instruction: str) -> int:
+        """Occurrences of ``instruction`` (e.g. ``"wmma.mma.sync"``, ``"dp4a"``) in the PTX."""
+        return self.ptx.count(instruction)
+
+
+def _prim_modules(mod, target) -> list[tuple[str, tvm.IRModule]]:
+    """(name, one-PrimFunc IRModule) pairs: the module itself for TIR, the tuning tasks for Relax."""
+    if isinstance(mod, tvm.tirx.PrimFunc):
+        return [("main", tvm.IRModule({"main": mod.with_attr("global_symbol", "main")}))]
+    if any(isinstance(func, tvm.relax.Function) for func in mod.functions.values()):
+        tasks = ms.relax_integration.extract_tasks(mod, target)
+        return [(task.task_name, task.dispatched[0]) for task in tasks]
+    return [("main", mod)]
+
+
+def sample_and_build(
+    mod, target: tvm.target.Target, num_samples: int = 2, kind: Int8Kind = "wmma", seed: int = 0, ptx: bool = True
+) -> list[BuiltCandidate]:
+    """Sample ``num_samples`` schedules from the INT8 design space and build each with ``tvm.compile``.
+
+    Parameters
+    ----------
+    mod : tvm.tirx.PrimFunc or tvm.IRModule
+        A TIR workload (e.g. :func:`int8_matmul`), or a Relax module (each of its tuning tasks is sampled).
+    target : tvm.target.Target
+        A CUDA target, e.g. :func:`cuda_target`.
+    num_samples : int
+        Candidates per task (random replays of the design-space traces).
+    kind : "wmma" or "dp4a"
+    seed : int
+        Random seed of the sampling.
+    ptx : bool
+        Also compile each candidate's CUDA source with ``nvcc`` (cubin, then PTX). Needs ``nvcc`` on PATH.
+
+    Returns
+    -------
+    list of BuiltCandidate
+        In task order, then sample order. Without a CUDA driver ``source`` is all ``tvm.compile`` gives.
+
+    Example
+    -------
+    >>> built = sample_and_build(int8_matmul(128, 128, 128), cuda_target(), 1)  # doctest: +SKIP
+    >>> built[0].count("wmma.mma.sync") > 0  # doctest: +SKIP
+    True
+    """
+    if ptx and not have_nvcc():
+        raise RuntimeError("sample_and_build(ptx=True) needs nvcc on PATH; install the CUDA toolkit or pass ptx=False")
+    built = []
+    for task_name, task_mod in _prim_modules(mod, target):
+        context = ms.TuneContext(
+            mod=task_mod, target=target, space_generator=int8_space(target, kind),
+            search_strategy=ms.search_strategy.ReplayTrace(), task_name=task_name, rand_state=seed, num_threads=1,
+        )
+        spaces = context.space_generator.generate_design_space(context.mod)
+        if not spaces:
+            raise RuntimeError(f"task {task_name!r}: the {kind} INT8 rules generated no design space")
+        strategy = context.search_strategy
+        strategy.pre_tuning(num_samples, num_samples, spaces, None, None)
+        candidates = strategy.generate_measure_candidates() or []
+        strategy.post_tuning()
+        for candidate in candidates:
+            item = BuiltCandidate(index=len(built), script=candidate.sch.mod.script())
+            start = time.perf_counter()
+            try:
+                item.lib = tvm.compile(candidate.sch.mod, target=target)
+                item.source = cuda_source(item.lib)
+                if ptx:
+                    compile_cuda_source(item.source, target, "cubin")  # ptxas accepts it
+                    item.ptx = compile_cuda_source(item.source, target, "ptx").decode(errors="replace")
+            except Exception as err:  # a candidate that fails to build is a result, not a crash
+                item.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"
+            item.seconds = time.perf_counter() - start
+            built.append(item)
+    return built

@@ -357,11 +357,18 @@ def atomic_write(path, writer) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             writer(stream)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load(path) -> QuantizedModel:

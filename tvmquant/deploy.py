@@ -38,7 +38,7 @@ def export_library(qmodel, path, target=None, db=None, mode: str = "int8") -> di
 
     import tvm
 
-    from .api import _versions, atomic_write
+    from .api import _umask, _versions, atomic_write
     from .compile import as_target, build
 
     path = os.fspath(path)
@@ -64,6 +64,7 @@ def export_library(qmodel, path, target=None, db=None, mode: str = "int8") -> di
     os.close(handle)
     try:
         executable.export_library(tmp_library)
+        os.chmod(tmp_library, 0o777 & ~_umask())
         atomic_write(metadata_path(path), lambda stream: stream.write(json.dumps(metadata, indent=2).encode()))
         os.replace(tmp_library, path)
     except BaseException:

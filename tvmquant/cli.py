@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from .config import PRESETS
+
 EXIT_USER_ERROR = 2
 
 
@@ -29,8 +31,6 @@ def _config_from_args(args):
             except json.JSONDecodeError as err:
                 raise ValueError(f"config file {args.config!r} is not valid JSON: {err}") from None
     elif args.preset:
-        from .config import PRESETS
-
         config = PRESETS[args.preset]
     else:
         config = QuantConfig()
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", help="QuantConfig JSON file (flags override it)")
     q.add_argument(
         "--preset",
-        choices=sorted(__import__("tvmquant.config").config.PRESETS),
+        choices=sorted(PRESETS),
         help="start from a named config (default x86_vnni); flags override it",
     )
     q.add_argument("--batch-size", type=int, default=1, help="batch size when the model's batch axis is dynamic")

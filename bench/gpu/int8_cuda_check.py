@@ -30,49 +30,13 @@ os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
 
 import numpy as np  # noqa: E402
 import tvm  # noqa: E402
-from tvm import te  # noqa: E402
 from tvm.s_tir import meta_schedule as ms  # noqa: E402
 
 from tvmquant.schedules import cuda  # noqa: E402
 from tvmquant.schedules._ms_worker import build_candidate  # noqa: E402
 
-
-def fp16_matmul(m, n, k):
-    """FP16 NT matmul with FP32 accumulation and output (the FP16 twin of ``cuda.int8_matmul``)."""
-    data = te.placeholder((m, k), "float16", name="A")
-    weight = te.placeholder((n, k), "float16", name="B")
-    red = te.reduce_axis((0, k), "k")
-    out = te.compute(
-        (m, n), lambda i, j: te.sum(data[i, red].astype("float32") * weight[j, red].astype("float32"), axis=red),
-        name="C",
-    )
-    return tvm.IRModule({"main": te.create_prim_func([data, weight, out]).with_attr("global_symbol", "main")})
-
-
-def fp16_conv2d_nhwc(batch, height, width, channels, out_channels, kernel, padding):
-    """The FP16 twin of :func:`tvmquant.schedules.cuda.int8_conv2d_nhwc` (float32 accumulation and output)."""
-    data = te.placeholder((batch, height, width, channels), "float16", name="X")
-    weight = te.placeholder((out_channels, kernel, kernel, channels), "float16", name="W")
-    padded = te.compute(
-        (batch, height + 2 * padding, width + 2 * padding, channels),
-        lambda b, y, x, c: te.if_then_else(
-            te.all(y >= padding, y < height + padding, x >= padding, x < width + padding),
-            data[b, y - padding, x - padding, c], tvm.tirx.const(0, "float16"),
-        ),
-        name="pad",
-    )
-    out_h, out_w = height + 2 * padding - kernel + 1, width + 2 * padding - kernel + 1
-    rc = te.reduce_axis((0, channels), "rc")
-    ry, rx = te.reduce_axis((0, kernel), "ry"), te.reduce_axis((0, kernel), "rx")
-    out = te.compute(
-        (batch, out_h, out_w, out_channels),
-        lambda b, y, x, k: te.sum(
-            padded[b, y + ry, x + rx, rc].astype("float32") * weight[k, ry, rx, rc].astype("float32"),
-            axis=[ry, rx, rc],
-        ),
-        name="conv",
-    )
-    return tvm.IRModule({"main": te.create_prim_func([data, weight, out]).with_attr("global_symbol", "main")})
+#: the FP16 baseline of each workload: f16 inputs, f32 accumulation and output
+FP16 = {"dtype": "float16", "accum_dtype": "float32"}
 
 
 def conv_reference(data, weight, padding):
@@ -83,8 +47,9 @@ def conv_reference(data, weight, padding):
     out = np.zeros((data.shape[0], out_h, out_w, weight.shape[0]))
     for dy in range(kernel):
         for dx in range(kernel):
-            out += np.einsum("nhwc,kc->nhwk", padded[:, dy : dy + out_h, dx : dx + out_w, :],
-                             weight[:, dy, dx, :].astype(np.float64))
+            out += np.einsum(
+                "nhwc,kc->nhwk", padded[:, dy : dy + out_h, dx : dx + out_w, :], weight[:, dy, dx, :].astype(np.float64)
+            )
     return out
 
 
@@ -96,13 +61,20 @@ def workloads(matmul_shape, conv_shape):
     out_w = conv["width"] + 2 * conv["padding"] - conv["kernel"] + 1
     return {
         f"matmul_{m}x{n}x{k}": dict(
-            int8=cuda.int8_matmul(m, n, k), fp16=fp16_matmul(m, n, k), shapes=[(m, k), (n, k)], out=(m, n),
-            reference=lambda a, b: a.astype(np.float64) @ b.astype(np.float64).T, ops=2 * m * n * k,
+            int8=cuda.int8_matmul(m, n, k),
+            fp16=cuda.int8_matmul(m, n, k, **FP16),
+            shapes=[(m, k), (n, k)],
+            out=(m, n),
+            reference=lambda a, b: a.astype(np.float64) @ b.astype(np.float64).T,
+            ops=2 * m * n * k,
         ),
         "conv_{batch}x{height}x{width}x{channels}_{out_channels}_k{kernel}".format(**conv): dict(
-            int8=cuda.int8_conv2d_nhwc(**conv), fp16=fp16_conv2d_nhwc(**conv),
-            shapes=[(conv["batch"], conv["height"], conv["width"], conv["channels"]),
-                    (conv["out_channels"], conv["kernel"], conv["kernel"], conv["channels"])],
+            int8=cuda.int8_conv2d_nhwc(**conv),
+            fp16=cuda.int8_conv2d_nhwc(**conv, **FP16),
+            shapes=[
+                (conv["batch"], conv["height"], conv["width"], conv["channels"]),
+                (conv["out_channels"], conv["kernel"], conv["kernel"], conv["channels"]),
+            ],
             out=(conv["batch"], out_h, out_w, conv["out_channels"]),
             reference=lambda a, b: conv_reference(a, b, conv["padding"]),
             ops=2 * conv["batch"] * out_h * out_w * conv["out_channels"] * conv["channels"] * conv["kernel"] ** 2,
@@ -137,35 +109,18 @@ def check_and_time(lib, spec, dtype, rng, number=20, repeat=5):
     return result
 
 
-def fp16_space():
-    """FP16 WMMA (f32 accumulation) with the same staging as the INT8 rules.
-
-    The stock ``cuda-tensorcore`` rules hit the same shared-memory aliasing bug for f16 x f16 -> f32 (the f32
-    C tile reuses the f16 tiles' memory; ``LowerAccessPtr`` fails), so the baseline uses C in static shared too.
-    """
-    import tvm.s_tir.tensor_intrin.cuda as cuda_intrin
-
-    rule = ms.schedule_rule
-    groups = [cuda_intrin.get_wmma_intrin_group("shared.dyn", "shared", "float16", "float32", trans_b)
-              for trans_b in (False, True)]
-    tensor_core = rule.MultiLevelTilingTensorCore(
-        intrin_groups=groups, structure="SSSRRSRS", tile_binds=["blockIdx.y", "blockIdx.x", "threadIdx.y"],
-        max_innermost_factor=4, vector_load_lens=[1, 2, 3, 4, 8],
-        reuse_read=rule.ReuseType(req="must", levels=[4], scope="shared.dyn"),
-        reuse_write=rule.ReuseType(req="must", levels=[2], scope="shared"), use_software_pipeline=False,
-    )
-    rules = [rule.ApplyCustomRule(), tensor_core] + list(ms.ScheduleRule.create("cuda"))[1:]
-    return ms.space_generator.PostOrderApply(
-        sch_rules=rules, postprocs="cuda-tensorcore", mutator_probs="cuda-tensorcore"
-    )
-
-
 def tune(mod, target, work_dir, trials, space):
     """meta-schedule with the random cost model (no xgboost on the GPU host)."""
     return ms.tune_tir(
-        mod, target, work_dir, max_trials_global=trials, num_trials_per_iter=min(trials, 32),
+        mod,
+        target,
+        work_dir,
+        max_trials_global=trials,
+        num_trials_per_iter=min(trials, 32),
         builder=ms.builder.LocalBuilder(timeout_sec=150, f_build=build_candidate),
-        space=space, cost_model="random", seed=0,
+        space=space,
+        cost_model="random",
+        seed=0,
     )
 
 
@@ -178,9 +133,11 @@ def top_modules(database, mod, top_k):
 def run_gpu(args, specs, target, result):
     rng = np.random.default_rng(0)
     work_root = tempfile.mkdtemp(prefix="int8_cuda_check_")
-    variants = [("int8_wmma", "int8", lambda: cuda.int8_space(target, "wmma")),
-                ("int8_dp4a", "int8", lambda: cuda.int8_space(target, "dp4a")),
-                ("fp16_tensorcore", "fp16", fp16_space)]
+    variants = [
+        ("int8_wmma", "int8", lambda: cuda.int8_space(target, "wmma")),
+        ("int8_dp4a", "int8", lambda: cuda.int8_space(target, "dp4a")),
+        ("fp16_tensorcore", "fp16", lambda: cuda.int8_space(target, "wmma_fp16")),
+    ]
     for name, spec in specs.items():
         for variant, dtype, space in variants:
             entry = result["workloads"][name].setdefault(variant, {})
@@ -223,10 +180,14 @@ def torch_anchors(specs):
         if not name.startswith("matmul"):
             continue
         (m, k), (n, _) = spec["shapes"]
-        a16, b16 = torch.randn(m, k, device="cuda", dtype=torch.float16), torch.randn(n, k, device="cuda",
-                                                                                      dtype=torch.float16)
-        a8, b8 = (torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8),
-                  torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8))
+        a16, b16 = (
+            torch.randn(m, k, device="cuda", dtype=torch.float16),
+            torch.randn(n, k, device="cuda", dtype=torch.float16),
+        )
+        a8, b8 = (
+            torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8),
+            torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8),
+        )
         calls = (("fp16", lambda a=a16, b=b16: a @ b.T), ("int_mm", lambda a=a8, b=b8: torch._int_mm(a, b.T)))
         for label, fn in calls:
             try:
@@ -247,11 +208,21 @@ def torch_anchors(specs):
 def run_dry(specs, target, result):
     """CPU side only: one sampled candidate per rule set and workload, built and compiled to PTX with nvcc."""
     for name, spec in specs.items():
-        for variant, kind in (("int8_wmma", "wmma"), ("int8_dp4a", "dp4a")):
-            built = cuda.sample_and_build(spec["int8"], target, num_samples=1, kind=kind, ptx=cuda.have_nvcc())
+        for variant, kind, workload in (
+            ("int8_wmma", "wmma", "int8"),
+            ("int8_dp4a", "dp4a", "int8"),
+            ("fp16_tensorcore", "wmma_fp16", "fp16"),
+        ):
+            built = cuda.sample_and_build(spec[workload], target, num_samples=1, kind=kind, ptx=cuda.have_nvcc())
             result["workloads"][name][variant] = [
-                {"ok": c.ok, "error": c.error, "build_s": round(c.seconds, 1),
-                 "ptx_wmma_mma": c.count("wmma.mma.sync"), "ptx_dp4a": c.count("dp4a.s32.s32")} for c in built
+                {
+                    "ok": c.ok,
+                    "error": c.error,
+                    "build_s": round(c.seconds, 1),
+                    "ptx_wmma_mma": c.count("wmma.mma.sync"),
+                    "ptx_dp4a": c.count("dp4a.s32.s32"),
+                }
+                for c in built
             ]
             print(name, variant, result["workloads"][name][variant], flush=True)
 
@@ -267,12 +238,19 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="no GPU: build one sample per rule set, no tuning")
     args = parser.parse_args(argv)
 
-    out = args.out or os.path.join(os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"),
-                                   "int8_cuda_check.json")
+    out = args.out or os.path.join(
+        os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"), "int8_cuda_check.json"
+    )
     target = cuda.cuda_target(args.target)
     specs = workloads([int(x) for x in args.matmul.split(",")], [int(x) for x in args.conv.split(",")])
-    result = {"target": str(args.target), "tvm": tvm.__version__, "trials": args.trials, "dry_run": args.dry_run,
-              "gpu": cuda.have_gpu(), "workloads": {name: {} for name in specs}}
+    result = {
+        "target": str(args.target),
+        "tvm": tvm.__version__,
+        "trials": args.trials,
+        "dry_run": args.dry_run,
+        "gpu": cuda.have_gpu(),
+        "workloads": {name: {} for name in specs},
+    }
     start = time.time()
     if args.dry_run:
         run_dry(specs, target, result)

@@ -52,7 +52,7 @@ __all__ = [
     "sample_and_build",
 ]
 
-Int8Kind = Literal["wmma", "dp4a"]
+Int8Kind = Literal["wmma", "dp4a", "wmma_fp16"]
 
 #: vector lengths for cooperative shared-memory loads (int8x8 / int8x16 broadcasts miscompile, see above)
 VECTOR_LOAD_LENS = (1, 2, 3, 4)
@@ -82,31 +82,43 @@ def have_gpu() -> bool:
 
 # ----------------------------------------------------------------------------------------------------------
 # Workloads
-def int8_matmul(m: int = 256, n: int = 256, k: int = 256, transpose_b: bool = True) -> tvm.IRModule:
+def int8_matmul(
+    m: int = 256, n: int = 256, k: int = 256, transpose_b: bool = True, dtype: str = "int8", accum_dtype: str = "int32"
+) -> tvm.IRModule:
     """``C[m, n] = sum_k A[m, k] * B[n, k]`` (s8 x s8 -> s32) as a one-function TIR module.
 
     ``transpose_b=True`` is the NT layout (B given as ``[n, k]``, the layout of a dense weight); with False
-    B is ``[k, n]``.
+    B is ``[k, n]``. ``dtype``/``accum_dtype`` give the FP16 baseline (``"float16"``, ``"float32"``).
     """
-    data = te.placeholder((m, k), "int8", name="A")
-    weight = te.placeholder((n, k) if transpose_b else (k, n), "int8", name="B")
+    data = te.placeholder((m, k), dtype, name="A")
+    weight = te.placeholder((n, k) if transpose_b else (k, n), dtype, name="B")
     red = te.reduce_axis((0, k), "k")
+    wide = accum_dtype
     if transpose_b:
         out = te.compute(
-            (m, n), lambda i, j: te.sum(data[i, red].astype("int32") * weight[j, red].astype("int32"), axis=red),
+            (m, n),
+            lambda i, j: te.sum(data[i, red].astype(wide) * weight[j, red].astype(wide), axis=red),
             name="C",
         )
     else:
         out = te.compute(
-            (m, n), lambda i, j: te.sum(data[i, red].astype("int32") * weight[red, j].astype("int32"), axis=red),
+            (m, n),
+            lambda i, j: te.sum(data[i, red].astype(wide) * weight[red, j].astype(wide), axis=red),
             name="C",
         )
     return tvm.IRModule({"main": te.create_prim_func([data, weight, out]).with_attr("global_symbol", "main")})
 
 
 def int8_conv2d_nhwc(
-    batch: int = 1, height: int = 14, width: int = 14, channels: int = 64, out_channels: int = 64,
-    kernel: int = 3, padding: int = 1,
+    batch: int = 1,
+    height: int = 14,
+    width: int = 14,
+    channels: int = 64,
+    out_channels: int = 64,
+    kernel: int = 3,
+    padding: int = 1,
+    dtype: str = "int8",
+    accum_dtype: str = "int32",
 ) -> tvm.IRModule:
     """Stride-1 NHWC x OHWI conv2d (s8 x s8 -> s32) with zero padding, as a one-function TIR module.
 
@@ -114,14 +126,14 @@ def int8_conv2d_nhwc(
     ``[batch, out_h, out_w, out_channels]``. The pad is its own block, so that the search may keep it out of
     the tensorized conv.
     """
-    data = te.placeholder((batch, height, width, channels), "int8", name="X")
-    weight = te.placeholder((out_channels, kernel, kernel, channels), "int8", name="W")
+    data = te.placeholder((batch, height, width, channels), dtype, name="X")
+    weight = te.placeholder((out_channels, kernel, kernel, channels), dtype, name="W")
     padded = te.compute(
         (batch, height + 2 * padding, width + 2 * padding, channels),
         lambda b, y, x, c: te.if_then_else(
             te.all(y >= padding, y < height + padding, x >= padding, x < width + padding),
             data[b, y - padding, x - padding, c],
-            tvm.tirx.const(0, "int8"),
+            tvm.tirx.const(0, dtype),
         ),
         name="pad",
     )
@@ -132,7 +144,8 @@ def int8_conv2d_nhwc(
     out = te.compute(
         (batch, out_h, out_w, out_channels),
         lambda b, y, x, k: te.sum(
-            padded[b, y + ry, x + rx, rc].astype("int32") * weight[k, ry, rx, rc].astype("int32"), axis=[ry, rx, rc]
+            padded[b, y + ry, x + rx, rc].astype(accum_dtype) * weight[k, ry, rx, rc].astype(accum_dtype),
+            axis=[ry, rx, rc],
         ),
         name="conv",
     )
@@ -146,9 +159,11 @@ def int8_rules(kind: Int8Kind = "wmma", vector_load_lens=VECTOR_LOAD_LENS) -> li
 
     Parameters
     ----------
-    kind : "wmma" or "dp4a"
+    kind : "wmma", "dp4a" or "wmma_fp16"
         ``"wmma"``: 16x16x16 s8s8s32 WMMA for NN and NT layouts (A/B in ``shared.dyn``, C in static
-        ``shared``, no software pipeline). ``"dp4a"``: ``__dp4a`` on CUDA cores.
+        ``shared``, no software pipeline). ``"dp4a"``: ``__dp4a`` on CUDA cores. ``"wmma_fp16"``: the same
+        staging for f16 x f16 -> f32, the FP16 baseline (the stock ``cuda-tensorcore`` rules hit the same
+        shared-memory aliasing bug for it).
     vector_load_lens : sequence of int
         Lane counts for shared-memory loads.
 
@@ -162,9 +177,10 @@ def int8_rules(kind: Int8Kind = "wmma", vector_load_lens=VECTOR_LOAD_LENS) -> li
     rule = ms.schedule_rule
     # The first stock cuda rule is ApplyCustomRule; ours replaces the stock MultiLevelTiling after it.
     stock = list(ms.ScheduleRule.create("cuda"))[1:]
-    if kind == "wmma":
+    if kind in ("wmma", "wmma_fp16"):
+        in_dtype, accum_dtype = ("int8", "int32") if kind == "wmma" else ("float16", "float32")
         groups = [
-            cuda_intrin.get_wmma_intrin_group("shared.dyn", "shared", "int8", "int32", trans_b)
+            cuda_intrin.get_wmma_intrin_group("shared.dyn", "shared", in_dtype, accum_dtype, trans_b)
             for trans_b in (False, True)
         ]
         int8_rule = rule.MultiLevelTilingTensorCore(
@@ -188,7 +204,7 @@ def int8_rules(kind: Int8Kind = "wmma", vector_load_lens=VECTOR_LOAD_LENS) -> li
             reuse_write=rule.ReuseType(req="must", levels=[3], scope="local"),
         )
     else:
-        raise ValueError(f"int8 CUDA rule kind {kind!r} is not one of 'wmma', 'dp4a'")
+        raise ValueError(f"int8 CUDA rule kind {kind!r} is not one of 'wmma', 'dp4a', 'wmma_fp16'")
     return [rule.ApplyCustomRule(), int8_rule] + stock
 
 
@@ -205,7 +221,7 @@ def int8_space(target: tvm.target.Target, kind: Int8Kind = "wmma") -> ms.space_g
     """
     if target.kind.name != "cuda":
         raise ValueError(f"int8_space needs a cuda target, got {target.kind.name!r} ({target})")
-    mutators = "cuda-tensorcore" if kind == "wmma" else "cuda"
+    mutators = "cuda" if kind == "dp4a" else "cuda-tensorcore"
     return ms.space_generator.PostOrderApply(
         sch_rules=int8_rules(kind), postprocs="cuda-tensorcore", mutator_probs=mutators
     )
@@ -310,8 +326,13 @@ def sample_and_build(
     built = []
     for task_name, task_mod in _prim_modules(mod, target):
         context = ms.TuneContext(
-            mod=task_mod, target=target, space_generator=int8_space(target, kind),
-            search_strategy=ms.search_strategy.ReplayTrace(), task_name=task_name, rand_state=seed, num_threads=1,
+            mod=task_mod,
+            target=target,
+            space_generator=int8_space(target, kind),
+            search_strategy=ms.search_strategy.ReplayTrace(),
+            task_name=task_name,
+            rand_state=seed,
+            num_threads=1,
         )
         spaces = context.space_generator.generate_design_space(context.mod)
         if not spaces:

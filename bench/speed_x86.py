@@ -185,6 +185,7 @@ def kernel_report(db_dir: str, target) -> list:
 def bench_model(name: str, trials_per_task: int, seconds: float, folder: str, strategy: str = "evolutionary") -> dict:
     import tvmquant
     from tvmquant.api import load_model
+    from tvmquant.deploy import write_library
     from tvmquant.schedules import x86
     from tvmquant.testing.ort import ort_quantize
 
@@ -214,10 +215,7 @@ def bench_model(name: str, trials_per_task: int, seconds: float, folder: str, st
         result[f"{label}_tuning_seconds"] = round(time.time() - start, 1)
         result[f"{label}_tasks"] = tasks
         library = os.path.join(folder, f"{name}_{label}.so")
-        executable = x86.build(mod, target, db_dir=db_dir)
-        executable.export_library(library)
-        with open(library + ".json", "w") as handle:  # the metadata tvmquant.deploy.load_library reads
-            json.dump({"format": 1, "inputs": [s.to_dict() for s in qmodel.inputs], "outputs": []}, handle)
+        write_library(x86.build(mod, target, db_dir=db_dir), mod, library, qmodel.inputs, target)
         if label == "tvmquant_int8":
             result["int8_kernels"] = [
                 {**row, "share_of_vnni_peak": row["gops"] / VNNI_PEAK_GOPS_ZEN4_2CORES}

@@ -32,6 +32,23 @@ def metadata_path(library_path) -> str:
 def export_library(qmodel, path, target=None, db=None, mode: str = "int8") -> dict:
     """Compile ``qmodel`` for ``target`` and write ``path`` (library) and ``path + '.json'`` (metadata).
 
+    ``mode`` picks the integer (``"int8"``), simulated or FP32 module; ``db`` is a tuning database.
+    """
+    from .compile import as_target, build
+
+    _check_folder(path)
+    target = as_target(target)
+    modules = {"int8": lambda: qmodel.mod, "simulated": lambda: qmodel.simulated, "fp32": lambda: qmodel.fp32}
+    mod = modules[mode]()
+    table = {name: params.to_dict() for name, params in qmodel.table.items()}
+    return write_library(
+        build(mod, target=target, db=db), mod, path, qmodel.inputs, target, {"mode": mode, "quant_table": table}
+    )
+
+
+def write_library(executable, mod, path, inputs, target, extra: dict | None = None) -> dict:
+    """Write a compiled ``executable`` of ``mod`` as ``path`` plus its metadata ``path + '.json'``.
+
     Both files appear only when both were written completely.
     """
     import tempfile
@@ -39,24 +56,15 @@ def export_library(qmodel, path, target=None, db=None, mode: str = "int8") -> di
     import tvm
 
     from .api import _umask, _versions, atomic_write
-    from .compile import as_target, build
 
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot write {path!r}: folder {folder!r} does not exist; create it first")
-    target = as_target(target)
-    modules = {"int8": lambda: qmodel.mod, "simulated": lambda: qmodel.simulated, "fp32": lambda: qmodel.fp32}
-    mod = modules[mode]()
-    executable = build(mod, target=target, db=db)
-    outputs = _output_infos(mod)
+    folder = _check_folder(path)
     metadata = {
         "format": METADATA_FORMAT,
-        "mode": mode,
         "target": str(target.export() if hasattr(target, "export") else target),
-        "inputs": [spec.to_dict() for spec in qmodel.inputs],
-        "outputs": outputs,
-        "quant_table": {name: params.to_dict() for name, params in qmodel.table.items()},
+        "inputs": [spec.to_dict() for spec in inputs],
+        "outputs": _output_infos(mod),
+        **(extra or {}),
         "versions": _versions(),
         "tvm": tvm.__version__,
     }
@@ -72,6 +80,13 @@ def export_library(qmodel, path, target=None, db=None, mode: str = "int8") -> di
             os.unlink(tmp_library)
         raise
     return metadata
+
+
+def _check_folder(path) -> str:
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {os.fspath(path)!r}: folder {folder!r} does not exist; create it first")
+    return folder
 
 
 def _output_infos(mod) -> list:

@@ -139,8 +139,10 @@ def run_worker(case: str, num_batches: int, batch_size: int, seed: int) -> dict:
         "floats_per_second": round(floats / collect_seconds),
         "generate_seconds_excluded": round(generate_seconds, 4),
         "compute_seconds": round(compute_seconds, 6),
-        "range": [np.asarray(a_min).tolist() if np.ndim(a_min) == 0 else "per-channel",
-                  np.asarray(a_max).tolist() if np.ndim(a_max) == 0 else "per-channel"],
+        "range": [
+            np.asarray(a_min).tolist() if np.ndim(a_min) == 0 else "per-channel",
+            np.asarray(a_max).tolist() if np.ndim(a_max) == 0 else "per-channel",
+        ],
         "num_channels": int(np.size(a_max)),
         "max_rss_bytes": max_rss,
         "rss_after_import_bytes": rss_after_import,
@@ -191,8 +193,18 @@ def main(argv=None) -> int:
     results = []
     started = time.perf_counter()
     for case in args.methods:
-        command = [sys.executable, __file__, "--worker", case, "--batches", str(args.batches),
-                   "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            case,
+            "--batches",
+            str(args.batches),
+            "--batch-size",
+            str(args.batch_size),
+            "--seed",
+            str(args.seed),
+        ]
         worker = subprocess.run(command, capture_output=True, text=True)
         if worker.returncode:
             raise RuntimeError(f"benchmark worker for {case!r} failed:\n{worker.stderr}")

@@ -48,6 +48,7 @@ def __getattr__(name):
         return getattr(module, name)
     raise AttributeError(f"module 'tvmquant' has no attribute {name!r}")
 
+
 __all__ = [
     "quantize",
     "pipeline",

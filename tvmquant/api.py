@@ -35,6 +35,7 @@ from .passes.calibrate import (
     run_vm,
 )
 from .passes.realize import RealizeQuant
+from .threads import use_physical_cores
 
 ARTIFACT_FORMAT = 1
 
@@ -408,6 +409,7 @@ class CompiledModel:
         self.executable = executable
         self.inputs = inputs
         self.device = device or tvm.cpu()
+        use_physical_cores()
         self.vm = relax.VirtualMachine(executable, self.device)
 
     def __call__(self, *args, **kwargs):

@@ -180,8 +180,9 @@ def cmd_tune(args) -> int:
     if target.kind.name != "llvm":
         raise ValueError(f"tvmquant tune measures on this machine: target {target.kind.name!r} cannot run here")
     mod = _module_to_tune(args.model, args.batch_size)
-    x86.tune(mod, target, trials=args.trials, db_dir=args.db, trials_per_task=args.trials_per_task,
-             progress=not args.quiet)
+    x86.tune(
+        mod, target, trials=args.trials, db_dir=args.db, trials_per_task=args.trials_per_task, progress=not args.quiet
+    )
     if not args.quiet:
         print(f"tuning database: {args.db}")
     return 0

@@ -21,6 +21,7 @@ import json
 import os
 
 from ._io import InputSpec, check_inputs, feed_from_args, flatten_outputs
+from .threads import use_physical_cores
 
 METADATA_FORMAT = 1
 
@@ -120,6 +121,7 @@ class LoadedModel:
         if self.metadata.get("format") != METADATA_FORMAT:
             raise ValueError(f"{meta_file!r} has metadata format {self.metadata.get('format')!r}; expected 1")
         self.inputs = [InputSpec.from_dict(d) for d in self.metadata["inputs"]]
+        use_physical_cores()  # TVM's default is half the CPUs on x86: one thread on a 2-core VM
         self.device = device or tvm.cpu()
         self.vm = VirtualMachine(tvm.runtime.load_module(path), self.device)
 

@@ -312,9 +312,7 @@ def _xlogx(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def entropy_divergences(
-    counts: np.ndarray, starts: np.ndarray, stops: np.ndarray, num_levels: int
-) -> np.ndarray:
+def entropy_divergences(counts: np.ndarray, starts: np.ndarray, stops: np.ndarray, num_levels: int) -> np.ndarray:
     """KL divergence ``KL(P || Q)`` of each candidate window, TensorRT's definition.
 
     For a window of ``W >= num_levels`` bins ``[start, stop)``:

@@ -236,9 +236,7 @@ class PerChannelMaxObserver(Observer):
     [2.0, 0.5, 4.0]
     """
 
-    def __init__(
-        self, axis: int = 0, symmetric: bool = True, *, name: str = "tensor", nan_policy: str = "warn"
-    ):
+    def __init__(self, axis: int = 0, symmetric: bool = True, *, name: str = "tensor", nan_policy: str = "warn"):
         if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
             raise ValueError(f"axis must be an int, got {axis!r}")
         self.axis = int(axis)
@@ -355,9 +353,7 @@ class PerChannelObserver(Observer):
         self.num_batches += 1
         if not self.channels:
             # The channel observers get finite data only: the NaN policy is applied here, once per tensor.
-            self.channels = [
-                self._make_channel_observer(f"{self.name}[channel {c}]") for c in range(num_channels)
-            ]
+            self.channels = [self._make_channel_observer(f"{self.name}[channel {c}]") for c in range(num_channels)]
         for channel, observer in enumerate(self.channels):
             values = moved[channel] if finite is None else moved[channel][finite[channel]]
             observer.collect(values)
@@ -406,9 +402,7 @@ class HistogramObserver(Observer):
         super().__init__(symmetric, name=name, nan_policy=nan_policy)
 
     def _reset_state(self) -> None:
-        self.histogram = StreamingHistogram(
-            self.num_bins, signed=not self.symmetric, count_zeros=self._count_zeros
-        )
+        self.histogram = StreamingHistogram(self.num_bins, signed=not self.symmetric, count_zeros=self._count_zeros)
 
     def collect(self, array) -> None:
         batch = self._finite_values(array)

@@ -25,6 +25,7 @@ from .._compat import const, const_value, is_const, op_name, tensor_shape, to_te
 from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
 from ..quant_math import compute_qparams, qrange, quantize
+from ..threads import use_physical_cores
 from ._rewrite import BindingRewriter
 from .annotate import MARKER, layers_of, parse_marker
 
@@ -199,6 +200,7 @@ def compile_vm(mod, target=None):
     """Compile ``mod`` for the CPU with default schedules and return a Relax VM."""
     target = target or tvm.target.Target({"kind": "llvm"})
     executable = tvm.compile(mod, target=target)
+    use_physical_cores()
     return relax.VirtualMachine(executable, tvm.cpu())
 
 

@@ -19,7 +19,10 @@ What this module does, in pipeline order (:func:`optimize_int8_for_x86` returns 
 4. :class:`PackInt8Dense` does the same for ``R.matmul(u8 [.., K], s8 const [K, N], out_dtype="int32")``
    with weights packed ``[N/16, K/4, 16, 4]``.
 
-5. :class:`GatherLayoutTransform` lowers the remaining ``R.layout_transform`` ops to injective gathers, so
+5. :class:`~tvmquant.schedules.layout.SinkLayoutTransform` moves the transforms that ``ConvertLayout`` left
+   in front of ops it has no rule for (``quantize``/``dequantize`` of a residual add, max pooling after an
+   NCHW-only conv) below them, and cancels the round trips, so residual blocks stay blocked.
+6. :class:`GatherLayoutTransform` lowers the remaining ``R.layout_transform`` ops to injective gathers, so
    ``FuseOps`` can fuse them with neighbouring pads and epilogues (TVM's own lowering is opaque to fusion).
 
 Then :func:`prepare` runs the usual Relax lowering (``LegalizeOps``, ``FoldConstant``, ``FuseOps``,
@@ -44,6 +47,7 @@ are gathered at the top of this module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -67,6 +71,7 @@ from tvm.target import codegen as _llvm_codegen
 
 from . import intrinsics
 from ._ms_worker import build_candidate
+from .layout import SinkLayoutTransform
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +96,7 @@ __all__ = [
     "optimize_int8_for_x86",
     "prepare",
     "records_for_target",
+    "search_strategy",
     "tune",
     "untuned_functions",
     "x86_target",
@@ -862,7 +868,7 @@ def optimize_int8_for_x86(block: int = IC_BLOCK) -> tvm.transform.Pass:
     -------
     tvm.transform.Pass
         ``Sequential([ExpandClip, ConvertInt8ConvLayout, BlockInt8Conv2d, PackInt8Dense,
-        GatherLayoutTransform, DeadCodeElimination])``.
+        SinkLayoutTransform, GatherLayoutTransform, DeadCodeElimination])``.
 
     Examples
     --------
@@ -874,6 +880,7 @@ def optimize_int8_for_x86(block: int = IC_BLOCK) -> tvm.transform.Pass:
             ConvertInt8ConvLayout(block),
             BlockInt8Conv2d(),
             PackInt8Dense(),
+            SinkLayoutTransform(),
             GatherLayoutTransform(),
             # ConvertLayout's layout_transform of each original weight is dead once the weight is packed.
             relax.transform.DeadCodeElimination(),
@@ -1247,7 +1254,7 @@ def tune(
         extracted_tasks=todo,
         work_dir=db_dir,
         space="post-order-apply",
-        strategy=strategy,
+        strategy=search_strategy(strategy, trials_per_task),
         num_threads=int(target.attrs.get("num-cores", 0)) or "physical",
         seed=seed,
     )
@@ -1256,33 +1263,67 @@ def tune(
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     callback = TuningProgress([ctx.task_name for ctx in contexts], trials, echo=progress)
     num_workers = max(1, int(target.attrs.get("num-cores", 1) or 1))
-    ms.tune.tune_tasks(
-        tasks=contexts,
-        task_weights=weights,
-        work_dir=db_dir,
-        max_trials_global=trials,
-        max_trials_per_task=trials_per_task,
-        num_trials_per_iter=num_trials_per_iter,
-        # build_candidate skips default_build's ~25 s import of every TVMScript intrinsic per worker.
-        builder=ms.builder.LocalBuilder(
-            timeout_sec=builder_timeout_sec, max_workers=num_workers, f_build=build_candidate
-        ),
-        runner=ms.runner.LocalRunner(
-            evaluator_config=ms.runner.EvaluatorConfig(
-                number=3, repeat=runner_repeat, min_repeat_ms=50, enable_cpu_cache_flush=False
-            )
-        ),
-        database=database,
-        cost_model=cost_model,
-        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
-        task_scheduler=task_scheduler,
-    )
+    # Measure with as many threads as the target has cores (see tvmquant.threads): left to TVM, the runner's
+    # pool would take half the logical CPUs on x86 (1 on a 2-core VM) and the search would favour schedules
+    # that are fast on one thread.
+    with _environment(TVM_NUM_THREADS=str(num_workers)):
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=db_dir,
+            max_trials_global=trials,
+            max_trials_per_task=trials_per_task,
+            num_trials_per_iter=num_trials_per_iter,
+            # build_candidate skips default_build's ~25 s import of every TVMScript intrinsic per worker.
+            builder=ms.builder.LocalBuilder(
+                timeout_sec=builder_timeout_sec, max_workers=num_workers, f_build=build_candidate
+            ),
+            runner=ms.runner.LocalRunner(
+                evaluator_config=ms.runner.EvaluatorConfig(
+                    number=3, repeat=runner_repeat, min_repeat_ms=50, enable_cpu_cache_flush=False
+                )
+            ),
+            database=database,
+            cost_model=cost_model,
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
+            task_scheduler=task_scheduler,
+        )
     say(
         logging.INFO,
         f"[tune] done in {time.perf_counter() - start:.0f} s: {sum(callback.trials)} trials, "
         f"{callback.build_errors} build errors, {callback.run_errors} run errors",
     )
     return database
+
+
+def search_strategy(strategy: str, trials_per_task: int):
+    """The meta-schedule search strategy for ``strategy`` and a per-task budget.
+
+    ``"evolutionary"`` gets a population sized to the budget (128 to 512 candidates, 8 per trial): TVM's
+    default of 512, each sampled and post-processed (tensorize checks included) before every batch, costs
+    minutes per task on 2 cores when a task gets a few dozen trials. Other names pass through.
+    """
+    if strategy != "evolutionary":
+        return strategy
+    population = int(min(512, max(128, 8 * trials_per_task)))
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=population, init_min_unmeasured=min(50, population // 4)
+    )
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables (inherited by the tuner's worker processes) for the ``with`` body."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ----------------------------------------------------------------------------------------------------------

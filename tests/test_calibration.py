@@ -84,9 +84,7 @@ def test_import_does_not_load_tvm_or_onnx():
         "heavy = ('tvm', 'tvm_ffi', 'onnx', 'onnxruntime', 'torch')\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "[]", f"importing tvmquant.calibration loaded {result.stdout.strip()}"
 
 

@@ -220,7 +220,9 @@ CONV_CASES = [
     ((1, 3, 16, 16), 32, 3, 1, 1, 1),  # C=3: padded to a 4-channel block on the NCHW path
     ((1, 32, 7, 7), 10, 1, 1, 0, 1),  # K=10: padded to 16 and sliced back
     ((1, 64, 8, 8), 64, 3, 1, 1, 2),  # grouped, whole 16-channel blocks per group
-    ((1, 16, 8, 8), 16, 3, 1, 1, 16),  # depthwise: stays a generic conv
+    ((1, 16, 8, 8), 16, 3, 1, 1, 16),  # depthwise: the blocked multiply-add kernel
+    ((1, 32, 9, 9), 32, 3, 2, 1, 32),  # depthwise, stride 2, two channel blocks
+    ((1, 8, 8, 8), 8, 3, 1, 1, 8),  # depthwise, channels not a 16-block: stays a generic conv
 ]
 
 
@@ -235,6 +237,8 @@ def test_vnni_conv_exact_and_uses_vpdpbusd(shape, out_ch, kernel, stride, paddin
     np.testing.assert_array_equal(run(executable, data), expected)
     if groups != shape[1]:
         assert "vpdpbusd" in assembly(executable)
+    elif shape[1] % 16 == 0:
+        assert any("depthwise_int8_nchwc" in name for name in _called_functions(x86.prepare(mod)))
 
 
 @needs_vnni

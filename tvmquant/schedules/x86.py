@@ -15,7 +15,9 @@ What this module does, in pipeline order (:func:`optimize_int8_for_x86` returns 
    compile time. Spatial padding is a separate ``R.nn.pad`` (a separate kernel, so meta-schedule never
    inlines it into the conv, which would stop tensorization). Convs ``ConvertInt8ConvLayout`` left in NCHW
    (channels not multiples of 16, grouped convs) get explicit transforms with zero channel padding around
-   the blocked conv. Depthwise convs stay as they are (VNNI's 4-deep reduction has nothing to reduce).
+   the blocked conv. Depthwise convs with whole 16-channel blocks become a blocked widening multiply-add
+   (:func:`depthwise_nchwc_int8`; VNNI's 4-deep reduction has nothing to reduce there), other depthwise convs
+   stay generic.
 4. :class:`PackInt8Dense` does the same for ``R.matmul(u8 [.., K], s8 const [K, N], out_dtype="int32")``
    with weights packed ``[N/16, K/4, 16, 4]``.
 
@@ -89,6 +91,7 @@ __all__ = [
     "conv2d_nchwc_int8",
     "cpu_flags",
     "dense_packed_int8",
+    "depthwise_nchwc_int8",
     "extract_tasks",
     "host_mcpu",
     "int8_isa",
@@ -314,6 +317,48 @@ def conv2d_nchwc_int8(
     )
 
 
+def depthwise_nchwc_int8(
+    data: te.Tensor, kernel: te.Tensor, strides: Sequence[int], dilation: Sequence[int]
+) -> te.Tensor:
+    """u8 x s8 -> s32 depthwise conv2d in the blocked layout, on pre-padded data.
+
+    Parameters
+    ----------
+    data : te.Tensor
+        uint8 ``[N, C/16, H, W, 16]``, spatial padding already applied.
+    kernel : te.Tensor
+        int8 ``[C/16, R, S, 16]`` (:func:`pack_depthwise_weight`).
+    strides, dilation : sequence of 2 ints
+
+    Returns
+    -------
+    te.Tensor
+        int32 ``[N, C/16, OH, OW, 16]``: the 16 channels of a block are the 16 int32 lanes of a 512-bit
+        vector. VNNI has nothing to reduce here (one input channel per output), so this is a widening
+        multiply-add that meta-schedule vectorizes; what it saves is the NCHW round trip around each
+        depthwise conv of a blocked network.
+    """
+    batch, blocks, in_h, in_w, block = (int(v) for v in data.shape)
+    k_blocks, k_h, k_w, k_block = (int(v) for v in kernel.shape)
+    if (k_blocks, k_block) != (blocks, block):
+        raise ValueError(f"depthwise_nchwc_int8: kernel {tuple(kernel.shape)} does not match data {tuple(data.shape)}")
+    stride_h, stride_w = (int(v) for v in strides)
+    dil_h, dil_w = (int(v) for v in dilation)
+    out_h = (in_h - (k_h - 1) * dil_h - 1) // stride_h + 1
+    out_w = (in_w - (k_w - 1) * dil_w - 1) // stride_w + 1
+    r_h = te.reduce_axis((0, k_h), name="kh")
+    r_w = te.reduce_axis((0, k_w), name="kw")
+    return te.compute(
+        (batch, blocks, out_h, out_w, block),
+        lambda n, cb, oh, ow, ci: te.sum(
+            data[n, cb, oh * stride_h + r_h * dil_h, ow * stride_w + r_w * dil_w, ci].astype("int32")
+            * kernel[cb, r_h, r_w, ci].astype("int32"),
+            axis=[r_h, r_w],
+        ),
+        name="depthwise_NCHWc_int8",
+    )
+
+
 def dense_packed_int8(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
     """u8 x s8 -> s32 matmul with weights packed for VNNI.
 
@@ -418,6 +463,14 @@ def pack_conv2d_weight(weight_oihw: np.ndarray, groups: int, ic_block: int) -> n
     blocked = padded.reshape(out_pad // OC_BLOCK, OC_BLOCK, in_pad // ic_block, ic_block // IC_QUAD, IC_QUAD, k_h, k_w)
     # -> [ob, icb, kh, kw, quad_index, oc_in_block, elem_in_quad]
     return np.ascontiguousarray(blocked.transpose(0, 2, 5, 6, 3, 1, 4))
+
+
+def pack_depthwise_weight(weight_oihw: np.ndarray, block: int = OC_BLOCK) -> np.ndarray:
+    """Depthwise weight ``[C, 1, R, S]`` -> ``[C/block, R, S, block]`` (channels innermost)."""
+    channels, per_group, k_h, k_w = weight_oihw.shape
+    if per_group != 1 or channels % block != 0:
+        raise ValueError(f"pack_depthwise_weight: expected [C, 1, R, S] with C a multiple of {block}")
+    return np.ascontiguousarray(weight_oihw.reshape(channels // block, block, k_h, k_w).transpose(0, 2, 3, 1))
 
 
 def pack_dense_weight(weight_kn: np.ndarray) -> np.ndarray:
@@ -672,8 +725,10 @@ class _Int8Rewriter(relax.PyExprMutator):
         channels = data_shape[1]
         out_channels = weight_np.shape[0]
         per_group = channels // groups
+        if per_group == 1 and groups == channels == out_channels and channels % OC_BLOCK == 0:
+            return self._rewrite_depthwise(call.args[0], weight_np, strides, dilation, pads)
         if groups > 1 and (per_group == 1 or (out_channels // groups) % OC_BLOCK != 0):
-            return call  # depthwise, or output groups that are not whole 16-blocks: keep the generic conv
+            return call  # other depthwise convs, or output groups that are not whole 16-blocks: generic conv
         ic_block = _ic_block_for(per_group, groups)
         if ic_block is None:
             return call
@@ -703,6 +758,26 @@ class _Int8Rewriter(relax.PyExprMutator):
         if packed.shape[0] * OC_BLOCK != out_channels:
             out = relax.op.strided_slice(self.builder_.emit(out), axes=[1], begin=[0], end=[out_channels])
         return out
+
+    def _rewrite_depthwise(self, data, weight_np, strides, dilation, pads):
+        # NCHW in and out, blocked inside; SinkLayoutTransform then cancels the transforms against the
+        # blocked convs around it.
+        blocked = self.builder_.emit(
+            relax.op.layout_transform(data, lambda n, c, h, w: (n, c // OC_BLOCK, h, w, c % OC_BLOCK))
+        )
+        padded = self._spatial_pad(blocked, 5, pads)
+        conv = self.builder_.emit(
+            self.builder_.call_te(
+                depthwise_nchwc_int8,
+                padded,
+                relax.const(pack_depthwise_weight(weight_np), "int8"),
+                strides,
+                dilation,
+                primfunc_name_hint="depthwise_int8_nchwc",
+            )
+        )
+        self.rewritten += 1
+        return relax.op.layout_transform(conv, lambda n, cb, h, w, ci: (n, cb * OC_BLOCK + ci, h, w))
 
     # -- matmul ----------------------------------------------------------------------------------------
     def _rewrite_matmul(self, call):
@@ -750,7 +825,8 @@ class BlockInt8Conv2d:
     Handles the ``NCHW16c``/``OIHW16i16o`` convs made by :class:`ConvertInt8ConvLayout` (output stays
     blocked) and plain NCHW/OIHW convs, including grouped convs whose groups are whole channel blocks
     (explicit layout transforms, zero channel padding, and a slice when the output channels are padded to
-    16). Depthwise convs, signed activations, non-constant weights and dynamic shapes are left unchanged.
+    16). Depthwise convs whose channels are whole 16-blocks get :func:`depthwise_nchwc_int8`; other depthwise
+    convs, signed activations, non-constant weights and dynamic shapes are left unchanged.
     The weight is packed in numpy, once, at compile time. Idempotent (a rewritten conv is a ``call_tir``).
     Run before ``LegalizeOps``.
     """

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from tvmquant.benchmark import machine_info, time_library, time_onnx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "models"))
@@ -124,77 +125,28 @@ def model_and_data(name: str, folder: str):
     return fmnist_model_path(), load_fmnist_example()[0][:64]
 
 
-_TIMER = """
-import os, sys, time, json, numpy as np
-from tvmquant.deploy import load_library
-model = load_library(sys.argv[1])
-x = np.load(sys.argv[2])
-for _ in range(5): model(x)
-times = []
-deadline = time.time() + float(sys.argv[3])
-while time.time() < deadline or len(times) < 10:
-    start = time.perf_counter(); model(x); times.append(time.perf_counter() - start)
-print(json.dumps({"median_ms": float(np.median(times) * 1000), "runs": len(times)}))
-"""
-
-_ORT_TIMER = """
-import sys, time, json, numpy as np, onnxruntime as ort
-options = ort.SessionOptions(); options.intra_op_num_threads = int(sys.argv[3]); options.inter_op_num_threads = 1
-session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-x = np.load(sys.argv[2]); name = session.get_inputs()[0].name
-for _ in range(5): session.run(None, {name: x})
-times = []
-deadline = time.time() + float(sys.argv[4])
-while time.time() < deadline or len(times) < 10:
-    start = time.perf_counter(); session.run(None, {name: x}); times.append(time.perf_counter() - start)
-print(json.dumps({"median_ms": float(np.median(times) * 1000), "runs": len(times)}))
-"""
-
-
-def time_library(library: str, x_path: str, threads: int, seconds: float) -> float:
-    env = dict(os.environ, TVM_NUM_THREADS=str(threads))
-    out = subprocess.run(
-        [sys.executable, "-c", _TIMER, library, x_path, str(seconds)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["median_ms"]
-
-
-def time_ort(model_path: str, x_path: str, threads: int, seconds: float) -> float:
-    out = subprocess.run(
-        [sys.executable, "-c", _ORT_TIMER, model_path, x_path, str(threads), str(seconds)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["median_ms"]
-
-
-def kernel_report(db_dir: str, target) -> list:
-    """Best measured latency and GOP/s of every tuned kernel in the database."""
+def kernel_report(db_dir: str, target, tasks) -> list:
+    """Best measured latency and GOP/s of every tuned kernel in the database, named after its task, with the
+    number of times the model calls it; sorted by total time in the model."""
+    import tvm_ffi
     from tvm.s_tir.analysis import estimate_tir_flops
 
     from tvmquant.schedules.x86 import records_for_target
 
-    database = records_for_target(db_dir, target)
-    rows = []
-    for record in database.get_all_tuning_records():
-        if not record.run_secs:
+    by_hash = {tvm_ffi.structural_hash(task.dispatched[0]): task for task in tasks}
+    best: dict = {}
+    for record in records_for_target(db_dir, target).get_all_tuning_records():
+        task = by_hash.get(tvm_ffi.structural_hash(record.workload.mod))
+        if not record.run_secs or task is None:
             continue
         seconds = float(np.mean([float(s) for s in record.run_secs]))
-        mod = record.workload.mod
-        name = next(iter(gv.name_hint for gv in mod.get_global_vars()))
-        flops = float(estimate_tir_flops(mod))
-        rows.append({"kernel": name, "us": seconds * 1e6, "gops": flops / seconds / 1e9})
-    best: dict = {}
-    for row in rows:
-        key = (row["kernel"], round(row["gops"] * row["us"]))
-        if key not in best or row["us"] < best[key]["us"]:
-            best[key] = row
-    return sorted(best.values(), key=lambda r: -r["gops"] * r["us"])
+        if task.task_name not in best or seconds < best[task.task_name][0]:
+            best[task.task_name] = (seconds, record, task)
+    rows = []
+    for name, (seconds, record, task) in best.items():
+        flops = float(estimate_tir_flops(record.workload.mod))
+        rows.append({"kernel": name, "calls": int(task.weight), "us": seconds * 1e6, "gops": flops / seconds / 1e9})
+    return sorted(rows, key=lambda r: -r["us"] * r["calls"])
 
 
 def bench_model(
@@ -207,45 +159,44 @@ def bench_model(
     from tvmquant.testing.ort import ort_quantize
 
     path, calib = model_and_data(name, folder)
-    x = calib[:1]
-    x_path = os.path.join(folder, f"{name}_x.npy")
-    np.save(x_path, x)
     target = x86.x86_target(num_cores=2)
     result = {"model": name, "trials_per_task": trials_per_task, "search_strategy": strategy}
 
     qmodel = tvmquant.quantize(path, calib_data=calib, progress=False, report_batches=0)
+    x_path = os.path.join(folder, f"{name}_x.npz")  # one real sample, under the model's input name
+    np.savez(x_path, **{qmodel.inputs[0].name: calib[:1]})
     fp32_mod, _, _, _ = load_model(path)
     timings = {}
     for label, mod in (("tvm_fp32", fp32_mod), ("tvmquant_int8", qmodel.mod)):
         db_dir = os.path.join(folder, f"{name}_{label}_db")
         start = time.time()
-        tasks = len(x86.extract_tasks(mod, target))
+        tasks = x86.extract_tasks(mod, target)
         x86.tune(
             mod,
             target,
-            trials=trials_per_task * tasks,
+            trials=trials_per_task * len(tasks),
             db_dir=db_dir,
             trials_per_task=trials_per_task,
             strategy=strategy,
             progress=True,
         )
         result[f"{label}_tuning_seconds"] = round(time.time() - start, 1)
-        result[f"{label}_tasks"] = tasks
+        result[f"{label}_tasks"] = len(tasks)
         library = os.path.join(folder, f"{name}_{label}.so")
         write_library(x86.build(mod, target, db_dir=db_dir), mod, library, qmodel.inputs, target)
         if label == "tvmquant_int8":
             # Tuning measures each kernel with one thread per core of the target (2 here).
             result["int8_kernels"] = [
                 {**row, "share_of_vnni_peak": row["gops"] / peak if peak else None}
-                for row in kernel_report(db_dir, target)[:8]
+                for row in kernel_report(db_dir, target, tasks)[:10]
             ]
         for threads in (1, 2):
             timings[f"{label}_ms_{threads}t"] = time_library(library, x_path, threads, seconds)
 
     ort_int8 = ort_quantize(path, calib, "minmax", out_dir=folder)
     for threads in (1, 2):
-        timings[f"ort_fp32_ms_{threads}t"] = time_ort(path, x_path, threads, seconds)
-        timings[f"ort_int8_ms_{threads}t"] = time_ort(ort_int8, x_path, threads, seconds)
+        timings[f"ort_fp32_ms_{threads}t"] = time_onnx(path, x_path, threads, seconds)
+        timings[f"ort_int8_ms_{threads}t"] = time_onnx(ort_int8, x_path, threads, seconds)
     result["latency_ms"] = timings
     result["ratios"] = {
         f"int8_speedup_vs_tvm_fp32_{t}t": timings[f"tvm_fp32_ms_{t}t"] / timings[f"tvmquant_int8_ms_{t}t"]
@@ -276,19 +227,9 @@ def main():
     parser.add_argument("--out", default=os.path.join(HERE, "results", "speed_x86.json"))
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="tvmquant-speed-")
-    flags = open("/proc/cpuinfo").read()
     result = {
         "command": "python bench/speed_x86.py " + " ".join(sys.argv[1:]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": next(
-                (line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), ""
-            ),
-            "llvm_mcpu": __import__("tvm").target.codegen.llvm_get_system_cpu(),
-            "cores": os.cpu_count(),
-            "avx512_vnni": "avx512_vnni" in flags,
-            "amx_int8": "amx_int8" in flags,
-        },
+        "machine": machine_info(),
         "models": {},
     }
     cores = os.cpu_count() or 1

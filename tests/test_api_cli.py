@@ -255,3 +255,27 @@ def test_compile_deployable_library_loads_with_runtime_only(tmp_path, model_file
     np.savez(tmp_path / "x.npz", input=x)
     assert cli.main(["run", str(library), "--input", str(tmp_path / "x.npz"), "-o", str(tmp_path / "y.npz"), "-q"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "y.npz")["output0"], expected)
+
+
+def test_cli_bench_times_int8_fp32_and_onnx_runtime(tmp_path, model_file, calib_file, capsys):
+    pytest.importorskip("onnxruntime")
+    artifact = tmp_path / "cnn.tvmq"
+    assert cli.main(["quantize", model_file, "--calib", calib_file, "-o", str(artifact), "-q"]) == 0
+    out = tmp_path / "bench.json"
+    args = ["bench", str(artifact), "--threads", "1", "--seconds", "0.2", "-o", str(out), "-q"]
+    assert cli.main(args) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    engines = set(result["latency_ms"])
+    assert engines == {"tvmquant_int8", "tvm_fp32", "ort_fp32", "ort_int8_qdq"}, result["skipped"]
+    for engine in engines:
+        assert result["latency_ms"][engine]["1"] > 0
+        assert engine in table
+    ratio = result["speedup"]["vs_tvm_fp32"]["1"]
+    assert ratio == pytest.approx(result["latency_ms"]["tvm_fp32"]["1"] / result["latency_ms"]["tvmquant_int8"]["1"])
+    assert result["machine"]["cores"] >= 1 and "llvm_mcpu" in result["machine"]
+    assert result["tuned"] == {"tvmquant_int8": False, "tvm_fp32": False} and "(untuned)" in table
+    # bad arguments: one line, no output file
+    bad = tmp_path / "bad.json"
+    assert cli.main(["bench", str(artifact), "--threads", "0", "-o", str(bad), "-q"]) == cli.EXIT_USER_ERROR
+    assert "threads" in capsys.readouterr().err and not bad.exists()

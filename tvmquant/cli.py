@@ -188,6 +188,39 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .api import load
+    from .benchmark import benchmark, format_table
+
+    if args.output:
+        _check_output_path(args.output)
+    if args.seconds <= 0:
+        raise ValueError(f"--seconds must be positive, got {args.seconds}")
+    qmodel = load(args.artifact)
+    if args.batch_size:
+        qmodel = qmodel.rebatch(args.batch_size)
+    say = (lambda message: None) if args.quiet else (lambda message: print(f"[bench] {message}", file=sys.stderr))
+    result = benchmark(
+        qmodel,
+        target=args.target,
+        db=args.db,
+        fp32_db=args.fp32_db,
+        threads=tuple(args.threads),
+        seconds=args.seconds,
+        onnx_runtime=not args.no_ort,
+        say=say,
+    )
+    result["arguments"] = {key: value for key, value in vars(args).items() if key != "func"}
+    print(format_table(result))
+    if args.output:
+        from .api import atomic_write
+
+        atomic_write(args.output, lambda handle: handle.write(json.dumps(result, indent=2).encode()))
+        if not args.quiet:
+            print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .api import load
 
@@ -286,6 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None, help="static batch size")
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(func=cmd_tune)
+
+    b = sub.add_parser("bench", help="time the INT8 model against FP32 (TVM) and ONNX Runtime, in one run, on this CPU")
+    b.add_argument("artifact", help="artifact (.tvmq) from `tvmquant quantize`")
+    b.add_argument("--target", default=None, help="'llvm' (this CPU, default) or a JSON target dict")
+    b.add_argument("--db", default=None, help="tuning database of the INT8 model (`tvmquant tune ARTIFACT`)")
+    b.add_argument("--fp32-db", default=None, help="tuning database of the FP32 model (`tvmquant tune MODEL.onnx`)")
+    b.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to time at")
+    b.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
+    b.add_argument("--batch-size", type=int, default=None, help="static batch size (ONNX sources)")
+    b.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
+    b.add_argument("-o", "--output", default=None, help="JSON file for the results")
+    b.add_argument("-q", "--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("export", help="export a quantized artifact to another format")
     e.add_argument("artifact")

@@ -1451,18 +1451,36 @@ class ScheduleUntunedFromSketch:
         return mod
 
 
-def _first_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_threads):
-    context = ms.TuneContext(
-        mod=tvm.IRModule({"main": func}),
-        target=target,
-        space_generator="post-order-apply",
-        search_strategy="replay-trace",
-        task_name=name,
-        rand_state=seed,
-        num_threads=num_threads,
-    )
-    for sketch in context.generate_design_space():
-        if all(postproc.apply(sketch) for postproc in context.space_generator.postprocs):
+def _first_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_threads, tries: int = 16):
+    """The first design-space sketch (in meta-schedule's order: tensorized first) that passes the
+    postprocessors and compiles, trying ``tries`` samples of its decisions before moving to the next sketch."""
+
+    def design_space(rand_state):
+        context = ms.TuneContext(
+            mod=tvm.IRModule({"main": func}),
+            target=target,
+            space_generator="post-order-apply",
+            search_strategy="replay-trace",
+            task_name=name,
+            rand_state=rand_state,
+            num_threads=num_threads,
+        )
+        return context, list(context.generate_design_space())
+
+    spaces = [design_space(seed + k) for k in range(tries)]
+    for index in range(len(spaces[0][1])):
+        for context, sketches in spaces:
+            sketch = sketches[index]
+            if not all(postproc.apply(sketch) for postproc in context.space_generator.postprocs):
+                continue
+            try:
+                # What the tuner's builder does to every candidate: some samples pass the postprocessors and
+                # still fail in codegen (a 64-lane vectorized loop around the 16-lane VNNI body of a dense).
+                scheduled = sketch.mod["main"].with_attr("global_symbol", "main")  # MakePackedAPI needs it
+                build_candidate(tvm.IRModule({"main": scheduled}), target, None)
+            except Exception as err:  # noqa: BLE001  (any codegen failure: try the next sample)
+                logger.debug("ScheduleUntunedFromSketch: a sketch of %s does not compile (%s)", name, err)
+                continue
             return sketch.mod["main"].with_attr("tirx.is_scheduled", True)
     logger.debug("ScheduleUntunedFromSketch: no valid sketch for %s; left unscheduled", name)
     return None

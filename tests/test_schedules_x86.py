@@ -503,3 +503,23 @@ def test_database_reuse_skips_tuned_tasks(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_evolutionary_xgb_tuning_and_reuse(tmp_path, monkeypatch, capsys):
     _tune_and_reuse(tmp_path, monkeypatch, capsys, strategy="evolutionary", trials=24)
+
+
+def test_tuning_measures_with_one_thread_per_target_core(monkeypatch, tmp_path):
+    # TVM's own default on x86 is half the logical CPUs (1 on the 2-core CI machines): candidates would be
+    # timed single-threaded and the search would favour schedules that do not scale.
+    rng = np.random.default_rng(13)
+    mod, _, _ = conv_module((1, 16, 8, 8), [(16, 1, 1, 0, 1)], rng)
+    seen = {}
+
+    def fake_tune_tasks(**kwargs):
+        seen["threads"] = os.environ.get("TVM_NUM_THREADS")
+        seen["strategy"] = kwargs["tasks"][0].search_strategy
+
+    monkeypatch.setattr(x86.ms.tune, "tune_tasks", fake_tune_tasks)
+    monkeypatch.setenv("TVM_NUM_THREADS", "7")
+    x86.tune(mod, x86.x86_target(num_cores=3), trials=16, db_dir=str(tmp_path / "db"), progress=False)
+    assert seen["threads"] == "3"
+    assert os.environ["TVM_NUM_THREADS"] == "7"  # restored
+    assert isinstance(seen["strategy"], x86.ms.search_strategy.EvolutionarySearch)
+    assert x86.search_strategy("replay-trace", 16) == "replay-trace"

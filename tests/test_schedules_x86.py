@@ -523,3 +523,16 @@ def test_tuning_measures_with_one_thread_per_target_core(monkeypatch, tmp_path):
     assert os.environ["TVM_NUM_THREADS"] == "7"  # restored
     assert isinstance(seen["strategy"], x86.ms.search_strategy.EvolutionarySearch)
     assert x86.search_strategy("replay-trace", 16) == "replay-trace"
+
+
+def test_depthwise_between_blocked_convs_gets_the_fixed_vector_schedule():
+    rng = np.random.default_rng(14)
+    layers = [(32, 1, 1, 0, 1), (32, 3, 2, 1, 32), (32, 1, 1, 0, 1)]  # pointwise, depthwise (stride 2), pointwise
+    mod, _, _ = conv_module((1, 32, 12, 12), layers, rng, requantize=True)
+    prepared = x86.prepare(mod, x86.x86_target("sapphirerapids", num_cores=2))
+    depthwise = [name for name in _called_functions(prepared) if "depthwise_int8_nchwc" in name]
+    assert len(depthwise) == 1
+    func = prepared[depthwise[0]]
+    assert x86._is_scheduled(func)  # not left to the tuner
+    assert "T.vectorized" in func.script() and "T.parallel" in func.script()
+    assert depthwise[0] not in [task.task_name for task in x86.extract_tasks(mod, x86.x86_target(num_cores=2))]

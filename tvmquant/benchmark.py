@@ -229,5 +229,10 @@ def format_table(result: dict) -> str:
         f"machine: {machine['cpu']} ({machine['llvm_mcpu']}, {machine['cores']} cores, "
         f"VNNI {'yes' if machine['avx512_vnni'] else 'no'}, AMX {'yes' if machine['amx_int8'] else 'no'})"
     )
+    if not all(result["tuned"].values()):
+        lines.append(
+            "(untuned): default schedules, far from tuned speed; tune with `tvmquant tune ARTIFACT --db DIR` "
+            "(FP32: `tvmquant tune MODEL.onnx --db DIR`) and pass --db / --fp32-db"
+        )
     lines.extend(f"skipped {engine}: {reason}" for engine, reason in result["skipped"].items())
     return "\n".join(lines)

@@ -279,3 +279,6 @@ def test_cli_bench_times_int8_fp32_and_onnx_runtime(tmp_path, model_file, calib_
     bad = tmp_path / "bad.json"
     assert cli.main(["bench", str(artifact), "--threads", "0", "-o", str(bad), "-q"]) == cli.EXIT_USER_ERROR
     assert "threads" in capsys.readouterr().err and not bad.exists()
+    missing = str(tmp_path / "no_such_db")
+    assert cli.main(["bench", str(artifact), "--db", missing, "-o", str(bad), "-q"]) == cli.EXIT_USER_ERROR
+    assert "no_such_db" in capsys.readouterr().err and not bad.exists()

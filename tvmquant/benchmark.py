@@ -151,6 +151,10 @@ def benchmark(
     target = as_target(target)
     if target.kind.name != "llvm":
         raise ValueError(f"tvmquant bench times on this machine's CPU: target {target.kind.name!r} cannot run here")
+    for flag, database in (("db", db), ("fp32_db", fp32_db)):
+        if database is not None and not os.path.isdir(database):
+            # A mistyped path would otherwise build untuned, with the result still saying "tuned".
+            raise FileNotFoundError(f"{flag} {os.fspath(database)!r} is not a tuning database directory")
     threads = tuple(int(t) for t in threads)
     if not threads or min(threads) < 1:
         raise ValueError(f"threads must be positive integers, got {threads}")

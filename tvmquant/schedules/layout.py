@@ -18,6 +18,8 @@ unblocked copies that nothing uses any more are dead and removed by ``DeadCodeEl
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import tvm
 from tvm import relax, tirx
@@ -25,6 +27,8 @@ from tvm.sym import Analyzer  # TVM 0.27: tvm.arith moved to tvm.sym
 
 from .._compat import TensorType, Var, const_value, is_const, tensor_shape
 from ..passes._rewrite import BindingRewriter
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SinkLayoutTransform", "is_identity_composition", "unblock_factor"]
 
@@ -231,4 +235,7 @@ class SinkLayoutTransform:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
             return mod
-        return _Sinker().transform_module(mod)
+        sinker = _Sinker()
+        out = sinker.transform_module(mod)
+        logger.debug("SinkLayoutTransform: %d ops moved into the blocked layout or round trips cancelled", sinker.sunk)
+        return out

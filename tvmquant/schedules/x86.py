@@ -1523,9 +1523,12 @@ def _first_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_t
         )
         return context, list(context.generate_design_space())
 
-    spaces = [design_space(seed + k) for k in range(tries)]
+    spaces = [design_space(seed)]  # the other samples are drawn only when a sketch fails (rare)
     for index in range(len(spaces[0][1])):
-        for context, sketches in spaces:
+        for k in range(tries):
+            if k == len(spaces):
+                spaces.append(design_space(seed + k))
+            context, sketches = spaces[k]
             sketch = sketches[index]
             if not all(postproc.apply(sketch) for postproc in context.space_generator.postprocs):
                 continue

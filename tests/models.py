@@ -88,9 +88,14 @@ def residual_cnn(seed: int = 0, channels: int = 16, size: int = 16) -> onnx.Mode
     )
 
 
-def transformer_block(seed: int = 0, seq: int = 16, dim: int = 32, heads: int = 2) -> onnx.ModelProto:
+def transformer_block(
+    seed: int = 0, seq: int = 16, dim: int = 32, heads: int = 2, batch: int | None = 1
+) -> onnx.ModelProto:
     """A pre-norm transformer encoder block: LayerNorm, multi-head attention (MatMul x MatMul, Softmax),
-    residual adds, LayerNorm, MLP with GELU (Erf form)."""
+    residual adds, LayerNorm, MLP with GELU (Erf form). Input and output ``[batch, seq, dim]``;
+    ``batch=None`` makes the batch dimension symbolic (``"N"``)."""
+    reshape_batch = -1 if batch is None else batch
+    batch = "N" if batch is None else batch
     g = _Graph(seed)
     head_dim = dim // heads
 
@@ -108,7 +113,7 @@ def transformer_block(seed: int = 0, seq: int = 16, dim: int = 32, heads: int = 
         )
 
     def split_heads(x):
-        shape = g.const(np.array([1, seq, heads, head_dim], np.int64))
+        shape = g.const(np.array([reshape_batch, seq, heads, head_dim], np.int64))
         return g.node("Transpose", [g.node("Reshape", [x, shape])], perm=[0, 2, 1, 3])
 
     x = "input"
@@ -118,7 +123,7 @@ def transformer_block(seed: int = 0, seq: int = 16, dim: int = 32, heads: int = 
     scores = g.node("Mul", [scores, g.const(np.array(1.0 / np.sqrt(head_dim), np.float32))])
     attn = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), v])
     attn = g.node(
-        "Reshape", [g.node("Transpose", [attn], perm=[0, 2, 1, 3]), g.const(np.array([1, seq, dim], np.int64))]
+        "Reshape", [g.node("Transpose", [attn], perm=[0, 2, 1, 3]), g.const(np.array([reshape_batch, seq, dim], np.int64))]
     )
     x = g.node("Add", [x, linear(attn, dim, dim)])
     h = linear(layer_norm(x), dim, 4 * dim)
@@ -138,8 +143,8 @@ def transformer_block(seed: int = 0, seq: int = 16, dim: int = 32, heads: int = 
     g.node("Add", [x, linear(gelu, 4 * dim, dim)])
     g.nodes[-1].output[0] = "output"
     return g.model(
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, seq, dim])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, seq, dim])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, seq, dim])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, seq, dim])],
     )
 
 

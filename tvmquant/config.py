@@ -423,6 +423,9 @@ X86_VNNI_MAX = QuantConfig(activation=TensorSpec("uint8", "affine", method=Max()
 X86_VNNI_AUTO = QuantConfig(auto_skip=AutoSkip(target_sqnr_db=20.0, max_layers=8))
 #: Symmetric int8 activations and weights (CUDA dp4a / tensor cores take s8 x s8).
 SYMMETRIC_INT8 = QuantConfig(activation=TensorSpec("int8", "symmetric", method=Max()))
+#: NVIDIA GPUs: int8 x int8 tensor cores (WMMA s8s8s32) need signed activations, so activations are symmetric
+#: int8 (zero point 0), calibrated to the 99.99th percentile; weights per-channel symmetric int8.
+CUDA_INT8 = QuantConfig(activation=TensorSpec("int8", "symmetric", method=Percentile(99.99)))
 #: Per-tensor weights everywhere (for runtimes without per-channel support).
 PER_TENSOR = QuantConfig(weight=TensorSpec("int8", "symmetric", PerTensor()))
 
@@ -431,6 +434,7 @@ PRESETS = {
     "x86_vnni_max": X86_VNNI_MAX,
     "x86_vnni_auto": X86_VNNI_AUTO,
     "symmetric_int8": SYMMETRIC_INT8,
+    "cuda_int8": CUDA_INT8,
     "per_tensor": PER_TENSOR,
 }
 DEFAULT = X86_VNNI

@@ -42,9 +42,23 @@ def export_library(qmodel, path, target=None, db=None, mode: str = "int8") -> di
     modules = {"int8": lambda: qmodel.mod, "simulated": lambda: qmodel.simulated, "fp32": lambda: qmodel.fp32}
     mod = modules[mode]()
     table = {name: params.to_dict() for name, params in qmodel.table.items()}
+    if target.kind.name == "cuda" and mode == "int8":
+        _warn_unsigned_activations(qmodel)
     return write_library(
         build(mod, target=target, db=db), mod, path, qmodel.inputs, target, {"mode": mode, "quant_table": table}
     )
+
+
+def _warn_unsigned_activations(qmodel) -> None:
+    import warnings
+
+    if qmodel.config.activation.dtype != "int8":
+        warnings.warn(
+            f"the model's activations are {qmodel.config.activation.dtype}: NVIDIA int8 tensor cores take signed "
+            "int8 x int8, so its convs and matmuls run on CUDA cores; quantize with the 'cuda_int8' preset "
+            "(tvmquant quantize --preset cuda_int8) for tensor cores",
+            stacklevel=3,
+        )
 
 
 def write_library(executable, mod, path, inputs, target, extra: dict | None = None) -> dict:
@@ -74,6 +88,13 @@ def write_library(executable, mod, path, inputs, target, extra: dict | None = No
     try:
         executable.export_library(tmp_library)
         os.chmod(tmp_library, 0o777 & ~_umask())
+        if target.kind.name == "cuda":
+            # The compiler stores CUDA source; compile it now, so that the GPU host needs no nvcc.
+            from . import cuda_binaries
+
+            binaries = cuda_binaries.precompile(executable, target)
+            cuda_binaries.write_archive(binaries, cuda_binaries.archive_path(path))
+            metadata["cuda_binaries"] = os.path.basename(cuda_binaries.archive_path(path))
         atomic_write(metadata_path(path), lambda stream: stream.write(json.dumps(metadata, indent=2).encode()))
         os.replace(tmp_library, path)
     except BaseException:
@@ -122,6 +143,13 @@ class LoadedModel:
             raise ValueError(f"{meta_file!r} has metadata format {self.metadata.get('format')!r}; expected 1")
         self.inputs = [InputSpec.from_dict(d) for d in self.metadata["inputs"]]
         use_physical_cores()  # TVM's default is half the CPUs on x86: one thread on a 2-core VM
+        if self.metadata.get("cuda_binaries"):
+            from . import cuda_binaries
+
+            cuda_binaries.install(os.path.join(os.path.dirname(os.path.abspath(path)), self.metadata["cuda_binaries"]))
+            if device is None and not tvm.cuda(0).exist:
+                raise RuntimeError(f"library {path!r} was built for a CUDA GPU and this machine has none")
+            device = device or tvm.cuda(0)
         self.device = device or tvm.cpu()
         self.vm = VirtualMachine(tvm.runtime.load_module(path), self.device)
 

@@ -2,6 +2,9 @@
 
 - :mod:`tvmquant.schedules.x86`: blocked VNNI convs/dense for x86 (graph passes, ``tune``, ``build``).
 - :mod:`tvmquant.schedules.intrinsics`: the x86 INT8 tensor intrinsics, fixed for TVM 0.27's LLVM 22.
+- :mod:`tvmquant.schedules.cuda`: NVIDIA GPUs: WMMA s8s8s32 / dp4a rules, the NHWC model pipeline, ``build``.
+- :mod:`tvmquant.schedules.offline`: tune for a GPU from a machine without one (sample and build here,
+  measure there with :mod:`tvmquant.remote`, import the times).
 
 The submodules are imported lazily (by the functions below, or directly by the caller), so that
 ``import tvmquant`` stays cheap.
@@ -30,14 +33,19 @@ def build_with_database(mod, target, db: str | os.PathLike | None = None):
     Notes
     -----
     For ``llvm`` targets this is :func:`tvmquant.schedules.x86.build` (blocked INT8 kernels, VNNI; kernels
-    without a record get an untuned default schedule). Other targets go through meta-schedule's
-    ``compile_relax`` with the database, when one is given.
+    without a record get an untuned default schedule); for ``cuda`` targets
+    :func:`tvmquant.schedules.cuda.build` (NHWC, WMMA tensor cores, fused epilogues). Other targets go
+    through meta-schedule's ``compile_relax`` with the database, when one is given.
     """
     db_dir = None if db is None else os.fspath(db)
     if target.kind.name == "llvm":
         from . import x86
 
         return x86.build(mod, target, db_dir=db_dir)
+    if target.kind.name == "cuda":
+        from . import cuda
+
+        return cuda.build(mod, target, db_dir)
     import tvm
     from tvm.s_tir import meta_schedule as ms
 

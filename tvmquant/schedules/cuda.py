@@ -23,6 +23,7 @@ parse every CUDA intrinsic) are imported by :func:`int8_rules`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -53,6 +54,8 @@ __all__ = [
 ]
 
 Int8Kind = Literal["wmma", "dp4a", "wmma_fp16"]
+
+logger = logging.getLogger(__name__)
 
 #: vector lengths for cooperative shared-memory loads (int8x8 / int8x16 broadcasts miscompile, see above)
 VECTOR_LOAD_LENS = (1, 2, 3, 4)
@@ -247,13 +250,15 @@ def compile_cuda_source(source: str, target: tvm.target.Target, target_format: s
 
 
 def cuda_source(lib) -> str:
-    """The CUDA source of a module built by ``tvm.compile`` (its imported device modules)."""
-    parts = []
-    for module in lib.mod.imports:
-        try:
-            parts.append(module.inspect_source())
-        except Exception:  # a module kind without source (e.g. an already-loaded cubin)
-            continue
+    """The CUDA source of a module built by ``tvm.compile`` / ``relax.build`` (its CUDA device modules, at
+    any depth of the import tree)."""
+    parts, stack = [], [getattr(lib, "mod", lib)]
+    while stack:
+        module = stack.pop()
+        for child in module.imports:
+            if getattr(child, "kind", None) == "cuda":
+                parts.append(child.inspect_source(""))
+            stack.append(child)
     return "".join(parts)
 
 
@@ -355,3 +360,276 @@ def sample_and_build(
             item.seconds = time.perf_counter() - start
             built.append(item)
     return built
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole models: NHWC layout, fusion, tuning tasks, build
+def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.IRModule:
+    """Lower a Relax model to fused TIR kernels for a CUDA target (what :func:`tune_offline` tunes).
+
+    Convs go to NHWC x OHWI (the channel axis is the GEMM reduction axis, contiguous for the tensor-core
+    loads); the requantize epilogue (bias add, scale, round, clip, cast) follows them into NHWC through
+    :class:`~tvmquant.schedules.layout.SinkLayoutTransform`, so that ``FuseOps`` fuses it into the conv
+    kernel. Works for the INT8 model and for an FP16 one (see :func:`to_fp16`).
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        Relax module, weights bound as constants.
+    target : tvm.target.Target, optional
+        A CUDA target (default :func:`cuda_target`).
+
+    Returns
+    -------
+    tvm.IRModule
+        Relax ``main`` calling fused, unscheduled PrimFuncs.
+    """
+    from tvm import relax
+
+    from .layout import SinkLayoutTransform
+
+    target = cuda_target() if target is None else target
+    passes = [
+        relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+        SinkLayoutTransform(),
+        relax.transform.DeadCodeElimination(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def to_fp16(mod: tvm.IRModule) -> tvm.IRModule:
+    """The FP16 baseline of an FP32 Relax model: convs and matmuls in float16 with float32 accumulation
+    (``ToMixedPrecision``), as TVM users deploy FP16 on tensor cores."""
+    from tvm import relax
+
+    with tvm.transform.PassContext(opt_level=3):
+        return relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+
+
+def _gemm_dtypes(func: tvm.tirx.PrimFunc) -> tuple[str, str] | None:
+    """(input dtype, accumulator dtype) of the first reduction block that multiplies two buffers, if any.
+
+    That block is the kernel's anchor (conv or matmul) and picks the rule set: int8 -> WMMA s8s8s32,
+    float16 -> WMMA f16f16f32, anything else (float32 attention, pooling, means) -> meta-schedule's own
+    CUDA rules.
+    """
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # noqa: BLE001  (no root block: an already lowered kernel)
+        return None
+    for block in blocks:
+        node = sch.get(block)
+        if not any(int(iv.iter_type) != 0 for iv in node.iter_vars):  # 0: data parallel
+            continue
+        if len(node.reads) < 2 or len(node.writes) != 1:
+            continue
+        return str(node.reads[0].source.dtype), str(node.writes[0].source.dtype)
+    return None
+
+
+def space_kind(func: tvm.tirx.PrimFunc) -> Int8Kind | None:
+    """The rule set for a fused kernel: ``"wmma"`` (int8 GEMM), ``"wmma_fp16"`` (float16 GEMM) or None
+    (no tensor-core GEMM: meta-schedule's stock CUDA rules)."""
+    dtypes = _gemm_dtypes(func)
+    if dtypes == ("int8", "int32"):
+        return "wmma"
+    if dtypes is not None and dtypes[0] == "float16":
+        return "wmma_fp16"
+    return None
+
+
+def design_space(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
+    """The design-space generator for one fused kernel (see :func:`space_kind`)."""
+    kind = space_kind(func)
+    if kind is None:
+        return ms.space_generator.PostOrderApply(sch_rules="cuda", postprocs="cuda", mutator_probs="cuda")
+    return int8_space(target, kind)
+
+
+def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> list:
+    """The tuning tasks of a Relax model after :func:`prepare`: one per distinct fused kernel with a GEMM
+    (conv, matmul) in it. Other kernels (elementwise, pooling, softmax, layer norm) get TVM's default GPU
+    schedules (``dlight``) in :func:`build`."""
+    target = cuda_target() if target is None else target
+    tasks = ms.relax_integration.extract_tasks(prepare(mod, target), target)
+    return [task for task in tasks if _gemm_dtypes(task.dispatched[0]["main"]) is not None]
+
+
+def _sample(task_mod: tvm.IRModule, target, count: int, seed: int, name: str) -> list:
+    """``count`` schedules drawn from the task's design space (meta-schedule's ReplayTrace strategy)."""
+    func = task_mod["main"]
+    context = ms.TuneContext(
+        mod=task_mod,
+        target=target,
+        space_generator=design_space(func, target),
+        search_strategy=ms.search_strategy.ReplayTrace(),
+        task_name=name,
+        rand_state=seed,
+        num_threads=1,
+    )
+    try:
+        spaces = context.space_generator.generate_design_space(context.mod)
+    except Exception as err:  # noqa: BLE001  (a rule that cannot apply leaves the task to the fallback)
+        logger.warning("kernel %s: no design space (%s)", name, str(err).strip().splitlines()[-1][:200])
+        return []
+    if not spaces:
+        return []
+    strategy = context.search_strategy
+    strategy.pre_tuning(count, count, spaces, None, None)
+    candidates = strategy.generate_measure_candidates() or []
+    strategy.post_tuning()
+    return [candidate.sch for candidate in candidates]
+
+
+def _compiles(sch, target) -> str | None:
+    """None when ``tvm.compile`` lowers and generates CUDA for the scheduled kernel, else the error."""
+    try:
+        tvm.compile(sch.mod, target=target)
+    except Exception as err:  # a candidate that fails to lower is skipped, not fatal
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+    return None
+
+
+class ScheduleUntuned:
+    """Module pass: schedule the kernels that have no tuning record.
+
+    GEMM kernels get the first sampled schedule of their tensor-core design space that compiles (a valid,
+    untuned WMMA kernel); the others get ``dlight``'s default GPU schedules (reduction, general reduction,
+    fallback).
+    """
+
+    def __init__(self, target: tvm.target.Target, seed: int = 0, tries: int = 8):
+        self.target, self.seed, self.tries = target, seed, tries
+
+    def __call__(self, mod: tvm.IRModule) -> tvm.IRModule:
+        from tvm.s_tir import dlight as dl
+
+        updates = {}
+        for gvar, func in mod.functions.items():
+            if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            if _gemm_dtypes(func) is None:
+                continue
+            single = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+            for sch in _sample(single, self.target, self.tries, self.seed, gvar.name_hint):
+                if _compiles(sch, self.target) is None:
+                    updates[gvar] = sch.mod["main"].with_attr("global_symbol", gvar.name_hint).with_attr(
+                        "tirx.is_scheduled", True
+                    )
+                    break
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        with self.target:
+            return dl.ApplyDefaultSchedule(dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+
+
+def _is_scheduled(func) -> bool:
+    attrs = func.attrs
+    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
+
+
+def build(
+    mod: tvm.IRModule,
+    target: tvm.target.Target | None = None,
+    db_dir: str | None = None,
+    *,
+    prepared: bool = False,
+):
+    """Compile a Relax model for a CUDA target with the tuned kernels of ``db_dir`` (a meta-schedule JSON
+    database, e.g. from :func:`import_measurements`).
+
+    Kernels without a record get :class:`ScheduleUntuned`'s schedules, so a build never fails for want of
+    tuning. ``prepared=True`` says ``mod`` already went through :func:`prepare` (e.g. then
+    :func:`lift_constants`). Runs without a GPU: the library holds CUDA source, compiled when it is loaded (by ``nvcc`` or
+    NVRTC on the GPU host, or from the binaries :func:`tvmquant.cuda_binaries.precompile` made).
+
+    Returns
+    -------
+    tvm.relax.VMExecutable
+    """
+    from tvm import relax
+
+    target = cuda_target() if target is None else target
+    prepared = mod if prepared else prepare(mod, target)
+    if db_dir is not None:
+        from tvm.s_tir.tensor_intrin import cuda as _wmma  # noqa: F401  records replay tensorize() by name
+
+        database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+        with target, database, tvm.transform.PassContext(opt_level=3):
+            prepared = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+    prepared = ScheduleUntuned(target)(prepared)
+    with target, tvm.transform.PassContext(opt_level=3):
+        return relax.build(prepared, target=target)
+
+
+def lift_constants(mod: tvm.IRModule, min_bytes: int = 1 << 16) -> tuple[tvm.IRModule, list]:
+    """Turn the large constants of ``main`` (weights) into trailing parameters.
+
+    For benchmarks that ship libraries to a GPU host: the kernels are the same, the library is small, and the
+    weights are fed (or drawn at random) at run time. ``main`` keeps ``num_input`` for the real inputs.
+
+    Returns
+    -------
+    (tvm.IRModule, list of numpy.ndarray)
+        The module and the lifted values, in parameter order.
+    """
+    from tvm import relax
+
+    from .._compat import const_value, is_const
+    from ..passes._rewrite import BindingRewriter
+
+    class _Lift(BindingRewriter):
+        def begin(self, func):
+            self.lifted, self.params = [], []
+            self.by_id: dict = {}
+
+            def visit(expr):
+                if is_const(expr) and expr.value.numpy().nbytes >= min_bytes and expr not in self.by_id:
+                    array = const_value(expr)
+                    var = relax.Var(f"weight{len(self.params)}", expr.ty)
+                    self.by_id[expr] = var
+                    self.params.append(var)
+                    self.lifted.append(array)
+
+            relax.analysis.post_order_visit(func.body, visit)
+
+        def extra_params(self, func):
+            return list(self.params)
+
+        def remap(self, expr):
+            if is_const(expr) and expr in self.by_id:
+                return self.by_id[expr]
+            return super().remap(expr)
+
+    num_input = len(mod["main"].params)
+    lifter = _Lift()
+    out = lifter.transform_module(mod)
+    out["main"] = out["main"].with_attr("num_input", num_input)
+    return out, lifter.lifted
+
+
+def untuned_after_database(prepared: tvm.IRModule, target: tvm.target.Target, db_dir: str | None) -> list[str]:
+    """The GEMM kernels of a :func:`prepare`-d module that ``db_dir`` has no record for."""
+    from tvm import relax
+
+    if db_dir is not None:
+        from tvm.s_tir.tensor_intrin import cuda as _wmma  # noqa: F401
+
+        database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+        with target, database, tvm.transform.PassContext(opt_level=3):
+            prepared = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+    return sorted(
+        gvar.name_hint
+        for gvar, func in prepared.functions.items()
+        if isinstance(func, tvm.tirx.PrimFunc) and not _is_scheduled(func) and _gemm_dtypes(func) is not None
+    )

@@ -30,7 +30,7 @@ from ..passes._rewrite import BindingRewriter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SinkLayoutTransform", "is_identity_composition", "unblock_factor"]
+__all__ = ["SinkLayoutTransform", "is_identity_composition", "permutation", "permute_map", "unblock_factor"]
 
 #: Ops computed elementwise on (broadcast) operands whose result does not depend on the layout.
 ELEMENTWISE_OPS = frozenset(
@@ -95,6 +95,26 @@ def unblock_factor(index_map: tirx.IndexMap, shape: tuple[int, ...]) -> int | No
     return None
 
 
+def permutation(index_map: tirx.IndexMap) -> tuple[int, ...] | None:
+    """``axes`` when ``index_map`` is the transpose ``(i_0, ..., i_n) -> (i_axes[0], ..., i_axes[n])``."""
+    initial = list(index_map.initial_indices)
+    final = list(index_map.final_indices)
+    if len(initial) != len(final):
+        return None
+    axes = []
+    for index in final:
+        match = [k for k, var in enumerate(initial) if index.same_as(var)]
+        if len(match) != 1:
+            return None
+        axes.append(match[0])
+    return tuple(axes) if sorted(axes) == list(range(len(axes))) else None
+
+
+def permute_map(axes) -> tirx.IndexMap:
+    """The index map of ``permute_dims(x, axes)``."""
+    return tirx.IndexMap.from_func(lambda *index: [index[axis] for axis in axes], ndim=len(axes))
+
+
 def _is_bijective(index_map: tirx.IndexMap, shape: tuple[int, ...]) -> bool:
     try:
         index_map.inverse(list(shape))
@@ -117,8 +137,14 @@ class _Sinker(BindingRewriter):
             return self._layout_transform(var, value)
         if name in ELEMENTWISE_OPS:
             return self._elementwise(var, value)
+        if name == "relax.permute_dims":
+            return self._permute_dims(var, value)
         if name == "relax.nn.max_pool2d":
             return self._max_pool(var, value)
+        if name == "relax.mean":
+            return self._mean(var, value)
+        if name == "relax.concat":
+            return self._concat(var, value)
         return value
 
     # -- rules ----------------------------------------------------------------------------------------------
@@ -142,6 +168,28 @@ class _Sinker(BindingRewriter):
             return emitted
         return value
 
+    def _permute_dims(self, var, value):
+        source = value.args[0]
+        shape = _shape(source)
+        if shape is None:
+            return value
+        axes = (
+            tuple(int(a) for a in value.attrs.axes)
+            if value.attrs.axes is not None
+            else tuple(reversed(range(len(shape))))
+        )
+        index_map = permute_map(axes)
+        if source in self.unblocked:
+            blocked, first, first_shape = self.unblocked[source]
+            if _shape(var) == first_shape and is_identity_composition(first, index_map, first_shape):
+                self.sunk += 1
+                return blocked
+        if is_const(source):
+            return value  # a weight: FoldConstant transposes it
+        emitted = self.emit(value)
+        self.unblocked[emitted] = (source, index_map, shape)
+        return emitted
+
     def _elementwise(self, var, value):
         plain_shape = _shape(var)
         if plain_shape is None:
@@ -160,16 +208,17 @@ class _Sinker(BindingRewriter):
             return value
         index_map, shape = key
         block = unblock_factor(index_map, shape)
+        axes = permutation(index_map)
         args = []
         for arg in value.args:
-            new = self._blocked_operand(arg, plain_shape, block)
+            new = self._blocked_operand(arg, plain_shape, block, axes)
             if new is None:
                 return value
             args.append(new)
         blocked = self.emit(relax.Call(value.op, args, value.attrs))
         return self._unblock(var, blocked, index_map, shape)
 
-    def _blocked_operand(self, arg, plain_shape, block):
+    def _blocked_operand(self, arg, plain_shape, block, axes=None):
         if isinstance(arg, Var) and arg in self.unblocked:
             return self.unblocked[arg][0]
         shape = _shape(arg)
@@ -177,6 +226,11 @@ class _Sinker(BindingRewriter):
             return arg if not isinstance(getattr(arg, "ty", None), TensorType) else None  # attrs-like operands
         if int(np.prod(shape, dtype=np.int64)) == 1:
             return arg  # a scalar broadcasts the same in any layout
+        if axes is not None and is_const(arg) and len(shape) <= len(axes):
+            # A broadcast constant under a transpose: transpose it in numpy (plain = transpose(src, axes)).
+            full = (1,) * (len(axes) - len(shape)) + shape
+            array = const_value(arg).reshape(full).transpose(np.argsort(axes))
+            return relax.const(np.ascontiguousarray(array), str(array.dtype))
         if block is None or not is_const(arg) or len(plain_shape) != 4:
             return None
         # A per-channel constant of (broadcast) shape (1, C, 1, 1): block it in numpy.
@@ -194,9 +248,12 @@ class _Sinker(BindingRewriter):
             return value
         blocked, index_map, shape = self.unblocked[data]
         block = unblock_factor(index_map, shape)
-        if block is None:
+        if block is not None:
+            layout = f"NCHW{block}c"
+        elif permutation(index_map) == (0, 3, 1, 2):
+            layout = "NHWC"
+        else:
             return value
-        layout = f"NCHW{block}c"
         pooled = self.emit(
             relax.op.nn.max_pool2d(
                 blocked,
@@ -212,9 +269,44 @@ class _Sinker(BindingRewriter):
         )
         return self._unblock(var, pooled, index_map, _shape(pooled))
 
+    def _mean(self, var, value):
+        data = value.args[0]
+        if data not in self.unblocked or not bool(value.attrs.keepdims) or value.attrs.axis is None:
+            return value
+        blocked, index_map, shape = self.unblocked[data]
+        axes = permutation(index_map)
+        if axes is None:
+            return value
+        rank = len(axes)
+        reduced = [axes[int(a) % rank] for a in value.attrs.axis]
+        mean = self.emit(relax.op.mean(blocked, axis=sorted(reduced), keepdims=True))
+        return self._unblock(var, mean, index_map, _shape(mean))
+
+    def _concat(self, var, value):
+        fields = value.args[0]
+        if not isinstance(fields, relax.Tuple) or value.attrs.axis is None:
+            return value
+        sources, key = [], None
+        for field in fields.fields:
+            if field not in self.unblocked:
+                return value
+            blocked, index_map, shape = self.unblocked[field]
+            axes = permutation(index_map)
+            if axes is None or (key is not None and key != axes):
+                return value
+            key = axes
+            sources.append(blocked)
+        axis = key[int(value.attrs.axis) % len(key)]
+        joined = self.emit(relax.op.concat(sources, axis=axis))
+        return self._unblock(var, joined, permute_map(key), _shape(joined))
+
     def _unblock(self, var, blocked, index_map, shape):
         self.sunk += 1
-        plain = self.emit(relax.op.layout_transform(blocked, index_map))
+        axes = permutation(index_map)
+        if axes is not None:
+            plain = self.emit(relax.op.permute_dims(blocked, list(axes)))
+        else:
+            plain = self.emit(relax.op.layout_transform(blocked, index_map))
         self.unblocked[plain] = (blocked, index_map, shape)
         return plain
 

@@ -466,29 +466,38 @@ def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target | None = None) ->
 
 
 def _sample(task_mod: tvm.IRModule, target, count: int, seed: int, name: str) -> list:
-    """``count`` schedules drawn from the task's design space (meta-schedule's ReplayTrace strategy)."""
+    """``count`` schedules drawn from the task's design space (meta-schedule's ReplayTrace strategy).
+
+    When the tensor-core rules cannot apply (e.g. a conv whose fused epilogue writes two outputs: the
+    epilogue is not a stage pipeline for ``compute_at``), the draw comes from meta-schedule's stock CUDA rules.
+    """
     func = task_mod["main"]
-    context = ms.TuneContext(
-        mod=task_mod,
-        target=target,
-        space_generator=design_space(func, target),
-        search_strategy=ms.search_strategy.ReplayTrace(),
-        task_name=name,
-        rand_state=seed,
-        num_threads=1,
-    )
-    try:
-        spaces = context.space_generator.generate_design_space(context.mod)
-    except Exception as err:  # noqa: BLE001  (a rule that cannot apply leaves the task to the fallback)
-        logger.warning("kernel %s: no design space (%s)", name, str(err).strip().splitlines()[-1][:200])
-        return []
-    if not spaces:
-        return []
-    strategy = context.search_strategy
-    strategy.pre_tuning(count, count, spaces, None, None)
-    candidates = strategy.generate_measure_candidates() or []
-    strategy.post_tuning()
-    return [candidate.sch for candidate in candidates]
+    spaces = [design_space(func, target)]
+    if space_kind(func) is not None:
+        spaces.append(ms.space_generator.PostOrderApply(sch_rules="cuda", postprocs="cuda", mutator_probs="cuda"))
+    for space in spaces:
+        context = ms.TuneContext(
+            mod=task_mod,
+            target=target,
+            space_generator=space,
+            search_strategy=ms.search_strategy.ReplayTrace(),
+            task_name=name,
+            rand_state=seed,
+            num_threads=1,
+        )
+        try:
+            designs = context.space_generator.generate_design_space(context.mod)
+        except Exception as err:  # noqa: BLE001  (a rule that cannot apply: try the next rule set)
+            logger.warning("kernel %s: no design space (%s)", name, str(err).strip().splitlines()[-1][:200])
+            continue
+        if not designs:
+            continue
+        strategy = context.search_strategy
+        strategy.pre_tuning(count, count, designs, None, None)
+        candidates = strategy.generate_measure_candidates() or []
+        strategy.post_tuning()
+        return [candidate.sch for candidate in candidates]
+    return []
 
 
 def _compiles(sch, target) -> str | None:

@@ -201,18 +201,19 @@ def test_precompiled_binaries_are_used_at_load(tmp_path):
     subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp_path / "libcuda.so.1"),
                     str(tmp_path / "stub.c")],
                    check=True)
-    # A fresh process: libcuda (stub) and TVM's CUDA runtime loaded by hand, then the library.
+    # A fresh process as on a GPU host: TVM's runtime only, libcuda (a stub here) on the library path;
+    # install() loads TVM's CUDA runtime sidecar, which the runtime-only TVM does not load by itself.
     script = textwrap.dedent(f"""
-        import ctypes, json, os
+        import json
         import tvm
         from tvmquant import cuda_binaries
-        ctypes.CDLL({str(tmp_path / "libcuda.so.1")!r}, mode=ctypes.RTLD_GLOBAL)
-        ctypes.CDLL(os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
+        assert tvm.base._RUNTIME_ONLY
         stats = cuda_binaries.install({cuda_binaries.archive_path(library)!r})
         tvm.runtime.load_module({str(library)!r})
         print(json.dumps(stats))
     """)
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", LD_LIBRARY_PATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env).stdout
     assert json.loads(out.strip().splitlines()[-1]) == {"hits": 1, "compiled": 0}
 
 

@@ -25,7 +25,15 @@ import os
 import tempfile
 import zipfile
 
-__all__ = ["precompile", "write_archive", "read_archive", "install", "source_key", "archive_path"]
+__all__ = [
+    "precompile",
+    "write_archive",
+    "read_archive",
+    "install",
+    "load_cuda_runtime",
+    "source_key",
+    "archive_path",
+]
 
 
 def source_key(source) -> str:
@@ -107,6 +115,32 @@ def read_archive(path) -> dict[str, bytes]:
         }
 
 
+def load_cuda_runtime() -> bool:
+    """Load TVM's CUDA runtime sidecar (``libtvm_runtime_cuda.so``) if nothing loaded it yet.
+
+    The full TVM loads it when its CUDA backend registers; a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``) does
+    not, and then ``load_module`` of a CUDA library fails ("a loader of that name is not registered").
+    Returns whether the CUDA module loader is registered afterwards.
+    """
+    from pathlib import Path
+
+    import tvm_ffi
+    from tvm.base import _LOADED_LIBS
+
+    if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", True) is not None:
+        return True
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+        )
+    except (OSError, RuntimeError):  # no CUDA driver (libcuda.so.1) on this machine
+        return False
+    return tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", True) is not None
+
+
 _INSTALLED: dict[str, bytes] = {}
 _STATS = {"hits": 0, "compiled": 0}
 
@@ -120,6 +154,7 @@ def install(*archives) -> dict:
     """
     import tvm_ffi
 
+    load_cuda_runtime()
     for archive in archives:
         if archive is not None and os.path.exists(os.fspath(archive)):
             _INSTALLED.update(read_archive(archive))

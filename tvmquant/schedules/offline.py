@@ -224,7 +224,7 @@ def make_package(
     cuda_binaries.write_archive(binaries, os.path.join(out_dir, "candidates.cuda.zip"))
 
     references = tvm.IRModule(
-        {f"ref_{index}": _reference(task["mod"]["main"], f"ref_{index}") for index in range(len(tasks))}
+        {f"ref_{index}": _reference(task["mod"]["main"], f"ref_{index}") for index, task in enumerate(tasks)}
     )
     tvm.compile(references, target=reference_target()).export_library(os.path.join(out_dir, "references.so"))
 

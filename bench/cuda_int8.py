@@ -144,11 +144,14 @@ def cmd_models(args) -> None:
         executable.export_library(path)
         cuda_binaries.write_archive(cuda_binaries.precompile(executable, target), cuda_binaries.archive_path(path))
         func = prepared["main"]
-        shapes = [
-            {"shape": [int(d) for d in p.ty.shape.values], "dtype": str(p.ty.dtype)} for p in func.params
-        ]
-        entry = {**labels[label], "params": shapes, "num_input": 1, "untuned_kernels": tuned,
-                 "build_s": round(time.time() - start, 1)}
+        shapes = [{"shape": [int(d) for d in p.ty.shape.values], "dtype": str(p.ty.dtype)} for p in func.params]
+        entry = {
+            **labels[label],
+            "params": shapes,
+            "num_input": 1,
+            "untuned_kernels": tuned,
+            "build_s": round(time.time() - start, 1),
+        }
         if label == CHECKED:
             if not os.path.exists(os.path.join(MODELS, f"{label}_check.npz")):
                 _correctness_files(label)
@@ -175,7 +178,9 @@ def _correctness_files(label: str) -> None:
             module = tvm.ir.load_json(handle.read())
         vm = relax.VirtualMachine(cpu_build(module), tvm.cpu())
         outputs[kind] = vm["main"](tvm.runtime.tensor(sample)).numpy()
-    np.savez(os.path.join(MODELS, f"{label}_check.npz"), input=sample, int8_cpu=outputs["int8"], fp32_cpu=outputs["fp32"])
+    np.savez(
+        os.path.join(MODELS, f"{label}_check.npz"), input=sample, int8_cpu=outputs["int8"], fp32_cpu=outputs["fp32"]
+    )
 
 
 def cmd_check_files(args) -> None:
@@ -196,21 +201,32 @@ def cmd_report(args) -> None:
     for task in manifest["tasks"]:
         rows = [r for r in measured["candidates"].values() if r.get("task") == task["index"]]
         good = [r["seconds"] for r in rows if r.get("correct") and r.get("seconds") is not None]
-        per_task.append({
-            "task": task["name"], "kind": task["kind"], "models": task["weights"],
-            "candidates": len(rows), "correct": sum(1 for r in rows if r.get("correct")),
-            "wrong": sum(1 for r in rows if r.get("seconds") is not None and not r.get("correct")),
-            "failed": sum(1 for r in rows if r.get("seconds") is None),
-            "best_us": round(min(good) * 1e6, 2) if good else None,
-        })
+        per_task.append(
+            {
+                "task": task["name"],
+                "kind": task["kind"],
+                "models": task["weights"],
+                "candidates": len(rows),
+                "correct": sum(1 for r in rows if r.get("correct")),
+                "wrong": sum(1 for r in rows if r.get("seconds") is not None and not r.get("correct")),
+                "failed": sum(1 for r in rows if r.get("seconds") is None),
+                "best_us": round(min(good) * 1e6, 2) if good else None,
+            }
+        )
     result = {
-        "what": "tvmquant INT8 (WMMA s8s8s32, fused requantize) vs TVM FP16 (WMMA f16f16f32), same trials; torch FP16",
-        "command": "bench/cuda_int8.py package/models/report + python -m tvmquant.remote measure + bench/gpu/cuda_models.py",
+        "what": "tvmquant INT8 (WMMA s8s8s32, fused requantize) vs TVM FP16 (WMMA f16f16f32), same trials; "
+        "torch FP16",
+        "command": "bench/cuda_int8.py package, models, report; python -m tvmquant.remote measure and "
+        "bench/gpu/cuda_models.py on the GPU host (bench/gpu/visit.sh)",
         "build_machine": machine_info(),
         "gpu": gpu.get("device"),
         "trials_per_task": manifest["per_task"],
-        "tuning": {"tasks": len(manifest["tasks"]), "candidates": len(manifest["candidates"]),
-                   "package_build_s": manifest["build_s"], "gpu_measure_s": measured.get("wall_s")},
+        "tuning": {
+            "tasks": len(manifest["tasks"]),
+            "candidates": len(manifest["candidates"]),
+            "package_build_s": manifest["build_s"],
+            "gpu_measure_s": measured.get("wall_s"),
+        },
         "kernels": per_task,
         "models": gpu.get("models"),
         "torch": gpu.get("torch"),

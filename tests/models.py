@@ -123,7 +123,8 @@ def transformer_block(
     scores = g.node("Mul", [scores, g.const(np.array(1.0 / np.sqrt(head_dim), np.float32))])
     attn = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), v])
     attn = g.node(
-        "Reshape", [g.node("Transpose", [attn], perm=[0, 2, 1, 3]), g.const(np.array([reshape_batch, seq, dim], np.int64))]
+        "Reshape",
+        [g.node("Transpose", [attn], perm=[0, 2, 1, 3]), g.const(np.array([reshape_batch, seq, dim], np.int64))],
     )
     x = g.node("Add", [x, linear(attn, dim, dim)])
     h = linear(layer_norm(x), dim, 4 * dim)

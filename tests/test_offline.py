@@ -23,6 +23,7 @@ import onnx
 import pytest
 
 tvm = pytest.importorskip("tvm")
+from models import calibration_images, residual_cnn  # noqa: E402
 from tvm import relax  # noqa: E402
 
 import tvmquant  # noqa: E402
@@ -30,8 +31,6 @@ from tvmquant import remote  # noqa: E402
 from tvmquant.config import PRESETS  # noqa: E402
 from tvmquant.schedules import cuda, offline  # noqa: E402
 from tvmquant.schedules.layout import SinkLayoutTransform  # noqa: E402
-
-from models import calibration_images, residual_cnn  # noqa: E402
 
 needs_nvcc = pytest.mark.skipif(not cuda.have_nvcc(), reason="nvcc is not on PATH (CUDA toolkit not installed)")
 
@@ -110,8 +109,16 @@ def test_measure_package_checks_times_and_survives_a_crash(tmp_path):
     )
     manifest = {
         "format": offline.PACKAGE_FORMAT,
-        "tasks": [{"index": 0, "name": "mm", "kind": "wmma", "weights": {"m": 1}, "args": offline._arg_specs(func),
-                   "reference": "ref_0"}],
+        "tasks": [
+            {
+                "index": 0,
+                "name": "mm",
+                "kind": "wmma",
+                "weights": {"m": 1},
+                "args": offline._arg_specs(func),
+                "reference": "ref_0",
+            }
+        ],
         "candidates": [
             {"symbol": "t0_c9", "task": 0, "library": "candidates_0.so"},
             {"symbol": "t0_c0", "task": 0, "library": "candidates_1.so"},
@@ -144,8 +151,9 @@ def test_compare_tolerates_rare_off_by_one_only():
 @needs_nvcc
 def test_package_import_and_build(cnn, tmp_path):
     package = tmp_path / "pkg"
-    manifest = offline.make_package({"cnn": cnn.mod}, package, per_task=2, functions_per_library=6, workers=2,
-                                    progress=False)
+    manifest = offline.make_package(
+        {"cnn": cnn.mod}, package, per_task=2, functions_per_library=6, workers=2, progress=False
+    )
     tasks = manifest["tasks"]
     assert tasks and all(task["kind"] in ("wmma", "cuda") for task in tasks)
     assert sum(task["kind"] == "wmma" for task in tasks) >= len(tasks) - 1  # the classifier may be float
@@ -176,11 +184,22 @@ def test_package_import_and_build(cnn, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Precompiled CUDA binaries are what the runtime loads
 STUB = "\n".join(
-    [f"int {name}(){{return 100;}}" for name in (
-        "cuDeviceGetName", "cuFuncSetAttribute", "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleLoadData",
-        "cuModuleUnload", "cuTensorMapEncodeTiled")]
-    + ['int cuGetErrorName(int e, const char** s){*s="stub";return 0;}',
-       'int cuGetErrorString(int e, const char** s){*s="stub";return 0;}']
+    [
+        f"int {name}(){{return 100;}}"
+        for name in (
+            "cuDeviceGetName",
+            "cuFuncSetAttribute",
+            "cuLaunchKernelEx",
+            "cuModuleGetFunction",
+            "cuModuleLoadData",
+            "cuModuleUnload",
+            "cuTensorMapEncodeTiled",
+        )
+    ]
+    + [
+        'int cuGetErrorName(int e, const char** s){*s="stub";return 0;}',
+        'int cuGetErrorString(int e, const char** s){*s="stub";return 0;}',
+    ]
 )
 
 
@@ -198,9 +217,18 @@ def test_precompiled_binaries_are_used_at_load(tmp_path):
     assert len(binaries) == 1 and next(iter(binaries.values()))[:4] == b"\x50\xed\x55\xba"  # fatbin magic
     cuda_binaries.write_archive(binaries, cuda_binaries.archive_path(library))
     (tmp_path / "stub.c").write_text(STUB)
-    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp_path / "libcuda.so.1"),
-                    str(tmp_path / "stub.c")],
-                   check=True)
+    subprocess.run(
+        [
+            "gcc",
+            "-shared",
+            "-fPIC",
+            "-Wl,-soname,libcuda.so.1",
+            "-o",
+            str(tmp_path / "libcuda.so.1"),
+            str(tmp_path / "stub.c"),
+        ],
+        check=True,
+    )
     # A fresh process as on a GPU host: TVM's runtime only, libcuda (a stub here) on the library path;
     # install() loads TVM's CUDA runtime sidecar, which the runtime-only TVM does not load by itself.
     script = textwrap.dedent(f"""

@@ -5,6 +5,8 @@ Imports numpy only, so that :mod:`tvmquant.deploy` works with TVM's runtime libr
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,3 +70,96 @@ def flatten_outputs(result) -> list:
     for item in result:
         outputs.extend(flatten_outputs(item))
     return outputs
+
+
+class CalibrationDataError(ValueError):
+    """Calibration data does not fit the model; the message names the batch, input and what was expected."""
+
+
+def iter_batches(calib_data, inputs):
+    """Yield dicts ``{input name: array}`` of exactly the model's input shapes from any accepted form.
+
+    Accepted: an iterable of dicts ``{input name: array}`` or of arrays (one-input models), a single such dict
+    (e.g. an ``np.load``-ed npz), or one array. Arrays with ``k * batch`` samples on axis 0 are split.
+    """
+    if isinstance(calib_data, np.ndarray) or hasattr(calib_data, "keys"):
+        calib_data = [calib_data]
+    names = [spec.name for spec in inputs]
+    for index, item in enumerate(calib_data):
+        if not hasattr(item, "keys"):
+            if len(inputs) != 1:
+                raise CalibrationDataError(
+                    f"calibration batch {index} is a bare array, but the model has inputs {names}: "
+                    "give a dict {input name: array}"
+                )
+            item = {names[0]: item}
+        keys = list(item.keys())
+        if len(inputs) == 1 and len(keys) == 1 and keys[0] not in names:
+            item = {names[0]: item[keys[0]]}  # a one-input model may use any array name
+        missing = [n for n in names if n not in item]
+        extra = [k for k in item.keys() if k not in names]
+        if missing or extra:
+            raise CalibrationDataError(
+                f"calibration batch {index} has inputs {sorted(item.keys())}, the model expects {names}"
+                + (f" (missing {missing})" if missing else "")
+                + (f" (unknown {extra})" if extra else "")
+            )
+        arrays = {}
+        num_chunks = None
+        for spec in inputs:
+            array = np.asarray(item[spec.name])
+            if array.dtype != np.dtype(spec.dtype):
+                if np.issubdtype(array.dtype, np.floating) and np.issubdtype(np.dtype(spec.dtype), np.floating):
+                    array = array.astype(spec.dtype)
+                else:
+                    raise CalibrationDataError(
+                        f"calibration batch {index} input {spec.name!r} has dtype {array.dtype}, the model "
+                        f"expects {spec.dtype}"
+                    )
+            batch = spec.shape[0] if spec.shape else 1
+            if tuple(array.shape) == tuple(spec.shape):
+                chunks = 1
+            elif (
+                array.ndim == len(spec.shape)
+                and tuple(array.shape[1:]) == tuple(spec.shape[1:])
+                and array.shape[0] % batch == 0
+            ):
+                chunks = array.shape[0] // batch
+            else:
+                raise CalibrationDataError(
+                    f"calibration batch {index} input {spec.name!r} has shape {tuple(array.shape)}, the model "
+                    f"expects {tuple(spec.shape)} (or k x {spec.shape[0]} samples stacked on axis 0)"
+                )
+            if num_chunks is not None and chunks != num_chunks:
+                raise CalibrationDataError(f"calibration batch {index}: inputs hold different numbers of samples")
+            num_chunks = chunks
+            arrays[spec.name] = (array, batch)
+        for chunk in range(num_chunks or 0):
+            yield {name: array[chunk * batch : (chunk + 1) * batch] for name, (array, batch) in arrays.items()}
+
+
+def atomic_write(path, writer) -> None:
+    """Call ``writer(binary file)`` on a temporary file next to ``path`` and rename it into place on success.
+
+    A failure leaves no partial file; a missing folder is a clear error.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path!r}: folder {folder!r} does not exist; create it first")
+    handle, tmp = tempfile.mkstemp(prefix=".tvmquant-", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            writer(stream)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 
@@ -345,31 +344,7 @@ def _write_zip(handle, files: dict) -> None:
             archive.writestr(name, data)
 
 
-def atomic_write(path, writer) -> None:
-    """Call ``writer(binary file)`` on a temporary file next to ``path`` and rename it into place on success.
-
-    A failure leaves no partial file; a missing folder is a clear error.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot write {path!r}: folder {folder!r} does not exist; create it first")
-    handle, tmp = tempfile.mkstemp(prefix=".tvmquant-", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            writer(stream)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from ._io import _umask, atomic_write  # noqa: E402, F401  (numpy-only, shared with deploy)
 
 
 def load(path) -> QuantizedModel:

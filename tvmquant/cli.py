@@ -118,8 +118,7 @@ def cmd_run(args) -> int:
     _check_output_path(args.output)
     model = _open_runnable(args.model, args.target)
     feed = _load_npz(args.input, "input")
-    from .api import atomic_write
-    from .passes.calibrate import iter_batches
+    from ._io import atomic_write, iter_batches  # numpy only: `run` works with TVM's runtime alone
 
     outputs: list = []
     for batch in iter_batches(feed, model.inputs):

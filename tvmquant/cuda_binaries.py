@@ -100,6 +100,9 @@ def write_archive(binaries: dict[str, bytes], path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for key, data in sorted(binaries.items()):
                 archive.writestr(f"{key}.fatbin", data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -110,9 +113,7 @@ def write_archive(binaries: dict[str, bytes], path) -> None:
 def read_archive(path) -> dict[str, bytes]:
     """The binaries of an archive written by :func:`write_archive`."""
     with zipfile.ZipFile(os.fspath(path)) as archive:
-        return {
-            name[: -len(".fatbin")]: archive.read(name) for name in archive.namelist() if name.endswith(".fatbin")
-        }
+        return {name[: -len(".fatbin")]: archive.read(name) for name in archive.namelist() if name.endswith(".fatbin")}
 
 
 def load_cuda_runtime() -> bool:

@@ -104,8 +104,17 @@ def _measure_libraries(
         lib = tvm.runtime.load_module(os.path.join(package, library))
         mine = [c for c in manifest["candidates"] if c["library"] == library]
         for task_index in sorted({c["task"] for c in mine}):
-            _measure_task(manifest["tasks"][task_index], [c for c in mine if c["task"] == task_index], lib,
-                          references, device, state["candidates"], min_repeat_ms, repeat, flush)
+            _measure_task(
+                manifest["tasks"][task_index],
+                [c for c in mine if c["task"] == task_index],
+                lib,
+                references,
+                device,
+                state["candidates"],
+                min_repeat_ms,
+                repeat,
+                flush,
+            )
         state["done"].append(library)
         flush()
 
@@ -201,12 +210,24 @@ def measure_package(
     runs: list = []
     remaining = list(libraries)
     start = time.time()
-    summary = {"device": _device_name(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "package_format": manifest["format"], "libraries": len(libraries)}
+    summary = {
+        "device": _device_name(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "package_format": manifest["format"],
+        "libraries": len(libraries),
+    }
 
     def write():
-        _write(out, {**summary, "runs": runs, "skipped": remaining, "candidates": measured,
-                     "wall_s": round(time.time() - start, 1)})
+        _write(
+            out,
+            {
+                **summary,
+                "runs": runs,
+                "skipped": remaining,
+                "candidates": measured,
+                "wall_s": round(time.time() - start, 1),
+            },
+        )
 
     while remaining and time.time() - start < budget_s:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
@@ -230,8 +251,15 @@ def measure_package(
         done = set(state["done"])
         started = state.get("started")
         crashed = started if started is not None and started not in done and status != 0 else None
-        runs.append({"status": status, "done": len(done), "crashed_in": crashed, "binaries": state.get("binaries"),
-                     "stderr_tail": tail if status != 0 else ""})
+        runs.append(
+            {
+                "status": status,
+                "done": len(done),
+                "crashed_in": crashed,
+                "binaries": state.get("binaries"),
+                "stderr_tail": tail if status != 0 else "",
+            }
+        )
         if crashed is None and not done and status != 0:
             crashed = remaining[0]  # died before starting a library: do not retry it forever
         if status == 0 and not done:
@@ -241,8 +269,10 @@ def measure_package(
             for candidate in manifest["candidates"]:
                 if candidate["library"] == crashed and candidate["symbol"] not in measured:
                     measured[candidate["symbol"]] = {"task": candidate["task"], "error": f"process ended: {status}"}
-        print(f"{len(done)} libraries done, crashed in {crashed}, {len(remaining)} left, "
-              f"{time.time() - start:.0f} s", flush=True)
+        print(
+            f"{len(done)} libraries done, crashed in {crashed}, {len(remaining)} left, {time.time() - start:.0f} s",
+            flush=True,
+        )
         write()
     write()
     with open(out) as handle:
@@ -253,7 +283,9 @@ def _device_name() -> str:
     try:
         return subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -290,9 +322,7 @@ def main(argv=None) -> int:
             args.package, args.libraries, args.out, args.min_repeat_ms, args.repeat, args.deadline, args.device
         )
         return 0
-    result = measure_package(
-        args.package, args.out, args.budget_s, args.min_repeat_ms, args.repeat, device=args.device
-    )
+    result = measure_package(args.package, args.out, args.budget_s, args.min_repeat_ms, args.repeat, device=args.device)
     ok = sum(1 for r in result["candidates"].values() if r.get("correct") and r.get("seconds") is not None)
     print(f"{ok}/{len(result['candidates'])} candidates correct and timed; wrote {args.out or 'measurements.json'}")
     return 0

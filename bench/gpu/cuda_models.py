@@ -85,8 +85,42 @@ def run_models(folder: str) -> tuple[dict, dict]:
         except Exception:  # noqa: BLE001  (one failing library is a result)
             row["error"] = traceback.format_exc()[-1500:]
         results[label] = row
-        print(label, json.dumps({k: v for k, v in row.items() if k != "error"}), row.get("error", "")[-300:], flush=True)
+        print(
+            label, json.dumps({k: v for k, v in row.items() if k != "error"}), row.get("error", "")[-300:], flush=True
+        )
     return results, correctness
+
+
+def deploy_check(folder: str, out_dir: str) -> dict:
+    """`tvmquant run` (the CLI, TVM runtime only) on a library from `tvmquant compile --target nvidia/...`,
+    compared with the same INT8 model's output on the build machine's CPU."""
+    deploy = os.path.join(folder, "deploy")
+    if not os.path.isdir(deploy):
+        return {"skipped": "no deploy/ folder"}
+    out = os.path.join(out_dir, "deploy_y_gpu.npz")
+    command = [
+        sys.executable,
+        "-m",
+        "tvmquant.cli",
+        "run",
+        os.path.join(deploy, "cnn_h100.so"),
+        "--input",
+        os.path.join(deploy, "x.npz"),
+        "-o",
+        out,
+    ]
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        return {"ok": False, "stderr": run.stderr[-1500:]}
+    got = np.load(out)["output0"]
+    expected = np.load(os.path.join(deploy, "y_cpu.npz"))["output0"]
+    return {
+        "ok": True,
+        "max_abs_diff_vs_cpu_int8": float(np.abs(got - expected).max()),
+        "logit_scale": float(np.abs(expected).max()),
+        "argmax_agree": float(np.mean(got.argmax(-1) == expected.argmax(-1))),
+        "stdout": run.stdout.strip()[-300:],
+    }
 
 
 def torch_baselines() -> dict:
@@ -115,7 +149,7 @@ def torch_baselines() -> dict:
         net = torchvision.models.resnet50().eval().half().cuda().to(memory_format=torch.channels_last)
         for batch in (1, 32):
             x = torch.randn(batch, 3, 224, 224, device="cuda").half().to(memory_format=torch.channels_last)
-            out[f"resnet50_fp16_b{batch}"] = bench(lambda: net(x))
+            out[f"resnet50_fp16_b{batch}"] = bench(lambda x=x: net(x))
     except Exception as err:  # noqa: BLE001
         out["resnet50_error"] = repr(err)[:300]
     try:
@@ -123,14 +157,14 @@ def torch_baselines() -> dict:
         layer = layer.eval().half().cuda()
         for batch in (1, 32):
             x = torch.randn(batch, 128, 768, device="cuda").half()
-            out[f"transformer_fp16_b{batch}"] = bench(lambda: layer(x))
+            out[f"transformer_fp16_b{batch}"] = bench(lambda x=x: layer(x))
         for batch in (1, 32):
             m = batch * 128
             total = 0.0
             for k, n in ((768, 768), (768, 768), (768, 768), (768, 768), (768, 3072), (3072, 768)):
                 a = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
                 b = torch.randint(-127, 128, (k, n), device="cuda", dtype=torch.int8)
-                total += bench(lambda: torch._int_mm(a, b))
+                total += bench(lambda a=a, b=b: torch._int_mm(a, b))
             out[f"transformer_int_mm_6_matmuls_b{batch}"] = total
     except Exception as err:  # noqa: BLE001
         out["transformer_error"] = repr(err)[:300]
@@ -145,6 +179,10 @@ def main() -> None:
     ).stdout.strip()
     result = {"device": device, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     result["models"], result["correctness"] = run_models(folder)
+    try:
+        result["correctness"]["deploy_cli_run"] = deploy_check(folder, os.path.dirname(os.path.abspath(out_path)))
+    except Exception:  # noqa: BLE001
+        result["correctness"]["deploy_cli_run"] = {"ok": False, "error": traceback.format_exc()[-800:]}
     with open(out_path, "w") as handle:
         json.dump(result, handle, indent=1)
     try:

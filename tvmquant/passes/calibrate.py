@@ -32,8 +32,7 @@ from .annotate import MARKER, layers_of, parse_marker
 _DTYPE_BOUNDS = {"int8": (-128, 127), "uint8": (0, 255)}
 
 
-class CalibrationDataError(ValueError):
-    """Calibration data does not fit the model; the message names the batch, input and what was expected."""
+from .._io import CalibrationDataError, iter_batches  # noqa: E402  (numpy-only, shared with deploy)
 
 
 @dataclass
@@ -83,68 +82,6 @@ class QParams:
 
 # ----------------------------------------------------------------------------------------------------------
 # Calibration data
-def iter_batches(calib_data, inputs):
-    """Yield dicts ``{input name: array}`` of exactly the model's input shapes from any accepted form.
-
-    Accepted: an iterable of dicts ``{input name: array}`` or of arrays (one-input models), a single such dict
-    (e.g. an ``np.load``-ed npz), or one array. Arrays with ``k * batch`` samples on axis 0 are split.
-    """
-    if isinstance(calib_data, np.ndarray) or hasattr(calib_data, "keys"):
-        calib_data = [calib_data]
-    names = [spec.name for spec in inputs]
-    for index, item in enumerate(calib_data):
-        if not hasattr(item, "keys"):
-            if len(inputs) != 1:
-                raise CalibrationDataError(
-                    f"calibration batch {index} is a bare array, but the model has inputs {names}: "
-                    "give a dict {input name: array}"
-                )
-            item = {names[0]: item}
-        keys = list(item.keys())
-        if len(inputs) == 1 and len(keys) == 1 and keys[0] not in names:
-            item = {names[0]: item[keys[0]]}  # a one-input model may use any array name
-        missing = [n for n in names if n not in item]
-        extra = [k for k in item.keys() if k not in names]
-        if missing or extra:
-            raise CalibrationDataError(
-                f"calibration batch {index} has inputs {sorted(item.keys())}, the model expects {names}"
-                + (f" (missing {missing})" if missing else "")
-                + (f" (unknown {extra})" if extra else "")
-            )
-        arrays = {}
-        num_chunks = None
-        for spec in inputs:
-            array = np.asarray(item[spec.name])
-            if array.dtype != np.dtype(spec.dtype):
-                if np.issubdtype(array.dtype, np.floating) and np.issubdtype(np.dtype(spec.dtype), np.floating):
-                    array = array.astype(spec.dtype)
-                else:
-                    raise CalibrationDataError(
-                        f"calibration batch {index} input {spec.name!r} has dtype {array.dtype}, the model "
-                        f"expects {spec.dtype}"
-                    )
-            batch = spec.shape[0] if spec.shape else 1
-            if tuple(array.shape) == tuple(spec.shape):
-                chunks = 1
-            elif (
-                array.ndim == len(spec.shape)
-                and tuple(array.shape[1:]) == tuple(spec.shape[1:])
-                and array.shape[0] % batch == 0
-            ):
-                chunks = array.shape[0] // batch
-            else:
-                raise CalibrationDataError(
-                    f"calibration batch {index} input {spec.name!r} has shape {tuple(array.shape)}, the model "
-                    f"expects {tuple(spec.shape)} (or k x {spec.shape[0]} samples stacked on axis 0)"
-                )
-            if num_chunks is not None and chunks != num_chunks:
-                raise CalibrationDataError(f"calibration batch {index}: inputs hold different numbers of samples")
-            num_chunks = chunks
-            arrays[spec.name] = (array, batch)
-        for chunk in range(num_chunks or 0):
-            yield {name: array[chunk * batch : (chunk + 1) * batch] for name, (array, batch) in arrays.items()}
-
-
 def count_samples(calib_data, inputs) -> int | None:
     """Number of model-sized batches in ``calib_data`` if it can be known without consuming it."""
     if isinstance(calib_data, np.ndarray):

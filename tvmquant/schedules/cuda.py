@@ -469,10 +469,13 @@ def _sample(task_mod: tvm.IRModule, target, count: int, seed: int, name: str) ->
     """``count`` schedules drawn from the task's design space (meta-schedule's ReplayTrace strategy).
 
     When the tensor-core rules cannot apply (e.g. a conv whose fused epilogue writes two outputs: the
-    epilogue is not a stage pipeline for ``compute_at``), the draw comes from meta-schedule's stock CUDA rules.
+    epilogue is not a stage pipeline for ``compute_at``), the draw comes from the dp4a rules (int8), then from
+    meta-schedule's stock CUDA rules.
     """
     func = task_mod["main"]
     spaces = [design_space(func, target)]
+    if space_kind(func) == "wmma":
+        spaces.append(int8_space(target, "dp4a"))
     if space_kind(func) is not None:
         spaces.append(ms.space_generator.PostOrderApply(sch_rules="cuda", postprocs="cuda", mutator_probs="cuda"))
     for space in spaces:
@@ -532,8 +535,8 @@ class ScheduleUntuned:
             single = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
             for sch in _sample(single, self.target, self.tries, self.seed, gvar.name_hint):
                 if _compiles(sch, self.target) is None:
-                    updates[gvar] = sch.mod["main"].with_attr("global_symbol", gvar.name_hint).with_attr(
-                        "tirx.is_scheduled", True
+                    updates[gvar] = (
+                        sch.mod["main"].with_attr("global_symbol", gvar.name_hint).with_attr("tirx.is_scheduled", True)
                     )
                     break
         for gvar, func in updates.items():
@@ -559,8 +562,9 @@ def build(
 
     Kernels without a record get :class:`ScheduleUntuned`'s schedules, so a build never fails for want of
     tuning. ``prepared=True`` says ``mod`` already went through :func:`prepare` (e.g. then
-    :func:`lift_constants`). Runs without a GPU: the library holds CUDA source, compiled when it is loaded (by ``nvcc`` or
-    NVRTC on the GPU host, or from the binaries :func:`tvmquant.cuda_binaries.precompile` made).
+    :func:`lift_constants`). Runs without a GPU: the library holds CUDA source, compiled when it is loaded
+    (by ``nvcc`` or NVRTC on the GPU host, or taken from the binaries :func:`tvmquant.cuda_binaries.precompile`
+    made).
 
     Returns
     -------

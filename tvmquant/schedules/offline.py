@@ -195,7 +195,9 @@ def make_package(
                 continue
             symbol = f"t{index}_c{number}"
             candidates.append(
-                _Candidate(symbol, index, tvm.ir.save_json(sch.trace), sch.mod["main"].with_attr("global_symbol", symbol))
+                _Candidate(
+                    symbol, index, tvm.ir.save_json(sch.trace), sch.mod["main"].with_attr("global_symbol", symbol)
+                )
             )
         _say(progress, f"task {index + 1}/{len(tasks)} {task['name'][:60]}: {len(drawn)} drawn")
     _say(progress, f"{len(candidates)} candidates, {rejected} rejected at lowering ({time.time() - start:.0f} s)")

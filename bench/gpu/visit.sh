@@ -2,6 +2,7 @@
 # One GPU-host visit of bench/cuda_int8.py, with TVM's runtime only (no compiler on the GPU host).
 #   bash bench/gpu/visit.sh measure   # needs .gpu/p2 (see ../shared/gpu/pack_tvm.sh) and .gpu/pkg.tar.xz
 #   bash bench/gpu/visit.sh models    # needs .gpu/p2 and .gpu/models.tar
+#   bash bench/gpu/visit.sh profile   # same files: warm re-timing and per-kernel times in place
 # Results go to $OUT (the device tool brings that folder back), else to .gpu/out.
 set -euo pipefail
 mode=${1:?measure or models}
@@ -14,7 +15,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=cs
 if [ "$mode" = measure ]; then
   mkdir -p /tmp/pkg && tar -xJf .gpu/pkg.tar.xz -C /tmp/pkg
   python3 -m tvmquant.remote measure /tmp/pkg --out "$out/measurements.json" --budget-s "${BUDGET:-330}" 2>&1 | tail -40
-else
+elif [ "$mode" = models ]; then
   mkdir -p /tmp/models && tar -xf .gpu/models.tar -C /tmp/models
   python3 bench/gpu/cuda_models.py /tmp/models "$out/cuda_models.json"
+else  # profile: re-time after a warm-up, and per-kernel times in place
+  mkdir -p /tmp/models && tar -xf .gpu/models.tar -C /tmp/models
+  python3 bench/gpu/profile_cuda.py /tmp/models "$out/profile_cuda.json"
 fi

@@ -127,15 +127,21 @@ def cmd_models(args) -> None:
     from tvmquant import cuda_binaries
     from tvmquant.schedules import cuda, offline
 
-    counts = offline.import_measurements(PACKAGE, DB)
-    print("imported", counts, flush=True)
+    if not args.only or not os.path.isdir(DB):
+        counts = offline.import_measurements(PACKAGE, DB)
+        print("imported", counts, flush=True)
     os.makedirs(MODELS, exist_ok=True)
     target = cuda.cuda_target()
     mods = load_modules(MODULES)
     with open(os.path.join(MODULES, "labels.json")) as handle:
         labels = json.load(handle)
     index = {}
+    if args.only and os.path.exists(os.path.join(MODELS, "index.json")):
+        with open(os.path.join(MODELS, "index.json")) as handle:
+            index = json.load(handle)["models"]
     for label, mod in mods.items():
+        if args.only and label not in args.only:
+            continue
         start = time.time()
         prepared, weights = cuda.lift_constants(cuda.prepare(mod, target))
         tuned = len(cuda.untuned_after_database(prepared, target, DB))
@@ -248,6 +254,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=cmd_package)
     m = sub.add_parser("models")
+    m.add_argument("--only", nargs="*", default=None, help="rebuild these libraries only (keeps the database)")
     m.set_defaults(func=cmd_models)
     c = sub.add_parser("check-files", help="CPU logits for the GPU's correctness check (any time after package)")
     c.set_defaults(func=cmd_check_files)

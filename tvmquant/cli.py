@@ -176,14 +176,54 @@ def cmd_tune(args) -> int:
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"cannot create tuning database {args.db!r}: folder {parent!r} does not exist")
     target = as_target(args.target)
+    if args.import_package:
+        return _tune_import(args)
+    if target.kind.name == "cuda":
+        return _tune_cuda_package(args, target)
     if target.kind.name != "llvm":
-        raise ValueError(f"tvmquant tune measures on this machine: target {target.kind.name!r} cannot run here")
+        raise ValueError(f"tvmquant tune: target {target.kind.name!r} is not supported (llvm or cuda)")
     mod = _module_to_tune(args.model, args.batch_size)
     x86.tune(
         mod, target, trials=args.trials, db_dir=args.db, trials_per_task=args.trials_per_task, progress=not args.quiet
     )
     if not args.quiet:
         print(f"tuning database: {args.db}")
+    return 0
+
+
+def _tune_cuda_package(args, target) -> int:
+    """CUDA: no GPU here, so write a measurement package (step 1 of tvmquant.schedules.offline)."""
+    from .schedules import offline
+
+    if not args.package:
+        raise ValueError(
+            "tvmquant tune for a CUDA target writes a measurement package for the GPU host: add --package DIR "
+            "(then run `python -m tvmquant.remote measure DIR` there and `tvmquant tune --import DIR --db DB` here)"
+        )
+    mod = _module_to_tune(args.model, args.batch_size)
+    per_task = args.trials_per_task or max(1, args.trials // 8)
+    manifest = offline.make_package(
+        {os.path.basename(args.model): mod}, args.package, target, per_task=per_task, progress=not args.quiet
+    )
+    if not args.quiet:
+        print(
+            f"{len(manifest['candidates'])} candidates of {len(manifest['tasks'])} kernels in {args.package}. Next:\n"
+            f"  on the GPU host: TVM_USE_RUNTIME_LIB=1 python -m tvmquant.remote measure {args.package}\n"
+            f"  here, with its measurements.json in {args.package}: tvmquant tune {args.model} --target ... "
+            f"--import {args.package} --db {args.db}"
+        )
+    return 0
+
+
+def _tune_import(args) -> int:
+    from .schedules import offline
+
+    counts = offline.import_measurements(args.import_package, args.db)
+    if not args.quiet:
+        print(
+            f"imported {counts['correct']} correct measured schedules ({counts['wrong']} wrong, {counts['failed']} "
+            f"failed) for {counts['tuned_tasks']}/{counts['tasks']} kernels into {args.db}"
+        )
     return 0
 
 
@@ -316,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trials-per-task", type=int, default=None, help="cap per task")
     t.add_argument("--db", required=True, help="database directory (created; reused by later runs)")
     t.add_argument("--batch-size", type=int, default=None, help="static batch size")
+    t.add_argument("--package", default=None, help="CUDA: write a measurement package here (no GPU needed)")
+    t.add_argument("--import", dest="import_package", default=None, help="CUDA: import a measured package into --db")
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(func=cmd_tune)
 

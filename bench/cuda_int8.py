@@ -199,14 +199,16 @@ def cmd_report(args) -> None:
 
     with open(os.path.join(PACKAGE, "manifest.json")) as handle:
         manifest = json.load(handle)
-    with open(os.path.join(PACKAGE, "measurements.json")) as handle:
+    with open(args.measurements) as handle:
         measured = json.load(handle)
     with open(args.gpu_results) as handle:
         gpu = json.load(handle)
+    best: dict = {}
     per_task = []
     for task in manifest["tasks"]:
         rows = [r for r in measured["candidates"].values() if r.get("task") == task["index"]]
         good = [r["seconds"] for r in rows if r.get("correct") and r.get("seconds") is not None]
+        best[task["index"]] = min(good) if good else None
         per_task.append(
             {
                 "task": task["name"],
@@ -219,29 +221,72 @@ def cmd_report(args) -> None:
                 "best_us": round(min(good) * 1e6, 2) if good else None,
             }
         )
+    kernel_sums = {}
+    for label in manifest["models"]:
+        total, missing = 0.0, 0
+        for task in manifest["tasks"]:
+            if label in task["weights"]:
+                if best[task["index"]] is None:
+                    missing += 1
+                else:
+                    total += task["weights"][label] * best[task["index"]]
+        kernel_sums[label] = {"ms": round(total * 1e3, 3), "kernels_without_record": missing}
+    models = gpu.get("models", {})
+    torch_ms = gpu.get("torch", {})
+    ratios = {}
+    for name in ("resnet50", "transformer"):
+        for batch in BATCHES:
+            int8 = models.get(f"{name}_int8_b{batch}", {}).get("ms")
+            fp16 = models.get(f"{name}_fp16_b{batch}", {}).get("ms")
+            torch16 = torch_ms.get(f"{name}_fp16_b{batch}")
+            if int8:
+                ratios[f"{name}_b{batch}"] = {
+                    "int8_vs_tvm_fp16": round(fp16 / int8, 3) if fp16 else None,
+                    "int8_vs_torch_fp16": round(torch16 / int8, 3) if torch16 else None,
+                }
     result = {
         "what": "tvmquant INT8 (WMMA s8s8s32, fused requantize) vs TVM FP16 (WMMA f16f16f32), same trials; "
-        "torch FP16",
+        "torch FP16 eager",
         "command": "bench/cuda_int8.py package, models, report; python -m tvmquant.remote measure and "
         "bench/gpu/cuda_models.py on the GPU host (bench/gpu/visit.sh)",
         "build_machine": machine_info(),
         "gpu": gpu.get("device"),
+        "target": manifest["target"],
         "trials_per_task": manifest["per_task"],
+        "search": "meta-schedule ReplayTrace: random draws from each kernel's design space, measured on the GPU",
         "tuning": {
-            "tasks": len(manifest["tasks"]),
+            "kernels": len(manifest["tasks"]),
             "candidates": len(manifest["candidates"]),
-            "package_build_s": manifest["build_s"],
+            "package_build_s_on_build_machine": manifest["build_s"],
             "gpu_measure_s": measured.get("wall_s"),
+            "correct": sum(1 for r in measured["candidates"].values() if r.get("correct")),
+            "wrong": sum(1 for r in measured["candidates"].values() if r.get("seconds") and not r.get("correct")),
         },
-        "kernels": per_task,
-        "models": gpu.get("models"),
-        "torch": gpu.get("torch"),
+        "latency_ms": {label: row.get("ms") for label, row in models.items()},
+        "torch_ms": torch_ms,
+        "speedups": ratios,
+        "sum_of_best_kernels_ms": kernel_sums,
         "correctness": gpu.get("correctness"),
+        "raw": {
+            "gpu_models": os.path.relpath(args.gpu_results, ROOT),
+            "measurements": os.path.relpath(args.measurements, ROOT),
+        },
         "python": platform.python_version(),
     }
+    if args.before:
+        with open(args.before) as handle:
+            before = json.load(handle)
+        result["before_pool_fix"] = {
+            "latency_ms": {label: row.get("ms") for label, row in before.get("models", {}).items()},
+            "torch_ms": before.get("torch"),
+            "note": "the same libraries before pooling kernels got one thread per output: ResNet-50's INT8 max "
+            "pool (requantize fused) took 6.3 ms at batch 32 "
+            "(bench/results/gpu/profile_cuda_h200_before_pool_fix.json)",
+        }
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as handle:
         json.dump(result, handle, indent=1)
+    print(json.dumps({"latency_ms": result["latency_ms"], "speedups": ratios, "sums": kernel_sums}, indent=1))
     print("wrote", RESULTS)
 
 
@@ -260,6 +305,8 @@ def main() -> None:
     c.set_defaults(func=cmd_check_files)
     r = sub.add_parser("report")
     r.add_argument("gpu_results", help="the JSON bench/gpu/cuda_models.py wrote")
+    r.add_argument("--measurements", default=os.path.join(PACKAGE, "measurements.json"))
+    r.add_argument("--before", default=None, help="an earlier cuda_models JSON to keep beside it")
     r.set_defaults(func=cmd_report)
     args = parser.parse_args()
     args.func(args)

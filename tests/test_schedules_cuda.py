@@ -95,6 +95,14 @@ def test_wmma_candidate_uses_tensor_cores(workload, request):
 
 
 @needs_nvcc
+def test_wmma_builds_for_sm80():
+    """Ampere (sm_80) as well as Hopper: the same rules, PTX for compute_80."""
+    a100 = cuda.cuda_target("nvidia/nvidia-a100")
+    built = _built(cuda.int8_matmul(*MATMUL), a100, "wmma")
+    assert ".target sm_80" in built[0].ptx and built[0].count("wmma.mma.sync") > 0
+
+
+@needs_nvcc
 def test_dp4a_candidate_uses_dp4a(dp4a_matmul):
     for candidate in dp4a_matmul:
         assert candidate.count("dp4a.s32.s32") > 0, "the PTX has no dp4a"

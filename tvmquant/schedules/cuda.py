@@ -414,11 +414,12 @@ def to_fp16(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def _gemm_dtypes(func: tvm.tirx.PrimFunc) -> tuple[str, str] | None:
-    """(input dtype, accumulator dtype) of the first reduction block that multiplies two buffers, if any.
+    """(input dtype, accumulator dtype) of the first reduction block that reads two or more regions, if any.
 
-    That block is the kernel's anchor (conv or matmul) and picks the rule set: int8 -> WMMA s8s8s32,
-    float16 -> WMMA f16f16f32, anything else (float32 attention, pooling, means) -> meta-schedule's own
-    CUDA rules.
+    That block is the kernel's anchor and picks the rule set: int8 -> WMMA s8s8s32, float16 -> WMMA
+    f16f16f32, anything else -> meta-schedule's own CUDA rules. Anchors are GEMMs (conv, matmul, attention's
+    batch matmuls) and also layer norms, whose statistics block reads its input twice (mean and square);
+    those get tuned with the stock rules. Pooling windows and means read one region and are not anchors.
     """
     from tvm import s_tir
 
@@ -457,9 +458,9 @@ def design_space(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
 
 
 def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> list:
-    """The tuning tasks of a Relax model after :func:`prepare`: one per distinct fused kernel with a GEMM
-    (conv, matmul) in it. Other kernels (elementwise, pooling, softmax, layer norm) get TVM's default GPU
-    schedules (``dlight``) in :func:`build`."""
+    """The tuning tasks of a Relax model after :func:`prepare`: one per distinct fused kernel with an anchor
+    (see :func:`_gemm_dtypes`: convs, matmuls, layer norms). The other kernels (elementwise, pooling, means,
+    softmax) get fixed schedules in :func:`build` (:class:`ScheduleUntuned`)."""
     target = cuda_target() if target is None else target
     tasks = ms.relax_integration.extract_tasks(prepare(mod, target), target)
     return [task for task in tasks if _gemm_dtypes(task.dispatched[0]["main"]) is not None]
@@ -516,8 +517,8 @@ class ScheduleUntuned:
     """Module pass: schedule the kernels that have no tuning record.
 
     GEMM kernels get the first sampled schedule of their tensor-core design space that compiles (a valid,
-    untuned WMMA kernel); the others get ``dlight``'s default GPU schedules (reduction, general reduction,
-    fallback).
+    untuned WMMA kernel); kernels whose reductions are short windows (pooling, 7x7 means) get one thread per
+    output; the others get ``dlight``'s default GPU schedules (reduction, general reduction, fallback).
     """
 
     def __init__(self, target: tvm.target.Target, seed: int = 0, tries: int = 8):
@@ -543,9 +544,10 @@ class ScheduleUntuned:
             if gvar in updates or not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
                 continue
             if _gemm_dtypes(func) is None and 0 < _largest_reduction(func) <= WINDOW_REDUCTION:
-                # Pooling windows (3x3, 2x2), with a fused requantize: one thread per output. dlight's
-                # GeneralReduction would take them and reduce 9 values with a whole thread block per output
-                # (6.3 ms instead of ~0.05 ms for ResNet-50's max pool at batch 32 on an H200).
+                # Pooling windows (3x3, 2x2) and short means (7x7), maybe with a fused requantize: one thread
+                # per output. dlight's GeneralReduction would take them and reduce 9 values with a whole
+                # thread block per output: 6.3 ms for ResNet-50's max pool at batch 32 on an H200, 58 us
+                # with this schedule (bench/results/gpu/profile_cuda_h200*.json).
                 single = tvm.IRModule({"main": func})
                 with self.target:
                     single = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(single)

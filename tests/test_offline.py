@@ -292,3 +292,9 @@ def test_pooling_kernels_get_one_thread_per_output(cnn):
     for gv in pools:
         script = scheduled[gv.name_hint].script()
         assert "threadIdx.x" in script and "allreduce" not in script, script[-2000:]
+
+
+@pytest.mark.skipif(cuda.have_gpu(), reason="checks the message on machines without a GPU")
+def test_compile_for_cuda_without_gpu_says_what_to_do(cnn):
+    with pytest.raises(RuntimeError, match="no CUDA GPU to run the model on"):
+        cnn.compile(target="nvidia/nvidia-h100")

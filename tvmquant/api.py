@@ -299,9 +299,18 @@ class QuantizedModel:
         if mode == "fp32" and self.qdq is not None:
             raise ValueError("a pre-quantized (QDQ) model has no FP32 version; use mode='simulated'")
         mod = modules[mode]()
-        from .compile import build
+        from .compile import as_target, build
 
-        return CompiledModel(build(mod, target=target, db=db), self.inputs)
+        target = as_target(target)
+        device = None
+        if target.kind.name == "cuda":
+            if not tvm.cuda(0).exist:
+                raise RuntimeError(
+                    f"compile(target={target.kind.name!r}): this machine has no CUDA GPU to run the model on; write "
+                    "a library with export_library / `tvmquant compile --target ...` and run it on the GPU host"
+                )
+            device = tvm.cuda(0)
+        return CompiledModel(build(mod, target=target, db=db), self.inputs, device)
 
     def export_onnx(self, path, sample: dict | None = None) -> None:
         """Write a standard QDQ ONNX model (QuantizeLinear/DequantizeLinear, per-channel int8 weights, int32

@@ -15,6 +15,21 @@ from __future__ import annotations
 import os
 
 
+def fusion_passes() -> list:
+    """Legalize to TIR and fuse (the sequence of meta-schedule's ``compile_relax``), shared by the x86 and
+    CUDA pipelines so that tuning and building see the same fused kernels."""
+    from tvm import relax
+
+    return [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
 def build_with_database(mod, target, db: str | os.PathLike | None = None):
     """Compile a Relax module with the tuning database ``db`` (or none), dispatching on the target kind.
 

@@ -386,6 +386,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.I
     """
     from tvm import relax
 
+    from . import fusion_passes
     from .layout import SinkLayoutTransform
 
     target = cuda_target() if target is None else target
@@ -393,12 +394,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.I
         relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
         SinkLayoutTransform(),
         relax.transform.DeadCodeElimination(),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
+        *fusion_passes(),
     ]
     with target, tvm.transform.PassContext(opt_level=3):
         return tvm.transform.Sequential(passes)(mod)

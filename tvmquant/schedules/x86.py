@@ -71,7 +71,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.target import codegen as _llvm_codegen
 
-from . import intrinsics
+from . import fusion_passes, intrinsics
 from ._ms_worker import build_candidate
 from .layout import SinkLayoutTransform
 
@@ -1144,15 +1144,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.I
     """
     target = x86_target() if target is None else target
     passes = [optimize_int8_for_x86(), *_cpu_backend.library_dispatch_passes(target)]
-    passes += [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
-        ScheduleDataMovement(int(target.attrs.get("num-cores", 1) or 1)),
-    ]
+    passes += [*fusion_passes(), ScheduleDataMovement(int(target.attrs.get("num-cores", 1) or 1))]
     with target, tvm.transform.PassContext(opt_level=3):
         return tvm.transform.Sequential(passes)(mod)
 

@@ -298,3 +298,19 @@ def test_pooling_kernels_get_one_thread_per_output(cnn):
 def test_compile_for_cuda_without_gpu_says_what_to_do(cnn):
     with pytest.raises(RuntimeError, match="no CUDA GPU to run the model on"):
         cnn.compile(target="nvidia/nvidia-h100")
+
+
+def test_a_library_that_fails_to_build_is_reported_not_fatal(tmp_path, monkeypatch):
+    """When nvcc refuses a library, the worker says so and writes nothing; make_package drops that library."""
+    from tvmquant import cuda_binaries
+
+    def refuse(lib, target):
+        raise RuntimeError("ptxas fatal: made-up failure")
+
+    monkeypatch.setattr(cuda_binaries, "precompile", refuse)
+    func = cuda.int8_matmul(16, 16, 16)["main"].with_attr("global_symbol", "t0_c0")
+    path = tmp_path / "candidates_0.so"
+    payload = ([("t0_c0", tvm.ir.save_json(func))], json.dumps(offline.target_dict(cuda.cuda_target())), str(path))
+    done = offline._compile_library(payload)
+    assert "ptxas fatal" in done["error"] and done["binaries"] == {}
+    assert not path.exists()

@@ -119,9 +119,12 @@ def _compile_library(payload) -> dict:
     funcs_json, target_json, path = payload
     target = _tvm.target.Target(json.loads(target_json))
     funcs = {symbol: _tvm.ir.load_json(text) for symbol, text in funcs_json}
-    lib = _tvm.compile(_tvm.IRModule(funcs), target=target)
-    lib.export_library(path)
-    binaries = cuda_binaries.precompile(lib, target)
+    try:
+        lib = _tvm.compile(_tvm.IRModule(funcs), target=target)
+        binaries = cuda_binaries.precompile(lib, target)
+        lib.export_library(path)
+    except Exception as err:  # noqa: BLE001  (nvcc refused one kernel: the library is dropped, not the package)
+        return {"path": path, "binaries": {}, "error": f"{type(err).__name__}: {str(err).strip()[-400:]}"}
     return {"path": path, "binaries": binaries}
 
 
@@ -219,10 +222,17 @@ def make_package(
         payloads.append((funcs_json, json.dumps(target_dict(target)), path))
     workers = workers or os.cpu_count() or 1
     binaries = {}
+    dropped = set()
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for done in pool.map(_compile_library, payloads):
             binaries.update(done["binaries"])
-            _say(progress, f"built {os.path.basename(done['path'])} ({time.time() - start:.0f} s)")
+            name = os.path.basename(done["path"])
+            if "error" in done:
+                dropped.add(name)
+                logger.warning("library %s dropped: %s", name, done["error"])
+                _say(progress, f"dropped {name}: {done['error'][-200:]}")
+            else:
+                _say(progress, f"built {name} ({time.time() - start:.0f} s)")
     cuda_binaries.write_archive(binaries, os.path.join(out_dir, "candidates.cuda.zip"))
 
     references = tvm.IRModule(
@@ -231,6 +241,7 @@ def make_package(
     tvm.compile(references, target=reference_target()).export_library(os.path.join(out_dir, "references.so"))
 
     library_of = {c.symbol: f"candidates_{number}.so" for number, group in enumerate(groups) for c in group}
+    candidates = [c for c in candidates if library_of[c.symbol] not in dropped]
     manifest = {
         "format": PACKAGE_FORMAT,
         "target": target_dict(target),

@@ -144,8 +144,9 @@ def cmd_models(args) -> None:
             continue
         start = time.time()
         prepared, weights = cuda.lift_constants(cuda.prepare(mod, target))
-        tuned = len(cuda.untuned_after_database(prepared, target, DB))
-        executable = cuda.build(prepared, target, DB, prepared=True)
+        applied = cuda.apply_database(prepared, target, DB)
+        tuned = len(cuda.untuned_kernels(applied))
+        executable = cuda.build(applied, target, prepared=True)
         path = os.path.join(MODELS, f"{label}.so")
         executable.export_library(path)
         cuda_binaries.write_archive(cuda_binaries.precompile(executable, target), cuda_binaries.archive_path(path))

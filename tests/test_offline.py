@@ -181,7 +181,7 @@ def test_package_import_and_build(cnn, tmp_path):
     assert counts["tuned_tasks"] == len(tasks)
     target = cuda.cuda_target()
     prepared = cuda.prepare(cnn.mod, target)
-    assert cuda.untuned_after_database(prepared, target, str(db)) == []
+    assert cuda.untuned_kernels(cuda.apply_database(prepared, target, str(db))) == []
     executable = cuda.build(cnn.mod, target, str(db))
     source = cuda.cuda_source(executable)
     assert "wmma::mma_sync" in source
@@ -314,3 +314,14 @@ def test_a_library_that_fails_to_build_is_reported_not_fatal(tmp_path, monkeypat
     done = offline._compile_library(payload)
     assert "ptxas fatal" in done["error"] and done["binaries"] == {}
     assert not path.exists()
+
+
+def test_bad_package_paths_get_clear_errors(tmp_path, capsys):
+    assert remote.main(["measure", str(tmp_path / "nowhere")]) == 2
+    assert "is not a measurement package" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="is not a measurement package"):
+        offline.import_measurements(tmp_path, tmp_path / "db")
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "tasks": [], "candidates": []}))
+    with pytest.raises(FileNotFoundError, match="has no traces.json"):
+        offline.import_measurements(tmp_path, tmp_path / "db")
+    assert not (tmp_path / "db").exists()

@@ -31,6 +31,7 @@ __all__ = [
     "read_archive",
     "install",
     "load_cuda_runtime",
+    "cuda_modules",
     "source_key",
     "archive_path",
 ]
@@ -47,7 +48,7 @@ def archive_path(library_path) -> str:
     return os.fspath(library_path) + ".cuda.zip"
 
 
-def _cuda_modules(module):
+def cuda_modules(module):
     """The CUDA device modules imported (at any depth) by a runtime module."""
     found, stack = [], [module]
     while stack:
@@ -79,7 +80,7 @@ def precompile(lib, target) -> dict[str, bytes]:
 
     module = getattr(lib, "mod", lib)
     binaries = {}
-    for device_module in _cuda_modules(module):
+    for device_module in cuda_modules(module):
         source = device_module.inspect_source("")
         if not source:
             continue

@@ -28,6 +28,18 @@ MANIFEST = "manifest.json"
 MEASUREMENTS = "measurements.json"
 
 
+def read_manifest(package: str) -> dict:
+    """The manifest of a package folder, or a clear error naming the folder."""
+    path = os.path.join(package, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{package!r} is not a measurement package (no {MANIFEST}); make one with "
+            "`tvmquant tune MODEL --target nvidia/... --package DIR`"
+        )
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def random_inputs(specs: list[dict], seed: int) -> list[np.ndarray]:
     """Seeded random arrays for kernel arguments (full int8 range, unit normals for floats)."""
     rng = np.random.default_rng(seed)
@@ -46,24 +58,30 @@ def random_inputs(specs: list[dict], seed: int) -> list[np.ndarray]:
 
 
 def compare(got: np.ndarray, expected: np.ndarray) -> dict:
-    """Agreement of a GPU output with the CPU reference.
-
-    Integer outputs: exact, or within 1 on at most 0.1% of elements (a float epilogue's round-half cases
-    may land differently on CPU and GPU). Float outputs: relative L2 error under 1e-2 (float16 inputs).
-    """
+    """Agreement of a GPU output with the CPU reference (:func:`_int_verdict`, :func:`_float_verdict`)."""
     if got.shape != expected.shape:
         return {"correct": False, "error": f"shape {got.shape} != {expected.shape}"}
     if np.issubdtype(expected.dtype, np.integer):
         diff = np.abs(got.astype(np.int64) - expected.astype(np.int64))
-        mismatches = int(np.count_nonzero(diff))
-        max_diff = int(diff.max()) if diff.size else 0
-        correct = max_diff <= 1 and mismatches <= max(1, diff.size // 1000)
-        return {"correct": bool(correct), "mismatches": mismatches, "max_abs_diff": max_diff}
+        return _int_verdict(int(np.count_nonzero(diff)), int(diff.max()) if diff.size else 0, diff.size)
     got64, expected64 = got.astype(np.float64), expected.astype(np.float64)
     if not np.all(np.isfinite(got64)):
-        return {"correct": False, "rel_err": None, "nonfinite": True}
+        return _float_verdict(None)
     norm = np.linalg.norm(expected64)
-    rel = float(np.linalg.norm(got64 - expected64) / norm) if norm > 0 else float(np.abs(got64).max())
+    return _float_verdict(float(np.linalg.norm(got64 - expected64) / norm) if norm > 0 else float(np.abs(got64).max()))
+
+
+def _int_verdict(mismatches: int, max_diff: int, size: int) -> dict:
+    """Integer outputs: exact, or within 1 on at most 0.1% of elements (a float epilogue's round-half cases
+    may land differently on CPU and GPU)."""
+    correct = max_diff <= 1 and mismatches <= max(1, size // 1000)
+    return {"correct": bool(correct), "mismatches": mismatches, "max_abs_diff": max_diff}
+
+
+def _float_verdict(rel: float | None) -> dict:
+    """Float outputs: relative L2 error under 1e-2 (float16 inputs); ``None`` means non-finite values."""
+    if rel is None:
+        return {"correct": False, "rel_err": None, "nonfinite": True}
     return {"correct": bool(rel < 1e-2), "rel_err": rel}
 
 
@@ -84,8 +102,7 @@ def _measure_libraries(
 
     from . import cuda_binaries
 
-    with open(os.path.join(package, MANIFEST)) as handle:
-        manifest = json.load(handle)
+    manifest = read_manifest(package)
     stats = cuda_binaries.install(os.path.join(package, "candidates.cuda.zip"))
     device = tvm.cuda(0) if device_kind == "cuda" else tvm.cpu(0)
     state: dict = {"done": [], "started": None, "candidates": {}, "binaries": stats}
@@ -172,16 +189,13 @@ def _check(got, expected: np.ndarray, expected_gpu) -> dict:
             got_t = torch.from_dlpack(got)
             if not expected_gpu.dtype.is_floating_point:
                 diff = (got_t.to(torch.int64) - expected_gpu.to(torch.int64)).abs()
-                mismatches = int((diff != 0).sum())
                 max_diff = int(diff.max()) if diff.numel() else 0
-                correct = max_diff <= 1 and mismatches <= max(1, diff.numel() // 1000)
-                return {"correct": bool(correct), "mismatches": mismatches, "max_abs_diff": max_diff}
+                return _int_verdict(int((diff != 0).sum()), max_diff, diff.numel())
             g, e = got_t.double(), expected_gpu.double()
             if not bool(torch.isfinite(g).all()):
-                return {"correct": False, "rel_err": None, "nonfinite": True}
+                return _float_verdict(None)
             norm = float(torch.linalg.norm(e))
-            rel = float(torch.linalg.norm(g - e)) / norm if norm > 0 else float(g.abs().max())
-            return {"correct": bool(rel < 1e-2), "rel_err": rel}
+            return _float_verdict(float(torch.linalg.norm(g - e)) / norm if norm > 0 else float(g.abs().max()))
         except Exception:  # noqa: BLE001  (fall back to numpy)
             pass
     return compare(got.numpy(), expected)
@@ -201,8 +215,7 @@ def measure_package(
     Returns the measurements (also written to ``out``, default ``PACKAGE/measurements.json``).
     """
     out = out or os.path.join(package, MEASUREMENTS)
-    with open(os.path.join(package, MANIFEST)) as handle:
-        manifest = json.load(handle)
+    manifest = read_manifest(package)
     libraries = sorted({c["library"] for c in manifest["candidates"]}, key=lambda name: int(name.split("_")[-1][:-3]))
     env = dict(os.environ)
     env.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))  # the CPU references run on every core
@@ -317,6 +330,9 @@ def main(argv=None) -> int:
     w.add_argument("--deadline", type=float, default=float("inf"))
     w.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args(argv)
+    if args.command == "measure" and not os.path.isfile(os.path.join(args.package, MANIFEST)):
+        print(f"error: {args.package!r} is not a measurement package (no {MANIFEST})", file=sys.stderr)
+        return 2
     if args.command == "_libraries":
         _measure_libraries(
             args.package, args.libraries, args.out, args.min_repeat_ms, args.repeat, args.deadline, args.device

@@ -37,6 +37,8 @@ import tvm  # noqa: E402
 from tvm import te  # noqa: E402
 from tvm.s_tir import meta_schedule as ms  # noqa: E402
 
+from . import fusion_passes, is_scheduled  # noqa: E402
+
 __all__ = [
     "BuiltCandidate",
     "Int8Kind",
@@ -252,14 +254,9 @@ def compile_cuda_source(source: str, target: tvm.target.Target, target_format: s
 def cuda_source(lib) -> str:
     """The CUDA source of a module built by ``tvm.compile`` / ``relax.build`` (its CUDA device modules, at
     any depth of the import tree)."""
-    parts, stack = [], [getattr(lib, "mod", lib)]
-    while stack:
-        module = stack.pop()
-        for child in module.imports:
-            if getattr(child, "kind", None) == "cuda":
-                parts.append(child.inspect_source(""))
-            stack.append(child)
-    return "".join(parts)
+    from ..cuda_binaries import cuda_modules
+
+    return "".join(module.inspect_source("") for module in cuda_modules(getattr(lib, "mod", lib)))
 
 
 @dataclass
@@ -386,7 +383,6 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.I
     """
     from tvm import relax
 
-    from . import fusion_passes
     from .layout import SinkLayoutTransform
 
     target = cuda_target() if target is None else target
@@ -525,7 +521,7 @@ class ScheduleUntuned:
 
         updates = {}
         for gvar, func in mod.functions.items():
-            if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
+            if not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
                 continue
             if _gemm_dtypes(func) is None:
                 continue
@@ -537,7 +533,7 @@ class ScheduleUntuned:
                     )
                     break
         for gvar, func in mod.functions.items():
-            if gvar in updates or not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
+            if gvar in updates or not isinstance(func, tvm.tirx.PrimFunc) or is_scheduled(func):
                 continue
             if _gemm_dtypes(func) is None and 0 < _largest_reduction(func) <= WINDOW_REDUCTION:
                 # Pooling windows (3x3, 2x2) and short means (7x7), maybe with a fused requantize: one thread
@@ -580,11 +576,6 @@ def _largest_reduction(func: tvm.tirx.PrimFunc) -> int:
     return largest
 
 
-def _is_scheduled(func) -> bool:
-    attrs = func.attrs
-    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
-
-
 def build(
     mod: tvm.IRModule,
     target: tvm.target.Target | None = None,
@@ -609,13 +600,7 @@ def build(
 
     target = cuda_target() if target is None else target
     prepared = mod if prepared else prepare(mod, target)
-    if db_dir is not None:
-        from tvm.s_tir.tensor_intrin import cuda as _wmma  # noqa: F401  records replay tensorize() by name
-
-        database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
-        with target, database, tvm.transform.PassContext(opt_level=3):
-            prepared = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
-    prepared = ScheduleUntuned(target)(prepared)
+    prepared = ScheduleUntuned(target)(apply_database(prepared, target, db_dir))
     with target, tvm.transform.PassContext(opt_level=3):
         return relax.build(prepared, target=target)
 
@@ -666,18 +651,24 @@ def lift_constants(mod: tvm.IRModule, min_bytes: int = 1 << 16) -> tuple[tvm.IRM
     return out, lifter.lifted
 
 
-def untuned_after_database(prepared: tvm.IRModule, target: tvm.target.Target, db_dir: str | None) -> list[str]:
-    """The GEMM kernels of a :func:`prepare`-d module that ``db_dir`` has no record for."""
+def apply_database(prepared: tvm.IRModule, target: tvm.target.Target, db_dir: str | None) -> tvm.IRModule:
+    """The best record of ``db_dir`` applied to every kernel of a :func:`prepare`-d module that has one
+    (the module itself when ``db_dir`` is None). :func:`build` takes the result with ``prepared=True``."""
     from tvm import relax
 
-    if db_dir is not None:
-        from tvm.s_tir.tensor_intrin import cuda as _wmma  # noqa: F401
+    if db_dir is None:
+        return prepared
+    from tvm.s_tir.tensor_intrin import cuda as _wmma  # noqa: F401  records replay tensorize() by name
 
-        database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
-        with target, database, tvm.transform.PassContext(opt_level=3):
-            prepared = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+    database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+
+
+def untuned_kernels(applied: tvm.IRModule) -> list[str]:
+    """The GEMM kernels of a module (after :func:`apply_database`) that got no tuned schedule."""
     return sorted(
         gvar.name_hint
-        for gvar, func in prepared.functions.items()
-        if isinstance(func, tvm.tirx.PrimFunc) and not _is_scheduled(func) and _gemm_dtypes(func) is not None
+        for gvar, func in applied.functions.items()
+        if isinstance(func, tvm.tirx.PrimFunc) and not is_scheduled(func) and _gemm_dtypes(func) is not None
     )

@@ -112,15 +112,13 @@ def _arg_specs(func: tvm.tirx.PrimFunc) -> list[dict]:
 
 def _compile_library(payload) -> dict:
     """Build one candidate library and its CUDA binary (runs in a worker process)."""
-    import tvm as _tvm
-
     from .. import cuda_binaries
 
     funcs_json, target_json, path = payload
-    target = _tvm.target.Target(json.loads(target_json))
-    funcs = {symbol: _tvm.ir.load_json(text) for symbol, text in funcs_json}
+    target = tvm.target.Target(json.loads(target_json))
+    funcs = {symbol: tvm.ir.load_json(text) for symbol, text in funcs_json}
     try:
-        lib = _tvm.compile(_tvm.IRModule(funcs), target=target)
+        lib = tvm.compile(tvm.IRModule(funcs), target=target)
         binaries = cuda_binaries.precompile(lib, target)
         lib.export_library(path)
     except Exception as err:  # noqa: BLE001  (nvcc refused one kernel: the library is dropped, not the package)
@@ -291,9 +289,15 @@ def import_measurements(
     dict
         ``{"committed": n, "correct": n, "wrong": n, "failed": n, "tasks": n, "tuned_tasks": n}``.
     """
+    from ..remote import read_manifest
+
     package_dir = os.fspath(package_dir)
-    with open(os.path.join(package_dir, MANIFEST)) as handle:
-        manifest = json.load(handle)
+    manifest = read_manifest(package_dir)
+    if not os.path.isfile(os.path.join(package_dir, TRACES)):
+        raise FileNotFoundError(
+            f"{package_dir!r} has no {TRACES}: import into the database on the machine that made the package "
+            "(the traces stay there; the GPU host needs only the rest)"
+        )
     path = os.fspath(measurements) if measurements is not None else os.path.join(package_dir, MEASUREMENTS)
     if not os.path.exists(path):
         raise FileNotFoundError(

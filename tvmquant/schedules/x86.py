@@ -71,7 +71,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.target import codegen as _llvm_codegen
 
-from . import fusion_passes, intrinsics
+from . import fusion_passes, intrinsics, is_scheduled
 from ._ms_worker import build_candidate
 from .layout import SinkLayoutTransform
 
@@ -1108,7 +1108,7 @@ class ScheduleDataMovement:
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mod = mod.clone()
         for gvar, func in list(mod.functions.items()):
-            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
             scheduled = schedule_data_movement(func, self.num_cores)
             if scheduled is None:
@@ -1116,11 +1116,6 @@ class ScheduleDataMovement:
             if scheduled is not None:
                 mod[gvar] = scheduled
         return mod
-
-
-def _is_scheduled(func) -> bool:
-    attrs = func.attrs
-    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
 
 
 def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.IRModule:
@@ -1156,7 +1151,7 @@ def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target | None = None) ->
     reduction (data-movement kernels get a fixed schedule in :func:`prepare` and are not tuned)."""
     target = x86_target() if target is None else target
     tasks = ms.relax_integration.extract_tasks(prepare(mod, target), target)
-    return [task for task in tasks if not _is_scheduled(task.dispatched[0]["main"])]
+    return [task for task in tasks if not is_scheduled(task.dispatched[0]["main"])]
 
 
 def _open_database(db_dir: str) -> ms.database.JSONDatabase:

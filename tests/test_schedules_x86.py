@@ -533,6 +533,6 @@ def test_depthwise_between_blocked_convs_gets_the_fixed_vector_schedule():
     depthwise = [name for name in _called_functions(prepared) if "depthwise_int8_nchwc" in name]
     assert len(depthwise) == 1
     func = prepared[depthwise[0]]
-    assert x86._is_scheduled(func)  # not left to the tuner
+    assert x86.is_scheduled(func)  # not left to the tuner
     assert "T.vectorized" in func.script() and "T.parallel" in func.script()
     assert depthwise[0] not in [task.task_name for task in x86.extract_tasks(mod, x86.x86_target(num_cores=2))]

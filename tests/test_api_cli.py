@@ -28,7 +28,7 @@ def model_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.npz"
-    np.savez(path, images=calibration_images(8))
+    np.savez(path, input=calibration_images(8))
     return str(path)
 
 
@@ -86,7 +86,7 @@ def test_cli_quantize_inspect_run(tmp_path, model_file, calib_file):
     x = calibration_images(3, seed=5)
     np.savez(tmp_path / "x.npz", input=x)
     assert cli.main(["run", str(out), "--input", str(tmp_path / "x.npz"), "-o", str(tmp_path / "y.npz"), "-q"]) == 0
-    y = np.load(tmp_path / "y.npz")["output0"]
+    y = np.load(tmp_path / "y.npz")["logits"]  # the ONNX model's own output name
     assert y.shape == (3, 10)
     np.testing.assert_array_equal(y[1], qmodel.compile()(x[1:2])[0])
 
@@ -156,13 +156,25 @@ def test_bad_calibration_data_names_the_culprit(model_file, calib, message):
         tvmquant.quantize(model_file, calib_data=calib, progress=False)
 
 
-def test_nan_calibration_data_warns_once_or_errors(model_file):
+def test_nan_in_calibration_inputs_is_refused_naming_batch_and_input(model_file):
     data = calibration_images(3)
-    data[0, 0, 0, 0] = np.nan
+    data[1, 0, 0, 0] = np.nan
+    data[1, 0, 0, 1] = np.inf
+    for config in (tvmquant.QuantConfig(), tvmquant.QuantConfig(nan_policy="error")):
+        with pytest.raises(CalibrationDataError, match=r"batch 1 input 'input' has 1 NaN and 1 Inf"):
+            tvmquant.quantize(model_file, config, data, progress=False, report_batches=0)
+
+
+def test_nan_inside_the_model_follows_nan_policy():
+    from tvmquant.calibration import make_observer
+
+    # NaN/Inf that arise inside the model reach the observers, which apply nan_policy.
+    warn = make_observer(tvmquant.QuantConfig().activation, "conv2d_0.in0", "warn")
     with pytest.warns(Warning, match="conv2d_0.in0"):
-        tvmquant.quantize(model_file, calib_data=data, progress=False, report_batches=0)
+        warn.collect(np.array([np.nan, 1.0], np.float32))
+    error = make_observer(tvmquant.QuantConfig().activation, "conv2d_0.in0", "error")
     with pytest.raises(CalibrationError, match="conv2d_0.in0"):
-        tvmquant.quantize(model_file, tvmquant.QuantConfig(nan_policy="error"), data, progress=False)
+        error.collect(np.array([np.nan, 1.0], np.float32))
 
 
 def test_skip_entry_matching_nothing_is_an_error(model_file):
@@ -254,7 +266,7 @@ def test_compile_deployable_library_loads_with_runtime_only(tmp_path, model_file
     # `tvmquant run` takes the library too
     np.savez(tmp_path / "x.npz", input=x)
     assert cli.main(["run", str(library), "--input", str(tmp_path / "x.npz"), "-o", str(tmp_path / "y.npz"), "-q"]) == 0
-    np.testing.assert_array_equal(np.load(tmp_path / "y.npz")["output0"], expected)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npz")["logits"], expected)
 
 
 def test_cli_bench_times_int8_fp32_and_onnx_runtime(tmp_path, model_file, calib_file, capsys):

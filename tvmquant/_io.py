@@ -41,8 +41,7 @@ def feed_from_args(args: tuple, kwargs: dict, inputs) -> dict:
 def check_inputs(feed: dict, inputs) -> dict:
     """Validate names, shapes and dtypes of run-time inputs with errors naming the input."""
     names = [spec.name for spec in inputs]
-    if len(inputs) == 1 and len(feed) == 1 and names[0] not in feed:
-        feed = {names[0]: next(iter(feed.values()))}
+    feed = _one_input_alias(feed, names, "the call")
     missing = [name for name in names if name not in feed]
     if missing:
         raise ValueError(f"missing model inputs {missing}; the model takes {names}")
@@ -50,8 +49,14 @@ def check_inputs(feed: dict, inputs) -> dict:
     for spec in inputs:
         array = np.asarray(feed[spec.name])
         if tuple(array.shape) != tuple(spec.shape):
+            hint = ""
+            if array.ndim == len(spec.shape) and tuple(array.shape[1:]) == tuple(spec.shape[1:]):
+                hint = (
+                    f"; the model was compiled for batch {spec.shape[0]}: compile it for batch {array.shape[0]} "
+                    "(compile(batch_size=...), `tvmquant compile --batch-size`), or feed batches of that size"
+                )
             raise ValueError(
-                f"input {spec.name!r} has shape {tuple(array.shape)}, the model expects {tuple(spec.shape)}"
+                f"input {spec.name!r} has shape {tuple(array.shape)}, the model expects {tuple(spec.shape)}{hint}"
             )
         if array.dtype != np.dtype(spec.dtype):
             if np.issubdtype(array.dtype, np.floating) and np.issubdtype(np.dtype(spec.dtype), np.floating):
@@ -60,6 +65,27 @@ def check_inputs(feed: dict, inputs) -> dict:
                 raise ValueError(f"input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
         out[spec.name] = np.ascontiguousarray(array)
     return out
+
+
+def _one_input_alias(item: dict, names: list, where: str, notice: bool = True) -> dict:
+    """A one-input model takes one array under any name; say so (a warning) when the name is not the input's."""
+    keys = list(item.keys())
+    if len(names) != 1 or len(keys) != 1 or keys[0] in names:
+        return item
+    if notice:
+        import warnings
+
+        warnings.warn(
+            f"{where} names its array {keys[0]!r}; the model's only input is {names[0]!r}: using it as "
+            f"{names[0]!r} (name the array {names[0]!r} to silence this)",
+            InputNameNotice,
+            stacklevel=3,
+        )
+    return {names[0]: item[keys[0]]}
+
+
+class InputNameNotice(UserWarning):
+    """A one-input model was given its one array under another name (the array was used)."""
 
 
 def flatten_outputs(result) -> list:
@@ -76,31 +102,40 @@ class CalibrationDataError(ValueError):
     """Calibration data does not fit the model; the message names the batch, input and what was expected."""
 
 
-def iter_batches(calib_data, inputs):
+def iter_batches(calib_data, inputs, what: str = "calibration data"):
     """Yield dicts ``{input name: array}`` of exactly the model's input shapes from any accepted form.
 
     Accepted: an iterable of dicts ``{input name: array}`` or of arrays (one-input models), a single such dict
     (e.g. an ``np.load``-ed npz), or one array. Arrays with ``k * batch`` samples on axis 0 are split.
+    ``what`` names the data in errors (``"calibration data"``, ``"input file 'x.npz'"``).
     """
-    if isinstance(calib_data, np.ndarray) or hasattr(calib_data, "keys"):
+    single = isinstance(calib_data, np.ndarray) or hasattr(calib_data, "keys")
+    if single:
         calib_data = [calib_data]
     names = [spec.name for spec in inputs]
+
+    def where(index: int) -> str:
+        return what if single else f"{what}, batch {index},"
+
     for index, item in enumerate(calib_data):
         if not hasattr(item, "keys"):
             if len(inputs) != 1:
                 raise CalibrationDataError(
-                    f"calibration batch {index} is a bare array, but the model has inputs {names}: "
+                    f"{where(index)} is a bare array, but the model has inputs {names}: "
                     "give a dict {input name: array}"
                 )
             item = {names[0]: item}
-        keys = list(item.keys())
-        if len(inputs) == 1 and len(keys) == 1 and keys[0] not in names:
-            item = {names[0]: item[keys[0]]}  # a one-input model may use any array name
+        if not item:
+            raise CalibrationDataError(
+                f"{what} holds no arrays; give one array per model input {names}, samples stacked on axis 0 "
+                f"(e.g. np.savez(path, {names[0]}=x))"
+            )
+        item = _one_input_alias(item, names, what, notice=index == 0)
         missing = [n for n in names if n not in item]
         extra = [k for k in item.keys() if k not in names]
         if missing or extra:
             raise CalibrationDataError(
-                f"calibration batch {index} has inputs {sorted(item.keys())}, the model expects {names}"
+                f"{where(index)} has inputs {sorted(item.keys())}, the model expects {names}"
                 + (f" (missing {missing})" if missing else "")
                 + (f" (unknown {extra})" if extra else "")
             )
@@ -113,8 +148,7 @@ def iter_batches(calib_data, inputs):
                     array = array.astype(spec.dtype)
                 else:
                     raise CalibrationDataError(
-                        f"calibration batch {index} input {spec.name!r} has dtype {array.dtype}, the model "
-                        f"expects {spec.dtype}"
+                        f"{where(index)} input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}"
                     )
             batch = spec.shape[0] if spec.shape else 1
             if tuple(array.shape) == tuple(spec.shape):
@@ -127,11 +161,11 @@ def iter_batches(calib_data, inputs):
                 chunks = array.shape[0] // batch
             else:
                 raise CalibrationDataError(
-                    f"calibration batch {index} input {spec.name!r} has shape {tuple(array.shape)}, the model "
+                    f"{where(index)} input {spec.name!r} has shape {tuple(array.shape)}, the model "
                     f"expects {tuple(spec.shape)} (or k x {spec.shape[0]} samples stacked on axis 0)"
                 )
             if num_chunks is not None and chunks != num_chunks:
-                raise CalibrationDataError(f"calibration batch {index}: inputs hold different numbers of samples")
+                raise CalibrationDataError(f"{where(index)}: inputs hold different numbers of samples")
             num_chunks = chunks
             arrays[spec.name] = (array, batch)
         for chunk in range(num_chunks or 0):

@@ -65,7 +65,7 @@ def _relax_inputs(mod: tvm.IRModule) -> list:
     return specs
 
 
-def load_model(model, params: dict | None = None, batch_size: int = 1):
+def load_model(model, params: dict | None = None, batch_size: int | None = None):
     """``(prepared module, input specs, ONNX bytes or None, is_qdq)`` from an ONNX path/ModelProto or an IRModule.
 
     A pre-quantized (QDQ) model comes back as its simulated QDQ module, integer weights kept.
@@ -98,7 +98,7 @@ def quantize(
     calib_data=None,
     *,
     params: dict | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     progress: bool = True,
     report_batches: int = 8,
 ) -> "QuantizedModel":
@@ -116,8 +116,10 @@ def quantize(
         array with samples stacked on axis 0.
     params : dict, optional
         Weights of an IRModule whose ``main`` takes them as parameters.
-    batch_size : int
-        Batch size of the compiled model when the ONNX batch axis is dynamic.
+    batch_size : int, optional
+        Batch size to bind a dynamic ONNX batch axis to (default 1, with a notice). The quantized model can be
+        compiled for another batch later (``compile(batch_size=...)``): the quantization table does not depend
+        on it.
     progress : bool
         Show progress bars.
     report_batches : int
@@ -160,7 +162,13 @@ def quantize(
             config = config.replace(skip=config.skip + tuple(auto_reasons))
     qmodel = QuantizedModel(fp32, annotated, table, config, inputs, source)
     if report_batches:
-        qmodel.measure_sqnr(calib_data, report_batches)
+        import warnings
+
+        from ._io import InputNameNotice
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InputNameNotice)  # calibration already said so
+            qmodel.measure_sqnr(calib_data, report_batches)
     return qmodel
 
 
@@ -249,6 +257,7 @@ class QuantizedModel:
             rows.append(
                 {
                     "layer": layer.name,
+                    "source": layer.source,
                     "op": layer.op_type,
                     "status": "int8" if layer.quantized else "fp32",
                     "reason": layer.reason
@@ -265,14 +274,39 @@ class QuantizedModel:
                     "input_sqnr_db": min(sqnrs) if sqnrs else None,
                 }
             )
-        outputs = {name: value for name, value in self.sqnr.items() if name.startswith("output")}
+        # sqnr keys the outputs by position (output0, ...); the summary shows the model's own names.
+        names = self.output_names
+        outputs = {}
+        for name, value in self.sqnr.items():
+            if name.startswith("output") and name[len("output") :].isdigit():
+                index = int(name[len("output") :])
+                outputs[names[index] if index < len(names) else name] = value
         return Summary(rows, outputs)
+
+    @property
+    def output_names(self) -> list:
+        """The model's output names (the ONNX graph's own; ``output0``... for Relax sources)."""
+        return output_names(self.fp32)
+
+    @property
+    def batch_size(self) -> int | None:
+        """The static batch (axis 0) of the first input."""
+        return int(self.inputs[0].shape[0]) if self.inputs and self.inputs[0].shape else None
 
     def rebatch(self, batch_size: int) -> "QuantizedModel":
         """The same quantized model (same table) compiled for another static batch size (ONNX sources only)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        if batch_size == self.batch_size:
+            return self
         if self.source is None:
             raise ModelError("rebatch needs the ONNX source; for an IRModule, quantize it with the batch you need")
         fp32, inputs, source, qdq = load_model(self.source_model(), batch_size=batch_size)
+        if inputs and inputs[0].shape and inputs[0].shape[0] != batch_size:
+            raise ModelError(
+                f"input {inputs[0].name!r} has a static batch of {inputs[0].shape[0]} in the ONNX model, so it cannot "
+                f"be compiled for batch {batch_size}; export the model with a dynamic batch axis"
+            )
         if qdq:
             return QuantizedModel(fp32, fp32, self.table, self.config, inputs, source, qdq=fp32)
         annotated = apply_pass(AnnotateQuant(self.config), fp32)
@@ -287,12 +321,16 @@ class QuantizedModel:
         return onnx.load_from_string(self.source)
 
     # -- compile and save ---------------------------------------------------------------------------------
-    def compile(self, target=None, mode: str = "int8", db=None) -> "CompiledModel":
+    def compile(self, target=None, mode: str = "int8", db=None, batch_size: int | None = None) -> "CompiledModel":
         """Compile for ``target`` (default: this CPU) and return a callable on numpy inputs.
 
         ``mode`` is ``"int8"`` (the realized integer model), ``"simulated"`` (fake-quant FP32) or
         ``"fp32"`` (the original model). ``db`` is a tuning database directory (see ``tvmquant tune``).
+        ``batch_size`` compiles for another static batch than the one quantized (ONNX sources with a dynamic
+        batch axis).
         """
+        if batch_size is not None and batch_size != self.batch_size:
+            return self.rebatch(batch_size).compile(target, mode, db)
         modules = {"int8": lambda: self.mod, "simulated": lambda: self.simulated, "fp32": lambda: self.fp32}
         if mode not in modules:
             raise ValueError(f"mode must be one of {sorted(modules)}, got {mode!r}")
@@ -310,7 +348,7 @@ class QuantizedModel:
                     "a library with export_library / `tvmquant compile --target ...` and run it on the GPU host"
                 )
             device = tvm.cuda(0)
-        return CompiledModel(build(mod, target=target, db=db), self.inputs, device)
+        return CompiledModel(build(mod, target=target, db=db), self.inputs, device, output_names(mod))
 
     def export_onnx(self, path, sample: dict | None = None) -> None:
         """Write a standard QDQ ONNX model (QuantizeLinear/DequantizeLinear, per-channel int8 weights, int32
@@ -389,9 +427,11 @@ def load(path) -> QuantizedModel:
 class CompiledModel:
     """A compiled model callable on numpy arrays: ``model(x)`` or ``model({"input": x})``."""
 
-    def __init__(self, executable, inputs, device=None):
+    def __init__(self, executable, inputs, device=None, output_names: list | None = None):
         self.executable = executable
         self.inputs = inputs
+        #: The model's output names, in the order calls return them.
+        self.output_names = list(output_names or [])
         self.device = device or tvm.cpu()
         use_physical_cores()
         self.vm = relax.VirtualMachine(executable, self.device)
@@ -415,28 +455,48 @@ class Summary:
     outputs: dict
 
     def __str__(self) -> str:
+        sources = [row.get("source") or "" for row in self.rows]
+        width = min(max([len(name) for name in sources] + [0]), 40)
+        source_header = f" {'ONNX node':<{width}}" if width else ""
         header = (
-            f"{'layer':<24} {'op':<20} {'dtype':<5} {'in scale':>10} {'in zp':>6} "
+            f"{'layer':<24}{source_header} {'op':<20} {'dtype':<5} {'in scale':>10} {'in zp':>6} "
             f"{'w scale (min..max)':>22} {'SQNR dB':>8}  note"
         )
         lines = [header, "-" * len(header)]
-        for row in self.rows:
+        for row, source in zip(self.rows, sources):
             scale = f"{row['input_scale'][0]:.4g}" if row["input_scale"] else "-"
             zero = str(row["input_zero_point"][0]) if row["input_zero_point"] else "-"
             weight = f"{row['weight_scale'][0]:.3g}..{row['weight_scale'][1]:.3g}" if row["weight_scale"] else "-"
             sqnr = f"{row['input_sqnr_db']:.1f}" if row["input_sqnr_db"] is not None else "-"
+            source_cell = f" {source:<{width}}" if width else ""
             lines.append(
-                f"{row['layer']:<24} {row['op']:<20} {row['status']:<5} {scale:>10} {zero:>6} {weight:>22} "
-                f"{sqnr:>8}  {row['reason']}"
+                f"{row['layer']:<24}{source_cell} {row['op']:<20} {row['status']:<5} {scale:>10} {zero:>6} "
+                f"{weight:>22} {sqnr:>8}  {row['reason']}"
             )
         quantized = sum(row["status"] == "int8" for row in self.rows)
-        lines.append(f"{quantized} of {len(self.rows)} layers in INT8")
+        lines.append(f"{quantized} of {len(self.rows)} layers in INT8 (skip lists take either name)")
         for name, value in self.outputs.items():
-            lines.append(f"{name} SQNR vs FP32 on calibration data: {value:.1f} dB")
+            lines.append(f"output {name!r} SQNR vs FP32 on calibration data: {value:.1f} dB")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"layers": self.rows, "outputs": self.outputs}
+
+
+def output_names(mod: tvm.IRModule, count: int | None = None) -> list:
+    """The output names of ``mod``'s ``main``: the source model's (kept by the ONNX import), else ``output{i}``."""
+    from .frontend.onnx import OUTPUT_NAMES_ATTR
+
+    func = mod["main"]
+    names = []
+    if func.attrs is not None and OUTPUT_NAMES_ATTR in func.attrs:
+        names = json.loads(str(func.attrs[OUTPUT_NAMES_ATTR]))
+    if count is None:
+        ret = func.ret_ty if hasattr(func, "ret_ty") else None
+        count = len(list(getattr(ret, "fields", []))) or 1
+    if len(names) != count:
+        names = [f"output{index}" for index in range(count)]
+    return names
 
 
 def _db(signal: float, noise: float) -> float:

@@ -144,7 +144,7 @@ def benchmark(
         ``machine``, ``target``, ``threads``, ``tuned`` (per TVM engine), ``latency_ms`` (engine -> {threads:
         ms}), ``speedup`` (INT8 over every other engine, per thread count) and ``skipped`` (engine -> reason).
     """
-    from .compile import as_target
+    from .compile import as_target, target_json
     from .deploy import export_library
 
     say = say or (lambda message: None)
@@ -160,7 +160,7 @@ def benchmark(
         raise ValueError(f"threads must be positive integers, got {threads}")
     result: dict = {
         "machine": machine_info(),
-        "target": str(target.export() if hasattr(target, "export") else target),
+        "target": target_json(target),
         "threads": list(threads),
         "tuned": {"tvmquant_int8": db is not None, "tvm_fp32": fp32_db is not None},
         "latency_ms": {},

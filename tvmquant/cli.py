@@ -39,18 +39,22 @@ def _config_from_args(args):
         activation = TensorSpec("uint8", "affine", activation.granularity, activation.bits, activation.method)
     elif args.scheme == "symmetric":
         activation = TensorSpec("int8", "symmetric", activation.granularity, activation.bits, activation.method)
-    if args.method:
+    if args.percentile is not None and args.method not in (None, "percentile"):
+        raise ValueError(f"--percentile applies to --method percentile, not --method {args.method}")
+    method_name = args.method or ("percentile" if args.percentile is not None else None)
+    if method_name:
+        percentile = args.percentile if args.percentile is not None else 99.99
         activation = TensorSpec(
             activation.dtype,
             activation.scheme,
             activation.granularity,
             activation.bits,
-            method_from_name(args.method, args.percentile),
+            method_from_name(method_name, percentile),
         )
     weight = config.weight
     if args.per_tensor:
         weight = TensorSpec(weight.dtype, weight.scheme, PerTensor(), weight.bits, weight.method)
-    skip = tuple(config.skip) + tuple(args.skip or ())
+    skip = tuple(config.skip) + tuple(name for entry in args.skip or () for name in _split_names(entry))
     auto_skip = config.auto_skip
     if args.auto_skip is not None:
         from .config import AutoSkip
@@ -59,16 +63,33 @@ def _config_from_args(args):
     return config.replace(activation=activation, weight=weight, skip=skip, auto_skip=auto_skip)
 
 
+def _split_names(entry: str) -> list:
+    names = [name.strip() for name in entry.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--skip {entry!r} names no layer; give a layer name, an ONNX node name or op:TYPE")
+    return names
+
+
 def _load_npz(path: str, what: str):
+    """The arrays of an ``.npz`` (a dict) or an ``.npy`` (one array, for a one-input model)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} file {path!r} does not exist")
     try:
-        data = np.load(path)
+        data = np.load(path, allow_pickle=False)
     except Exception as err:
         raise ValueError(f"{what} file {path!r} is not a readable .npz/.npy file ({err})") from None
     if isinstance(data, np.ndarray):
-        return {"input": data}
-    return {key: data[key] for key in data.files}
+        return data
+    try:
+        arrays = {key: data[key] for key in data.files}
+    except ValueError as err:  # object arrays need pickle, which is never allowed
+        raise ValueError(f"{what} file {path!r} holds an array tvmquant cannot read ({err})") from None
+    if not arrays:
+        raise ValueError(
+            f"{what} file {path!r} holds no arrays; save one array per model input, samples stacked on axis 0 "
+            "(np.savez(path, input=x))"
+        )
+    return arrays
 
 
 def _check_output_path(path: str) -> None:
@@ -121,7 +142,7 @@ def cmd_run(args) -> int:
     from ._io import atomic_write, iter_batches  # numpy only: `run` works with TVM's runtime alone
 
     outputs: list = []
-    for batch in iter_batches(feed, model.inputs):
+    for batch in iter_batches(feed, model.inputs, what=f"input file {args.input!r}"):
         result = model(batch)
         result = result if isinstance(result, list) else [result]
         if not outputs:
@@ -130,7 +151,10 @@ def cmd_run(args) -> int:
             store.append(value)
     if not outputs:
         raise ValueError(f"input file {args.input!r} holds no samples")
-    arrays = {f"output{i}": np.concatenate(values, axis=0) for i, values in enumerate(outputs)}
+    names = list(getattr(model, "output_names", []))
+    if len(names) != len(outputs):
+        names = [f"output{i}" for i in range(len(outputs))]
+    arrays = {name: np.concatenate(values, axis=0) for name, values in zip(names, outputs)}
     atomic_write(args.output, lambda handle: np.savez(handle, **arrays))
     if not args.quiet:
         print(f"wrote {args.output}: " + ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
@@ -303,10 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["max", "entropy", "percentile", "mse"],
         help="activation calibration (default percentile 99.99)",
     )
-    q.add_argument("--percentile", type=float, default=99.99, help="percentile for --method percentile")
+    q.add_argument("--percentile", type=float, default=None, help="percentile for --method percentile (default 99.99)")
     q.add_argument("--scheme", choices=["affine", "symmetric"], help="activations: uint8 affine or int8 symmetric")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per channel)")
-    q.add_argument("--skip", nargs="+", metavar="NAME", help="layers to keep in FP32 (names, or op:TYPE)")
+    q.add_argument(
+        "--skip",
+        action="append",
+        metavar="NAME",
+        help="a layer to keep in FP32: tvmquant's name (conv2d_3), the ONNX node name, or op:TYPE; repeat the flag "
+        "or give a comma list",
+    )
     q.add_argument(
         "--auto-skip",
         type=float,
@@ -320,7 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(PRESETS),
         help="start from a named config (default x86_vnni); flags override it",
     )
-    q.add_argument("--batch-size", type=int, default=1, help="batch size when the model's batch axis is dynamic")
+    q.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch to bind a dynamic batch axis to (default 1; `compile --batch-size` can change it later)",
+    )
     q.add_argument("-o", "--output", required=True, help="artifact to write (.tvmq)")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
@@ -344,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", default=None, help="'llvm' (this CPU), a JSON target dict, or a tag like nvidia/nvidia-h100"
     )
     c.add_argument("--db", default=None, help="tuning database directory from `tvmquant tune`")
-    c.add_argument("--batch-size", type=int, default=None, help="static batch size (ONNX sources)")
+    c.add_argument(
+        "--batch-size", type=int, default=None, help="compile for this batch (the model's batch axis must be dynamic)"
+    )
     c.add_argument("-o", "--output", required=True, help="library to write (.so)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
@@ -388,9 +425,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings and notices as one line each (``tvmquant: notice: ...``), not Python's two-line form."""
+    kind = "notice" if category.__name__.endswith("Notice") else "warning"
+    print(f"tvmquant: {kind}: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        print(f"tvmquant: error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warnings
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -399,6 +449,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, TypeError, ImportError) as err:
         print(f"tvmquant: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -271,8 +271,9 @@ class QuantConfig:
         Partial quantization: layers kept in FP32. Strings are layer names (``"op:conv2d"`` is an op type);
         callables are predicates. An entry that matches no layer is an error at annotation time.
     nan_policy : str
-        ``"warn"`` counts and drops NaN/Inf in calibration data with one warning per tensor;
-        ``"error"`` refuses such data.
+        NaN/Inf that arise *inside* the model during calibration (an overflowing tensor): ``"warn"`` counts and
+        drops them with one warning per tensor; ``"error"`` stops. NaN/Inf in the calibration inputs themselves
+        are always refused, naming the batch and input.
     auto_skip : AutoSkip or None
         Automatic, sensitivity-driven partial quantization (on top of ``skip``).
     quantize_output_ops : tuple of str

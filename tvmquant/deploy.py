@@ -71,12 +71,13 @@ def write_library(executable, mod, path, inputs, target, extra: dict | None = No
     import tvm
 
     from .api import _umask, _versions, atomic_write
+    from .compile import target_json
 
     path = os.fspath(path)
     folder = _check_folder(path)
     metadata = {
         "format": METADATA_FORMAT,
-        "target": str(target.export() if hasattr(target, "export") else target),
+        "target": target_json(target),
         "inputs": [spec.to_dict() for spec in inputs],
         "outputs": _output_infos(mod),
         **(extra or {}),
@@ -113,15 +114,15 @@ def _check_folder(path) -> str:
 
 def _output_infos(mod) -> list:
     from ._compat import tensor_dtype, tensor_shape
+    from .api import output_names
 
     ret = mod["main"].ret_ty if hasattr(mod["main"], "ret_ty") else None
     fields = list(getattr(ret, "fields", [])) or [ret]
+    names = output_names(mod, len(fields))
     infos = []
-    for index, ty in enumerate(fields):
+    for name, ty in zip(names, fields):
         holder = type("T", (), {"ty": ty})
-        infos.append(
-            {"name": f"output{index}", "shape": list(tensor_shape(holder) or ()), "dtype": tensor_dtype(holder)}
-        )
+        infos.append({"name": name, "shape": list(tensor_shape(holder) or ()), "dtype": tensor_dtype(holder)})
     return infos
 
 
@@ -142,6 +143,9 @@ class LoadedModel:
         if self.metadata.get("format") != METADATA_FORMAT:
             raise ValueError(f"{meta_file!r} has metadata format {self.metadata.get('format')!r}; expected 1")
         self.inputs = [InputSpec.from_dict(d) for d in self.metadata["inputs"]]
+        #: Output names, shapes and dtypes (the source model's names, e.g. ONNX's ``logits``).
+        self.outputs = [InputSpec.from_dict(d) for d in self.metadata.get("outputs", [])]
+        self.output_names = [spec.name for spec in self.outputs]
         use_physical_cores()  # TVM's default is half the CPUs on x86: one thread on a 2-core VM
         if self.metadata.get("cuda_binaries"):
             from . import cuda_binaries

@@ -5,10 +5,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 
 from .._io import InputSpec
 from .prepare import ModelError
+
+#: Function attributes of ``main`` that keep the ONNX model's own names through every tvmquant pass.
+SOURCE_NAMES_ATTR = "tvmquant.source_names"  # JSON {Relax variable name: ONNX node name}
+OUTPUT_NAMES_ATTR = "tvmquant.output_names"  # JSON [ONNX graph output name, ...]
+OUTPUT_KEY = "output:"  # SOURCE_NAMES_ATTR key of the node producing the graph's output i
+
+#: ONNX ops whose results can be quantizable layers; their Relax results are named after the ONNX node.
+_LAYER_ONNX_OPS = frozenset(
+    {"Conv", "MatMul", "Gemm", "Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean"}
+)
 
 #: Quantized-operator ONNX ops that TVM's importer does not take (QOperator format).
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul")
@@ -29,8 +41,15 @@ def load_onnx_model(model):
         raise ModelError(f"{path!r} is not a valid ONNX file ({type(err).__name__}: {err}); re-export it") from None
 
 
-def input_specs(model, batch_size: int = 1) -> list:
-    """The graph inputs that are not initializers, with dynamic dims replaced by ``batch_size`` on axis 0."""
+class BatchNotice(UserWarning):
+    """A dynamic batch axis was bound to a static batch size (the message says which, and how to choose)."""
+
+
+def input_specs(model, batch_size: int | None = None) -> list:
+    """The graph inputs that are not initializers, with a dynamic axis 0 bound to ``batch_size``.
+
+    With ``batch_size=None`` a dynamic batch axis is bound to 1, and a :class:`BatchNotice` says so.
+    """
     import onnx
 
     initializers = {init.name for init in model.graph.initializer}
@@ -44,7 +63,16 @@ def input_specs(model, batch_size: int = 1) -> list:
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 dims.append(int(dim.dim_value))
             elif axis == 0:
-                dims.append(batch_size)
+                if batch_size is None:
+                    import warnings
+
+                    warnings.warn(
+                        f"input {value.name!r} has a dynamic batch axis ({dim.dim_param or '?'}): bound to batch 1; "
+                        "choose another with batch_size=N (--batch-size N), here or when compiling",
+                        BatchNotice,
+                        stacklevel=2,
+                    )
+                dims.append(batch_size or 1)
             else:
                 raise ModelError(
                     f"input {value.name!r} has a dynamic dimension {axis} ({dim.dim_param or '?'}); "
@@ -55,7 +83,7 @@ def input_specs(model, batch_size: int = 1) -> list:
     return specs
 
 
-def import_onnx(model, batch_size: int = 1, where: str = "the ONNX model"):
+def import_onnx(model, batch_size: int | None = None, where: str = "the ONNX model"):
     """Import ONNX into Relax with weights as constants.
 
     Returns
@@ -74,21 +102,137 @@ def import_onnx(model, batch_size: int = 1, where: str = "the ONNX model"):
         )
     specs = input_specs(model, batch_size)
     check_qdq_nodes(model, where)
+    model = fold_conv_batchnorm(model)
     from tvm.relax.frontend.onnx import from_onnx
 
     shape_dict = {spec.name: list(spec.shape) for spec in specs}
     dtype_dict = {spec.name: spec.dtype for spec in specs}
+    source_names: dict = {}
     try:
-        mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+        with _naming_layers(source_names):
+            mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
     except Exception as err:
         folded = _constant_fold(model, specs)
         if folded is None:
             raise _import_error(model, err, where) from None
+        source_names.clear()
         try:
-            mod = from_onnx(folded, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+            with _naming_layers(source_names):
+                mod = from_onnx(folded, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
         except Exception as err2:
             raise _import_error(folded, err2, where) from None
+    # The graph's outputs lose their variable names (the output binding is canonicalized to `gv`): keep the
+    # producing node of each output under a positional key.
+    producers = {output: node.name for node in model.graph.node for output in node.output}
+    by_name = {node.name: node.op_type for node in model.graph.node}
+    for index, output in enumerate(model.graph.output):
+        node_name = producers.get(output.name)
+        if node_name and by_name.get(node_name) in _LAYER_ONNX_OPS:
+            source_names[f"{OUTPUT_KEY}{index}"] = node_name
+    main = mod["main"].with_attr(SOURCE_NAMES_ATTR, json.dumps(source_names))
+    mod["main"] = main.with_attr(OUTPUT_NAMES_ATTR, json.dumps([output.name for output in model.graph.output]))
     return mod, specs
+
+
+def fold_conv_batchnorm(model):
+    """A copy of ``model`` with each inference-mode BatchNormalization folded into the Conv before it.
+
+    TVM folds BatchNorm too (``FoldBatchnormToConv2D``), but its rewritten conv loses the variable that carries
+    the ONNX node's name; folding here keeps the Conv node, and so its name. Same arithmetic:
+    ``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {init.name: init for init in model.graph.initializer}
+    consumers: dict = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    graph_outputs = {output.name for output in model.graph.output}
+    producer = {node.output[0]: node for node in model.graph.node if node.output}
+    folded, drop = {}, set()
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or len(node.input) != 5 or len(node.output) != 1:
+            continue
+        conv = producer.get(node.input[0])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if (
+            conv is None
+            or conv.op_type != "Conv"
+            or consumers.get(conv.output[0]) != 1
+            or conv.output[0] in graph_outputs
+            or attrs.get("training_mode", 0)
+            or not all(name in inits for name in list(node.input[1:]) + list(conv.input[1:]))
+        ):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in node.input[1:])
+        weight = numpy_helper.to_array(inits[conv.input[1]])
+        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 else 0.0
+        factor = gamma / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+        new_weight = (weight * factor.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
+        new_bias = ((bias - mean) * factor + beta).astype(weight.dtype)
+        folded[conv.name or conv.output[0]] = (conv, node, new_weight, new_bias)
+        drop.add(id(node))
+    if not folded:
+        return model
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    del result.graph.node[:]
+    for node in model.graph.node:
+        if id(node) in drop:
+            continue
+        key = node.name or (node.output[0] if node.output else "")
+        if node.op_type == "Conv" and key in folded:
+            _, bn, new_weight, new_bias = folded[key]
+            weight_name, bias_name = f"{key}.folded_weight", f"{key}.folded_bias"
+            result.graph.initializer.extend(
+                [numpy_helper.from_array(new_weight, weight_name), numpy_helper.from_array(new_bias, bias_name)]
+            )
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            del new.input[:]
+            new.input.extend([node.input[0], weight_name, bias_name])
+            del new.output[:]
+            new.output.extend(bn.output)
+            result.graph.node.append(new)
+        else:
+            result.graph.node.append(node)
+    return result
+
+
+@contextlib.contextmanager
+def _naming_layers(source_names: dict):
+    """Within the block, TVM's ONNX importer binds the result of each layer-like node to a variable named after
+    the node, and records ``{variable name: ONNX node name}`` in ``source_names``.
+
+    TVM's importer keeps no node names; without them a user could only skip layers by tvmquant's own names
+    (``conv2d_3``), not by the names Netron shows. Relax passes keep variable names, so the names survive.
+    """
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    importer = onnx_frontend.ONNXGraphImporter
+    convert = importer._convert_operator
+
+    def convert_and_name(self, op_name, inputs, attrs, opset):
+        result = convert(self, op_name, inputs, attrs, opset)
+        node_name = attrs.get("tvm_custom", {}).get("name") if isinstance(attrs, dict) else None
+        if op_name not in _LAYER_ONNX_OPS:
+            node_name = None
+        if node_name and isinstance(result, relax.Call):
+            identifier = "".join(c if c.isalnum() else "_" for c in node_name).strip("_")
+            var = self.bb.emit(result, name_hint=f"onnx_{identifier}")
+            source_names[var.name] = node_name
+            return var
+        return result
+
+    importer._convert_operator = convert_and_name
+    try:
+        yield
+    finally:
+        importer._convert_operator = convert
 
 
 def _import_error(model, err, where: str) -> ModelError:

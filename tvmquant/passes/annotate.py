@@ -42,6 +42,11 @@ class LayerInfo:
     weight: str | None = None
     weight_axis: int | None = None
     output_shape: tuple | None = None
+    source: str = ""  # the layer's node name in the source model (ONNX), when known
+
+    def matches(self, name: str) -> bool:
+        """True if ``name`` is this layer's tvmquant name or its source (ONNX node) name."""
+        return name == self.name or (bool(self.source) and name == self.source)
 
 
 def marker(expr, name: str, role: str):
@@ -96,6 +101,9 @@ class AnnotateQuant:
 
 
 class _Annotator(BindingRewriter):
+    def begin(self, func):
+        self.source_of = _source_names(func)
+
     def __init__(self, config: QuantConfig):
         super().__init__()
         self.config = config
@@ -131,7 +139,7 @@ class _Annotator(BindingRewriter):
 
     def _skip_reason(self, info: LayerInfo) -> str:
         for rule in self.config.skip:
-            if isinstance(rule, SkipName) and rule.name == info.name:
+            if isinstance(rule, SkipName) and info.matches(rule.name):
                 self.used_rules.add(rule)
                 return f"skip list: name {rule.name!r}"
             if isinstance(rule, SkipOpType) and rule.op_type == info.op_type:
@@ -151,7 +159,9 @@ class _Annotator(BindingRewriter):
             return out
         index = self.counts.get(rule.op_type, 0)
         self.counts[rule.op_type] = index + 1
-        info = LayerInfo(f"{rule.op_type}_{index}", rule.op_type, output_shape=tensor_shape(var))
+        info = LayerInfo(
+            f"{rule.op_type}_{index}", rule.op_type, output_shape=tensor_shape(var), source=self.source_of.get(var, "")
+        )
         args = list(value.args)
         weight_pos = rule.weight_input if rule.weight_input is not None and is_const(args[rule.weight_input]) else None
         activation_pos = [i for i in rule.activation_inputs if i != weight_pos]
@@ -210,14 +220,54 @@ class _Annotator(BindingRewriter):
         return self._is_float_tensor(args[0])
 
 
+def _source_names(func) -> dict:
+    """``{variable: source (ONNX) node name}`` for the bindings of ``func``.
+
+    The ONNX importer names a node's result after the node (:data:`SOURCE_NAMES_ATTR`); a Conv or Gemm
+    result is often ``add(conv2d(...), bias)``, so the name also goes to the layer call below such constant
+    epilogues.
+    """
+    from ..frontend.onnx import OUTPUT_KEY, SOURCE_NAMES_ATTR
+
+    if func.attrs is None or SOURCE_NAMES_ATTR not in func.attrs:
+        return {}
+    by_var_name = json.loads(str(func.attrs[SOURCE_NAMES_ATTR]))
+    values = {}
+    names = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            values[binding.var] = binding.value
+            if binding.var.name in by_var_name:
+                names[binding.var] = by_var_name[binding.var.name]
+    results = func.body.body.fields if isinstance(func.body.body, relax.Tuple) else [func.body.body]
+    for index, result in enumerate(results):
+        if f"{OUTPUT_KEY}{index}" in by_var_name and result in values and result not in names:
+            names[result] = by_var_name[f"{OUTPUT_KEY}{index}"]
+    for var, source in list(names.items()):
+        value = values.get(var)
+        while op_name(value) in _EPILOGUE_OPS:
+            operands = [arg for arg in value.args if not is_const(arg)]
+            if len(operands) != 1 or operands[0] not in values or operands[0] in names:
+                break
+            names[operands[0]] = source
+            value = values[operands[0]]
+    return names
+
+
+#: Ops an importer puts between a layer and its node's output (bias add, Gemm's alpha/beta, reshapes).
+_EPILOGUE_OPS = ("relax.add", "relax.multiply", "relax.reshape", "relax.permute_dims")
+
+
 def _check_skip_rules(config: QuantConfig, layers: list[LayerInfo]) -> None:
     names = [layer.name for layer in layers]
     for rule in config.skip:
-        if isinstance(rule, SkipName) and rule.name not in names:
+        if isinstance(rule, SkipName) and not any(layer.matches(rule.name) for layer in layers):
             close = [n for n in names if n.split("_")[0] == rule.name.split("_")[0]][:8] or names[:8]
+            sources = [layer.source for layer in layers if layer.source][:4]
             raise SkipRuleError(
-                f"skip entry {rule.name!r} matches no layer; layers are named like {close} "
-                "(see `tvmquant inspect` or QuantizedModel.summary())"
+                f"skip entry {rule.name!r} matches no layer; layers are named like {close}"
+                + (f" or by their ONNX node names, like {sources}" if sources else "")
+                + " (see `tvmquant inspect` or QuantizedModel.summary())"
             )
         if isinstance(rule, SkipOpType) and rule.op_type not in {layer.op_type for layer in layers}:
             raise SkipRuleError(

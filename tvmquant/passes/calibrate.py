@@ -87,8 +87,11 @@ def count_samples(calib_data, inputs) -> int | None:
     if isinstance(calib_data, np.ndarray):
         return calib_data.shape[0] // max(inputs[0].shape[0], 1)
     if hasattr(calib_data, "keys"):
-        first = np.asarray(calib_data[list(calib_data.keys())[0]])
-        return first.shape[0] // max(inputs[0].shape[0], 1)
+        keys = list(calib_data.keys())
+        if not keys:
+            return 0  # iter_batches says what is wrong
+        first = np.asarray(calib_data[keys[0]])
+        return first.shape[0] // max(inputs[0].shape[0], 1) if first.ndim else None
     if isinstance(calib_data, (list, tuple)):
         return None
     return None
@@ -194,6 +197,7 @@ def calibrate(annotated: tvm.IRModule, calib_data, inputs, config: QuantConfig, 
     with observing(collect), warnings.catch_warnings():
         warnings.simplefilter("always")
         for batch in _progress(batches, count_samples(calib_data, inputs), "calibrating", progress):
+            check_finite(batch, seen)
             run_vm(vm, batch, inputs)
             seen += 1
     if seen == 0:
@@ -205,6 +209,24 @@ def calibrate(annotated: tvm.IRModule, calib_data, inputs, config: QuantConfig, 
             raise CalibrationError(f"{err} (after {seen} calibration batches)") from None
         table[name] = QParams.from_range(name, "activation", config.activation, a_min, a_max)
     return table
+
+
+def check_finite(batch: dict, index: int) -> None:
+    """Refuse NaN or Inf in a calibration input, naming the batch and the input.
+
+    Bad values in the data itself are a data error, always refused; ``QuantConfig.nan_policy`` governs NaN/Inf
+    that arise inside the model (an overflowing tensor), which observers then count and drop.
+    """
+    for name, array in batch.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(array)
+        if bad.any():
+            num_nan = int(np.count_nonzero(np.isnan(array)))
+            raise CalibrationDataError(
+                f"calibration batch {index} input {name!r} has {num_nan} NaN and {int(bad.sum()) - num_nan} Inf "
+                "values; remove or fix those samples"
+            )
 
 
 def marker_names(mod) -> list:

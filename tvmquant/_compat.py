@@ -11,6 +11,7 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir import GenericConst, StringImm
+from tvm_ffi import structural_equal, structural_hash
 
 TensorType = relax.TensorType
 Var = relax.Var
@@ -31,6 +32,8 @@ __all__ = [
     "VirtualMachine",
     "Constant",
     "StringImm",
+    "structural_equal",
+    "structural_hash",
     "const",
     "is_const",
     "const_value",

@@ -82,19 +82,19 @@ def target_json(target) -> str:
 
 
 def build(mod: tvm.IRModule, target=None, db=None):
-    """Compile ``mod`` into a Relax VM executable.
+    """Compile ``mod`` into a Relax VM executable, through the target's INT8 pipeline.
+
+    With or without a tuning database the kernels are the same kind: on x86, blocked layouts with VNNI-
+    tensorized default schedules; on CUDA, NHWC with WMMA/dp4a default schedules. A database only swaps in
+    the better schedules it holds.
 
     Parameters
     ----------
     mod : tvm.IRModule
     target : see :func:`as_target`
     db : str or os.PathLike, optional
-        A meta-schedule database directory written by ``tvmquant tune``; its best schedules are applied and
-        ops without a record keep TVM's default schedule.
+        A meta-schedule database directory written by ``tvmquant tune``.
     """
-    target = as_target(target)
-    if db is not None:
-        from .schedules import build_with_database
+    from .schedules import build_with_database
 
-        return build_with_database(mod, target, db)
-    return tvm.compile(mod, target=target)
+    return build_with_database(mod, as_target(target), db)

@@ -116,6 +116,36 @@ def dot_product_16x4_u8i8i32_avx512_exact(
         )
 
 
+def _import_stock_x86_intrinsics() -> None:
+    """Import TVM's stock x86 intrinsics (``tvm.s_tir.tensor_intrin.x86``) without its package's other ones.
+
+    ``tvm/s_tir/tensor_intrin/__init__.py`` imports every target's intrinsics: 23 s on 2 cores (16.5 s of it
+    CUDA's TVMScript), and meta-schedule's ``TuneContext`` imports that package on every construction. So
+    every process that built a model for x86 paid 23 s before its first kernel (``tvmquant run``,
+    ``compile``). When nothing has imported the package yet, it is entered here as a plain package object
+    whose ``__init__`` does not run: its submodules still import as usual (``tvm.s_tir.tensor_intrin.cuda``,
+    which tvmquant's CUDA code imports by name before it needs the WMMA intrinsics), and the x86 module,
+    imported now, takes well under a second.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    package_name = "tvm.s_tir.tensor_intrin"
+    if package_name not in sys.modules:
+        spec = importlib.util.find_spec(package_name)
+        package = types.ModuleType(package_name, "TVM's tensor intrinsics; submodules import on demand (tvmquant).")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        package.__file__ = spec.origin
+        sys.modules[package_name] = package
+        import tvm.s_tir
+
+        tvm.s_tir.tensor_intrin = package
+    importlib.import_module(f"{package_name}.x86")
+
+
 def register_x86_intrinsics() -> None:
     """(Re-)register ``dot_16x4_vnni`` (LLVM-22 operand types) and ``dot_16x4_avx512`` (exact), after
     TVM's stock intrinsics.
@@ -131,8 +161,7 @@ def register_x86_intrinsics() -> None:
     >>> TensorIntrin.get(VNNI_DOT_16X4) is not None
     True
     """
-    import tvm.s_tir.tensor_intrin  # noqa: F401  (stock intrinsics first, so they never re-register later)
-
+    _import_stock_x86_intrinsics()
     TensorIntrin.register(
         VNNI_DOT_16X4, dot_product_16x4_u8i8i32_desc, dot_product_16x4_u8i8i32_vnni_llvm22, override=True
     )

@@ -71,6 +71,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.target import codegen as _llvm_codegen
 
+from .._compat import structural_equal, structural_hash
 from . import fusion_passes, intrinsics, is_scheduled
 from ._ms_worker import build_candidate
 from .layout import SinkLayoutTransform
@@ -1494,9 +1495,28 @@ class ScheduleUntunedFromSketch:
         return mod
 
 
+#: Default schedules already found in this process: ``{(structural hash, target, seed): [(func, scheduled)]}``.
+#: Models repeat kernel shapes (ResNet blocks), and a process often builds the same model more than once
+#: (INT8, simulated, FP32; a test suite): a kernel's default schedule is searched for once.
+_SKETCH_CACHE: dict = {}
+
+
 def _first_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_threads, tries: int = 16):
     """The first design-space sketch (in meta-schedule's order: tensorized first) that passes the
-    postprocessors and compiles, trying ``tries`` samples of its decisions before moving to the next sketch."""
+    postprocessors and compiles, trying ``tries`` samples of its decisions before moving to the next sketch.
+
+    Memoised per process on the kernel's structure (:data:`_SKETCH_CACHE`).
+    """
+    key = (structural_hash(func), str(target), seed, str(num_threads))
+    for known, scheduled in _SKETCH_CACHE.get(key, ()):
+        if structural_equal(known, func):
+            return scheduled
+    scheduled = _search_valid_sketch(func, target, name, seed, num_threads, tries)
+    _SKETCH_CACHE.setdefault(key, []).append((func, scheduled))
+    return scheduled
+
+
+def _search_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_threads, tries: int):
 
     def design_space(rand_state):
         context = ms.TuneContext(

@@ -41,7 +41,6 @@ __all__ = [
     "op_name",
     "tensor_shape",
     "tensor_dtype",
-    "cpu_target",
     "tvm",
     "relax",
 ]
@@ -92,13 +91,3 @@ def tensor_dtype(expr) -> str | None:
     if not isinstance(ty, relax.TensorType):
         return None
     return str(ty.dtype)
-
-
-def cpu_target(mcpu: str | None = None, num_cores: int | None = None):
-    """An LLVM target for this CPU (dict form: TVM 0.27 refuses target strings with attributes)."""
-    spec: dict = {"kind": "llvm"}
-    if mcpu:
-        spec["mcpu"] = mcpu
-    if num_cores:
-        spec["num-cores"] = int(num_cores)
-    return tvm.target.Target(spec)

@@ -19,10 +19,10 @@ from tvm import relax
 from . import __version__
 from ._compat import tensor_dtype, tensor_shape, to_tensor
 from ._io import check_inputs, feed_from_args, flatten_outputs
+from ._relax import apply_pass, output_names
 from .config import QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
 from .frontend.prepare import ModelError, check_static, prepare
-from .passes._rewrite import apply_pass
 from .passes.annotate import AnnotateQuant, LayerInfo, layers_of
 from .passes.calibrate import (
     BindQuantParams,
@@ -481,22 +481,6 @@ class Summary:
 
     def to_dict(self) -> dict:
         return {"layers": self.rows, "outputs": self.outputs}
-
-
-def output_names(mod: tvm.IRModule, count: int | None = None) -> list:
-    """The output names of ``mod``'s ``main``: the source model's (kept by the ONNX import), else ``output{i}``."""
-    from .frontend.onnx import OUTPUT_NAMES_ATTR
-
-    func = mod["main"]
-    names = []
-    if func.attrs is not None and OUTPUT_NAMES_ATTR in func.attrs:
-        names = json.loads(str(func.attrs[OUTPUT_NAMES_ATTR]))
-    if count is None:
-        ret = func.ret_ty if hasattr(func, "ret_ty") else None
-        count = len(list(getattr(ret, "fields", []))) or 1
-    if len(names) != count:
-        names = [f"output{index}" for index in range(count)]
-    return names
 
 
 def _db(signal: float, noise: float) -> float:

@@ -114,7 +114,7 @@ def _check_folder(path) -> str:
 
 def _output_infos(mod) -> list:
     from ._compat import tensor_dtype, tensor_shape
-    from .api import output_names
+    from ._relax import output_names
 
     ret = mod["main"].ret_ty if hasattr(mod["main"], "ret_ty") else None
     fields = list(getattr(ret, "fields", [])) or [ret]

@@ -10,12 +10,8 @@ import json
 import os
 
 from .._io import InputSpec
+from .._relax import OUTPUT_KEY, OUTPUT_NAMES_ATTR, SOURCE_NAMES_ATTR
 from .prepare import ModelError
-
-#: Function attributes of ``main`` that keep the ONNX model's own names through every tvmquant pass.
-SOURCE_NAMES_ATTR = "tvmquant.source_names"  # JSON {Relax variable name: ONNX node name}
-OUTPUT_NAMES_ATTR = "tvmquant.output_names"  # JSON [ONNX graph output name, ...]
-OUTPUT_KEY = "output:"  # SOURCE_NAMES_ATTR key of the node producing the graph's output i
 
 #: ONNX ops whose results can be quantizable layers; their Relax results are named after the ONNX node.
 _LAYER_ONNX_OPS = frozenset(

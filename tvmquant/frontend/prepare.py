@@ -12,7 +12,7 @@ import tvm
 from tvm import relax
 
 from .._compat import const_value, is_const, op_name
-from ..passes._rewrite import BindingRewriter, UnsupportedGraphError
+from .._relax import BindingRewriter, UnsupportedGraphError
 
 
 class ModelError(ValueError):

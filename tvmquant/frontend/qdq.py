@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 
 from .._compat import StringImm, const, const_value, is_const, op_name, tensor_shape
-from ..passes._rewrite import BindingRewriter
+from .._relax import BindingRewriter
 from .prepare import ModelError, prepare
 
 _PLACEHOLDER = "tvmquant.qdq_constant"

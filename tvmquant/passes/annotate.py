@@ -18,9 +18,9 @@ import tvm
 from tvm import relax
 
 from .._compat import StringImm, is_const, op_name, tensor_dtype, tensor_shape
+from .._relax import OUTPUT_KEY, SOURCE_NAMES_ATTR, BindingRewriter
 from ..config import QuantConfig, SkipName, SkipOpType, SkipPredicate
 from . import op_table
-from ._rewrite import BindingRewriter
 
 MARKER = "tvmquant.observe"
 LAYERS_ATTR = "tvmquant.layers"
@@ -227,8 +227,6 @@ def _source_names(func) -> dict:
     result is often ``add(conv2d(...), bias)``, so the name also goes to the layer call below such constant
     epilogues.
     """
-    from ..frontend.onnx import OUTPUT_KEY, SOURCE_NAMES_ATTR
-
     if func.attrs is None or SOURCE_NAMES_ATTR not in func.attrs:
         return {}
     by_var_name = json.loads(str(func.attrs[SOURCE_NAMES_ATTR]))

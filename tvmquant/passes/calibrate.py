@@ -22,11 +22,11 @@ import tvm
 from tvm import relax
 
 from .._compat import const, const_value, is_const, op_name, tensor_shape, to_tensor
+from .._relax import BindingRewriter
 from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
 from ..quant_math import compute_qparams, qrange, quantize
 from ..threads import use_physical_cores
-from ._rewrite import BindingRewriter
 from .annotate import MARKER, layers_of, parse_marker
 
 _DTYPE_BOUNDS = {"int8": (-128, 127), "uint8": (0, 255)}
@@ -137,8 +137,11 @@ class _StripWeightMarkers(BindingRewriter):
 
 
 def compile_vm(mod, target=None):
-    """Compile ``mod`` for the CPU with default schedules and return a Relax VM."""
-    target = target or tvm.target.Target({"kind": "llvm"})
+    """Compile ``mod`` for this CPU (:func:`tvmquant.target.host_target`: its ``mcpu`` and cores) and return a
+    Relax VM."""
+    from ..target import host_target
+
+    target = target or host_target()
     executable = tvm.compile(mod, target=target)
     use_physical_cores()
     return relax.VirtualMachine(executable, tvm.cpu())

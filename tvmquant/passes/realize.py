@@ -26,8 +26,8 @@ import tvm
 from tvm import relax
 
 from .._compat import const, const_value, is_const, op_name, tensor_dtype, tensor_shape
+from .._relax import BindingRewriter
 from . import op_table
-from ._rewrite import BindingRewriter
 
 _DTYPE_BOUNDS = {"int8": (-128, 127), "uint8": (0, 255)}
 

@@ -619,7 +619,7 @@ def lift_constants(mod: tvm.IRModule, min_bytes: int = 1 << 16) -> tuple[tvm.IRM
     from tvm import relax
 
     from .._compat import const_value, is_const
-    from ..passes._rewrite import BindingRewriter
+    from .._relax import BindingRewriter
 
     class _Lift(BindingRewriter):
         def begin(self, func):

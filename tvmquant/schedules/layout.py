@@ -26,7 +26,7 @@ from tvm import relax, tirx
 from tvm.sym import Analyzer  # TVM 0.27: tvm.arith moved to tvm.sym
 
 from .._compat import TensorType, Var, const_value, is_const, tensor_shape
-from ..passes._rewrite import BindingRewriter
+from .._relax import BindingRewriter
 
 logger = logging.getLogger(__name__)
 

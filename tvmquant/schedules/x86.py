@@ -72,6 +72,7 @@ from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.target import codegen as _llvm_codegen
 
 from .._compat import structural_equal, structural_hash
+from ..target import cpu_flags, host_mcpu, x86_target
 from . import fusion_passes, intrinsics, is_scheduled
 from ._ms_worker import build_candidate
 from .layout import SinkLayoutTransform
@@ -120,75 +121,6 @@ Int8Isa = Literal["amx", "vnni", "avx512", "avx2", "generic"]
 
 # ----------------------------------------------------------------------------------------------------------
 # Targets
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU feature flags of the host, as the kernel reports them.
-
-    Parameters
-    ----------
-    cpuinfo : str
-        Path of the ``cpuinfo`` file (a parameter so tests can feed a fixture).
-
-    Returns
-    -------
-    frozenset of str
-        Flags of the first processor, e.g. ``{"avx512f", "avx512_vnni", "amx_int8", ...}``; empty when the
-        file is missing (not Linux).
-
-    Examples
-    --------
-    >>> "avx512_vnni" in cpu_flags()  # doctest: +SKIP
-    True
-    """
-    try:
-        with open(cpuinfo, encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def host_mcpu() -> str:
-    """LLVM's name for the host CPU (``"znver4"``, ``"sapphirerapids"``, ...)."""
-    return str(_llvm_codegen.llvm_get_system_cpu())
-
-
-def x86_target(mcpu: str | None = None, num_cores: int | None = None) -> tvm.target.Target:
-    """An LLVM target for an x86 CPU.
-
-    Parameters
-    ----------
-    mcpu : str, optional
-        LLVM CPU name. ``None`` (the default) means the host CPU (:func:`host_mcpu`). Name another CPU only to
-        cross-compile: a module built for a CPU with features the host lacks dies with SIGILL here (for
-        example ``"sapphirerapids"`` on an AMD Zen 4 host: LLVM emits the VEX-encoded AVX-VNNI
-        ``{vex} vpdpbusd``, which Zen 4 does not have). Useful values: ``"sapphirerapids"``/``"znver4"``/
-        ``"cascadelake"`` (VNNI), ``"skylake-avx512"`` (AVX-512 without VNNI), ``"haswell"`` (AVX2).
-    num_cores : int, optional
-        Threads the compiled kernels and meta-schedule use; defaults to the CPUs this process may run on.
-
-    Returns
-    -------
-    tvm.target.Target
-
-    Examples
-    --------
-    >>> x86_target("sapphirerapids", num_cores=2)  # doctest: +SKIP
-    llvm -keys=cpu -mcpu=sapphirerapids -num-cores=2
-    """
-    if mcpu is None:
-        mcpu = host_mcpu()
-    if not _llvm_codegen.llvm_is_valid_cpu(mcpu, "x86_64"):
-        raise ValueError(
-            f"x86_target: LLVM does not know the CPU {mcpu!r}; try 'znver4', 'sapphirerapids', "
-            "'cascadelake', 'skylake-avx512' or 'haswell'"
-        )
-    if num_cores is None:
-        num_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores)})
-
-
 def _target_features(target: tvm.target.Target) -> frozenset[str]:
     return frozenset(str(f) for f in _llvm_codegen.llvm_get_cpu_features(target))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tvm import relax
 
-from ..passes._rewrite import BindingRewriter
+from .._relax import BindingRewriter
 
 
 class _Forcer(BindingRewriter):

@@ -1,4 +1,6 @@
-"""A small binding-by-binding rewriter shared by tvmquant's passes.
+"""The Relax vocabulary every stage shares: a binding-by-binding rewriter, graph errors, name attributes.
+
+Below ``frontend/``, ``passes/`` and ``schedules/``: they import this, not each other.
 
 Relax models imported from ONNX are one dataflow block of calls. Every tvmquant pass walks those bindings in
 order and either re-emits a binding (with its arguments renamed) or emits something else in its place.
@@ -11,7 +13,28 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .._compat import Var, is_const
+from ._compat import Var, is_const
+
+#: Function attributes of ``main`` that keep the source model's own names through every tvmquant pass.
+SOURCE_NAMES_ATTR = "tvmquant.source_names"  # JSON {Relax variable name: ONNX node name}
+OUTPUT_NAMES_ATTR = "tvmquant.output_names"  # JSON [graph output name, ...]
+OUTPUT_KEY = "output:"  # SOURCE_NAMES_ATTR key of the node producing the graph's output i
+
+
+def output_names(mod: tvm.IRModule, count: int | None = None) -> list:
+    """The output names of ``mod``'s ``main``: the source model's (kept by the ONNX import), else ``output{i}``."""
+    import json
+
+    func = mod["main"]
+    names = []
+    if func.attrs is not None and OUTPUT_NAMES_ATTR in func.attrs:
+        names = json.loads(str(func.attrs[OUTPUT_NAMES_ATTR]))
+    if count is None:
+        ret = func.ret_ty if hasattr(func, "ret_ty") else None
+        count = len(list(getattr(ret, "fields", []))) or 1
+    if len(names) != count:
+        names = [f"output{index}" for index in range(count)]
+    return names
 
 
 class UnsupportedGraphError(ValueError):

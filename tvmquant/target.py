@@ -1,0 +1,159 @@
+"""Targets: the host CPU, named x86 CPUs, CUDA GPUs; one place that turns what a user writes into a Target.
+
+Below every stage (calibration, the schedules, compile, bench, tune all take their targets from here), so the
+host target and its core count are decided once: LLVM's detected ``mcpu`` and the physical cores this process
+may run on (:func:`tvmquant.threads.default_num_threads`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm.target import codegen
+
+from .threads import default_num_threads
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags of the host, as the kernel reports them.
+
+    Parameters
+    ----------
+    cpuinfo : str
+        Path of the ``cpuinfo`` file (a parameter so tests can feed a fixture).
+
+    Returns
+    -------
+    frozenset of str
+        Flags of the first processor, e.g. ``{"avx512f", "avx512_vnni", "amx_int8", ...}``; empty when the
+        file is missing (not Linux).
+
+    Examples
+    --------
+    >>> "avx512_vnni" in cpu_flags()  # doctest: +SKIP
+    True
+    """
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def host_mcpu() -> str:
+    """LLVM's name for the host CPU (``"znver4"``, ``"sapphirerapids"``, ...)."""
+    return str(codegen.llvm_get_system_cpu())
+
+
+def x86_target(mcpu: str | None = None, num_cores: int | None = None) -> tvm.target.Target:
+    """An LLVM target for an x86 CPU.
+
+    Parameters
+    ----------
+    mcpu : str, optional
+        LLVM CPU name. ``None`` (the default) means the host CPU (:func:`host_mcpu`). Name another CPU only to
+        cross-compile: a module built for a CPU with features the host lacks dies with SIGILL here (for
+        example ``"sapphirerapids"`` on an AMD Zen 4 host: LLVM emits the VEX-encoded AVX-VNNI
+        ``{vex} vpdpbusd``, which Zen 4 does not have). Useful values: ``"sapphirerapids"``/``"znver4"``/
+        ``"cascadelake"`` (VNNI), ``"skylake-avx512"`` (AVX-512 without VNNI), ``"haswell"`` (AVX2).
+    num_cores : int, optional
+        Threads the compiled kernels and meta-schedule use; defaults to the physical cores this process may run
+        on (:func:`tvmquant.threads.default_num_threads`, the rule TVM's thread pool is given too).
+
+    Returns
+    -------
+    tvm.target.Target
+
+    Examples
+    --------
+    >>> x86_target("sapphirerapids", num_cores=2)  # doctest: +SKIP
+    llvm -keys=cpu -mcpu=sapphirerapids -num-cores=2
+    """
+    if mcpu is None:
+        mcpu = host_mcpu()
+    if not codegen.llvm_is_valid_cpu(mcpu, "x86_64"):
+        raise ValueError(
+            f"x86_target: LLVM does not know the CPU {mcpu!r}; try 'znver4', 'sapphirerapids', "
+            "'cascadelake', 'skylake-avx512' or 'haswell'"
+        )
+    if num_cores is None:
+        num_cores = default_num_threads()
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores)})
+
+
+def host_target(num_cores: int | None = None) -> tvm.target.Target:
+    """The LLVM target of the CPU this process runs on: LLVM's detected ``mcpu``, the physical cores.
+
+    A host LLVM cannot name (``"generic"``) gets a target without ``mcpu``.
+    """
+    mcpu = host_mcpu()
+    spec: dict = {"kind": "llvm", "num-cores": int(num_cores or default_num_threads())}
+    if mcpu and mcpu != "generic":
+        spec["mcpu"] = mcpu
+    return tvm.target.Target(spec)
+
+
+#: What a CUDA target needs besides its arch (meta-schedule and dlight read these); the values of every
+#: NVIDIA tag in TVM 0.27 since Volta.
+_CUDA_DEFAULTS = {
+    "max_num_threads": 1024,
+    "max_threads_per_block": 1024,
+    "thread_warp_size": 32,
+    "max_shared_memory_per_block": 49152,
+    "registers_per_block": 65536,
+}
+
+_TARGET_HELP = (
+    "give 'llvm' (this CPU), a tag such as 'nvidia/nvidia-h100', or a JSON dict such as "
+    '\'{"kind": "llvm", "mcpu": "sapphirerapids"}\' or \'{"kind": "cuda", "arch": "sm_90a"}\''
+)
+
+
+def as_target(target):
+    """A ``tvm.target.Target`` from a Target, a dict, a tag (``"nvidia/nvidia-h100"``) or ``None`` (host).
+
+    A CUDA target must say its GPU: a tag, or a dict with ``arch`` (TVM would otherwise pick ``sm_50``, which
+    today's nvcc refuses); missing thread and shared-memory limits are filled in.
+    """
+    if target is None:
+        return host_target()
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, str):
+        if target in ("llvm", "cpu", "host"):
+            return host_target()
+        if target.startswith("{"):
+            try:
+                target = json.loads(target)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"target {target!r} is not valid JSON ({err}); {_TARGET_HELP}") from None
+        elif target in ("cuda", "nvidia", "gpu"):
+            raise ValueError(f"target {target!r} does not say which GPU to compile for; {_TARGET_HELP}")
+    if isinstance(target, dict):
+        if target.get("kind") == "cuda":
+            if "arch" not in target and "tag" not in target:
+                raise ValueError(f"CUDA target {target!r} has no 'arch'; {_TARGET_HELP}")
+            target = {**_CUDA_DEFAULTS, **{k: v for k, v in target.items() if k != "tag" or v}}
+        return _target_or_error(target)
+    if isinstance(target, str):
+        return _target_or_error(target)
+    raise TypeError(f"target must be a tvm Target, dict, str or None, got {type(target).__name__}")
+
+
+def _target_or_error(target):
+    try:
+        return tvm.target.Target(target)
+    except Exception as err:  # TVM raises its own error types
+        detail = str(err).strip().splitlines()
+        raise ValueError(
+            f"target {target!r} is not understood ({detail[-1] if detail else type(err).__name__}); {_TARGET_HELP}"
+        ) from None
+
+
+def target_json(target) -> str:
+    """``target`` as one line of JSON that ``--target`` (and :func:`as_target`) take back."""
+    return json.dumps(json.loads(str(as_target(target))))

@@ -41,6 +41,7 @@ __all__ = [
     "op_name",
     "tensor_shape",
     "tensor_dtype",
+    "versions",
     "tvm",
     "relax",
 ]
@@ -91,3 +92,17 @@ def tensor_dtype(expr) -> str | None:
     if not isinstance(ty, relax.TensorType):
         return None
     return str(ty.dtype)
+
+
+def versions() -> dict:
+    """The versions of tvmquant, TVM, numpy and Python, as artifacts and libraries record them."""
+    import platform
+
+    from . import __version__
+
+    return {
+        "tvmquant": __version__,
+        "tvm": tvm.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }

@@ -16,9 +16,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import __version__
-from ._compat import tensor_dtype, tensor_shape, to_tensor
-from ._io import check_inputs, feed_from_args, flatten_outputs
+from ._compat import tensor_dtype, tensor_shape, to_tensor, versions
+from ._io import atomic_write, check_inputs, feed_from_args, flatten_outputs
 from ._relax import apply_pass, output_names
 from .config import QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
@@ -360,7 +359,7 @@ class QuantizedModel:
     def manifest(self) -> dict:
         return {
             "format": ARTIFACT_FORMAT,
-            "versions": _versions(),
+            "versions": versions(),
             "inputs": [spec.to_dict() for spec in self.inputs],
             "config": self.config.to_dict(),
             "quant_table": {name: params.to_dict() for name, params in self.table.items()},
@@ -389,9 +388,6 @@ def _write_zip(handle, files: dict) -> None:
     with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, data in files.items():
             archive.writestr(name, data)
-
-
-from ._io import _umask, atomic_write  # noqa: E402, F401  (numpy-only, shared with deploy)
 
 
 def load(path) -> QuantizedModel:
@@ -499,17 +495,6 @@ def _json_default(value):
     if isinstance(value, tuple):
         return list(value)
     raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def _versions() -> dict:
-    import platform
-
-    return {
-        "tvmquant": __version__,
-        "tvm": tvm.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
 
 
 __all__ = ["quantize", "pipeline", "load", "QuantizedModel", "CompiledModel", "Summary", "LayerInfo"]

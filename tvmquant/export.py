@@ -34,7 +34,7 @@ def export_qdq(qmodel, path, sample=None) -> None:
     """
     import onnx
 
-    from .api import atomic_write
+    from ._io import atomic_write
 
     if qmodel.source is None:
         raise ModelError("ONNX export needs a model quantized from ONNX; this one came from a Relax IRModule")

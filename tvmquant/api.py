@@ -82,7 +82,11 @@ def load_model(model, params: dict | None = None, batch_size: int | None = None)
     else:
         from .frontend.onnx import load_onnx_model
 
-        proto = load_onnx_model(model)
+        from .frontend.onnx import fold_conv_batchnorm
+
+        # The source kept (for rebatching and the QDQ export) is the model as imported: BatchNorm folded into
+        # its convs, so that the exported weights are the ones the quantized model uses.
+        proto = fold_conv_batchnorm(load_onnx_model(model))
         where = f"{os.fspath(model)!r}" if not hasattr(model, "graph") else "the ONNX model"
         mod, _ = import_onnx(proto, batch_size=batch_size, where=where)
         mod = prepare_qdq(mod) if is_qdq_module(mod) else prepare(mod)

@@ -80,9 +80,7 @@ def load_model(model, params: dict | None = None, batch_size: int | None = None)
             mod = prepare(model, params)
         source = None
     else:
-        from .frontend.onnx import load_onnx_model
-
-        from .frontend.onnx import fold_conv_batchnorm
+        from .frontend.onnx import fold_conv_batchnorm, load_onnx_model
 
         # The source kept (for rebatching and the QDQ export) is the model as imported: BatchNorm folded into
         # its convs, so that the exported weights are the ones the quantized model uses.

@@ -11,9 +11,9 @@ from tvm.script import tirx as T
 
 from tvmquant import QuantConfig, quantize
 from tvmquant._compat import to_tensor
+from tvmquant._relax import apply_pass
 from tvmquant.frontend.prepare import CanonicalizeClip, prepare
 from tvmquant.passes import AnnotateQuant, BindQuantParams, ExposeQuantizedTensors, QParams, RealizeQuant
-from tvmquant._relax import apply_pass
 from tvmquant.passes.annotate import LAYERS_ATTR, layers_of
 from tvmquant.passes.calibrate import compile_vm, run_vm
 from tvmquant.testing.forcing import teacher_forced

@@ -104,7 +104,14 @@ def cmd_quantize(args) -> int:
     _check_output_path(args.output)
     config = _config_from_args(args)
     calib = _load_npz(args.calib, "calibration data") if args.calib else None
-    qmodel = quantize(args.model, config, calib, progress=not args.quiet, batch_size=args.batch_size)
+    qmodel = quantize(
+        args.model,
+        config,
+        calib,
+        progress=not args.quiet,
+        batch_size=args.batch_size,
+        calib_batch=args.calib_batch,
+    )
     qmodel.save(args.output)
     if not args.quiet:
         print(qmodel.summary())
@@ -314,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="batch to bind a dynamic batch axis to (default 1; `compile --batch-size` can change it later)",
     )
+    q.add_argument(
+        "--calib-batch",
+        type=int,
+        default=None,
+        help="samples per calibration run (models with a dynamic batch axis; default: up to 16, what fits)",
+    )
     q.add_argument("-o", "--output", required=True, help="artifact to write (.tvmq)")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
@@ -394,9 +407,11 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
-        print(f"tvmquant: error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    for flag in ("batch_size", "calib_batch"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            print(f"tvmquant: error: --{flag.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
+            return EXIT_USER_ERROR
     previous = warnings.showwarning
     warnings.showwarning = _one_line_warnings
     try:

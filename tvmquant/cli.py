@@ -105,7 +105,7 @@ def cmd_quantize(args) -> int:
     config = _config_from_args(args)
     calib = _load_npz(args.calib, "calibration data") if args.calib else None
     qmodel = quantize(args.model, config, calib, progress=not args.quiet, batch_size=args.batch_size)
-    qmodel.save(args.output)
+    qmodel.save(args.output, keep_source=args.keep_source)
     if not args.quiet:
         print(qmodel.summary())
         print(f"wrote {args.output}")
@@ -315,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch to bind a dynamic batch axis to (default 1; `compile --batch-size` can change it later)",
     )
     q.add_argument("-o", "--output", required=True, help="artifact to write (.tvmq)")
+    q.add_argument(
+        "--keep-source",
+        action="store_true",
+        help="store the ONNX model in the artifact (save(keep_source=True)); without it the artifact records the "
+        "file's path and SHA-256, and FP32 runs, rebatching and the ONNX export read the file there",
+    )
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
 

@@ -11,6 +11,7 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir import GenericConst, StringImm
+from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm_ffi import structural_equal, structural_hash
 
 TensorType = relax.TensorType
@@ -32,6 +33,8 @@ __all__ = [
     "VirtualMachine",
     "Constant",
     "StringImm",
+    "PyExprMutator",
+    "mutator",
     "structural_equal",
     "structural_hash",
     "const",

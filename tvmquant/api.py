@@ -10,7 +10,7 @@ import functools
 import json
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -19,6 +19,7 @@ from tvm import relax
 from ._compat import tensor_dtype, tensor_shape, to_tensor, versions
 from ._io import atomic_write, check_inputs, feed_from_args, flatten_outputs
 from ._relax import apply_pass, output_names
+from .artifact import ARTIFACT_FORMAT, READABLE_FORMATS, ArtifactError, SourceFile, write_zip
 from .config import QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
 from .frontend.prepare import ModelError, check_static, prepare
@@ -35,12 +36,6 @@ from .passes.calibrate import (
 )
 from .passes.realize import RealizeQuant
 from .threads import use_physical_cores
-
-ARTIFACT_FORMAT = 1
-
-
-class ArtifactError(ValueError):
-    """A tvmquant artifact is missing, corrupt or of an unknown format."""
 
 
 def pipeline(config: QuantConfig | None = None) -> tvm.transform.Pass:
@@ -146,12 +141,14 @@ def quantize(
     """
     config = config or QuantConfig()
     fp32, inputs, source, qdq = load_model(model, params, batch_size)
+    # An artifact keeps the source only on request (save(keep_source=True)); otherwise it records the file.
+    source_file = SourceFile.of(model) if isinstance(model, (str, os.PathLike)) else None
     if qdq:
         # Pre-quantized (e.g. ONNX Runtime QDQ): scales and zero points are taken as given.
         from .frontend.qdq import describe_qdq
 
         _, table = describe_qdq(fp32)
-        return QuantizedModel(fp32, fp32, table, config, inputs, source, qdq=fp32)
+        return QuantizedModel(fp32, fp32, table, config, inputs, source, qdq=fp32, source_file=source_file)
     if calib_data is None:
         raise ModelError("calib_data is required: give a few hundred representative input samples")
     annotated = apply_pass(AnnotateQuant(config), fp32)
@@ -175,7 +172,7 @@ def quantize(
                 model, params, annotated, inputs, config, calib_data, calib_batch
             )
             table = calibrate(calib_annotated, calib_data, calib_inputs, config, progress=progress, build=host_build)
-    qmodel = QuantizedModel(fp32, annotated, table, config, inputs, source)
+    qmodel = QuantizedModel(fp32, annotated, table, config, inputs, source, source_file=source_file)
     if report_batches:
         import warnings
 
@@ -286,18 +283,142 @@ def _with_reasons(annotated, reasons: dict):
     return annotated
 
 
-@dataclass
 class QuantizedModel:
-    """A quantized model: its FP32, simulated and integer Relax modules and its quantization table."""
+    """A quantized model: its FP32, simulated and integer Relax modules and its quantization table.
 
-    fp32: tvm.IRModule
-    annotated: tvm.IRModule
-    table: dict
-    config: QuantConfig
-    inputs: list
-    source: bytes | None = None
-    sqnr: dict = field(default_factory=dict)
-    qdq: tvm.IRModule | None = None  # set for pre-quantized (QDQ) models: their simulated module as imported
+    ``simulated`` (``BindQuantParams(table)`` of ``annotated``) and ``mod`` (``RealizeQuant`` of ``simulated``)
+    are derived on first use. A model loaded from an artifact starts from its simulated module; it rebuilds
+    ``fp32``, ``annotated`` and ``source`` on first use from the ONNX source, which the artifact keeps
+    (``save(keep_source=True)``) or finds again at the path it recorded (:class:`~tvmquant.artifact.SourceFile`).
+
+    Attributes
+    ----------
+    fp32, annotated : tvm.IRModule
+        The model before annotation, and annotated (quantizable tensors marked; FP32 weights).
+    table : dict of str to QParams
+    config : QuantConfig
+    inputs : list of InputSpec
+    source : bytes or None
+        The ONNX model as imported (None for a Relax source).
+    sqnr : dict
+        SQNR (dB) per tensor and output, from :meth:`measure_sqnr`.
+    qdq : tvm.IRModule or None
+        Set for pre-quantized (QDQ) models: their simulated module as imported.
+    source_file : SourceFile or None
+        The ONNX file quantized (path, SHA-256), when it was given as a path.
+    """
+
+    def __init__(
+        self,
+        fp32: tvm.IRModule | None,
+        annotated: tvm.IRModule | None,
+        table: dict,
+        config: QuantConfig,
+        inputs: list,
+        source: bytes | None = None,
+        sqnr: dict | None = None,
+        qdq: tvm.IRModule | None = None,
+        source_file: SourceFile | None = None,
+    ):
+        self._fp32 = fp32
+        self._annotated = annotated
+        self.table = table
+        self.config = config
+        self.inputs = inputs
+        self._source = source
+        self.sqnr = sqnr if sqnr is not None else {}
+        self.qdq = qdq
+        self.source_file = source_file
+        # Set by load(): what the FP32 modules are rebuilt from ("onnx": the source; "relax": nothing, unless the
+        # artifact kept them), the artifact's path (for messages) and the layer table it recorded.
+        self._source_kind = "onnx" if source is not None else "relax"
+        self._artifact: str | None = None
+        self._stored_layers: list | None = None
+
+    def __repr__(self) -> str:
+        layers = self.layers
+        quantized = sum(layer.quantized for layer in layers)
+        return f"QuantizedModel({quantized} of {len(layers)} layers in INT8, inputs={[s.name for s in self.inputs]})"
+
+    # -- modules --------------------------------------------------------------------------------------------
+    @property
+    def fp32(self) -> tvm.IRModule:
+        """The FP32 model (before annotation)."""
+        if self._fp32 is None:
+            self._fp32 = self._rebuild_fp32()
+        return self._fp32
+
+    @fp32.setter
+    def fp32(self, mod: tvm.IRModule) -> None:
+        self._fp32 = mod
+
+    @property
+    def annotated(self) -> tvm.IRModule:
+        """The annotated model: quantizable tensors marked, FP32 weights (the input of BindQuantParams)."""
+        if self._annotated is None:
+            if self.qdq is not None:
+                self._annotated = self.qdq
+            else:
+                annotated = apply_pass(AnnotateQuant(self.config), self.fp32)
+                # The automatic mode's reasons were recorded with the layers; annotation alone says "skip list".
+                reasons = {layer.name: layer.reason for layer in self._stored_layers or [] if layer.reason}
+                self._annotated = _with_reasons(annotated, reasons) if reasons else annotated
+        return self._annotated
+
+    @annotated.setter
+    def annotated(self, mod: tvm.IRModule) -> None:
+        self._annotated = mod
+
+    @property
+    def source(self) -> bytes | None:
+        """The ONNX model as imported (BatchNorm folded), serialized; None for a Relax source."""
+        if self._source is None and self._source_kind == "onnx":
+            self._source = self._find_source()
+        return self._source
+
+    @source.setter
+    def source(self, data: bytes | None) -> None:
+        self._source = data
+
+    def _where(self) -> str:
+        return f"artifact {self._artifact!r}" if self._artifact else "this model"
+
+    def _find_source(self) -> bytes:
+        """The ONNX source of a loaded artifact that did not keep it: the recorded file, if unchanged."""
+        from .frontend.onnx import fold_conv_batchnorm, load_onnx_model
+
+        record = self.source_file
+        problem = record.problem() if record is not None else "it recorded no file (quantized from a ModelProto)"
+        if problem is not None:
+            put_back = f", or put the ONNX model back at {record.path!r}" if record is not None else ""
+            raise ArtifactError(
+                f"{self._where()} keeps no FP32 weights and no ONNX source, and {problem}: FP32 mode, rebatching "
+                f"and the ONNX export need them; re-quantize with --keep-source (save(keep_source=True)){put_back}"
+            )
+        return fold_conv_batchnorm(load_onnx_model(record.path)).SerializeToString()
+
+    def _rebuild_fp32(self) -> tvm.IRModule:
+        if self.qdq is not None:
+            return self.qdq
+        if self._source_kind == "relax":
+            raise ArtifactError(
+                f"{self._where()} keeps no FP32 weights (its model came from a Relax IRModule): FP32 mode needs "
+                "them; re-quantize and save with keep_source=True"
+            )
+        fp32, inputs, _, _ = load_model(self.source_model(), batch_size=self.batch_size)
+        if [spec.to_dict() for spec in inputs] != [spec.to_dict() for spec in self.inputs]:
+            raise ArtifactError(
+                f"{self._where()}: its ONNX source has inputs {[s.to_dict() for s in inputs]}, the quantized model "
+                f"{[s.to_dict() for s in self.inputs]}; re-quantize the model"
+            )
+        return fp32
+
+    def _graph(self) -> tvm.IRModule:
+        """A module of this model that is at hand (all keep the layer table and the output names)."""
+        for mod in (self.qdq, self._annotated, self._fp32):
+            if mod is not None:
+                return mod
+        return self.simulated
 
     @functools.cached_property
     def simulated(self) -> tvm.IRModule:
@@ -317,6 +438,8 @@ class QuantizedModel:
             from .frontend.qdq import describe_qdq
 
             return describe_qdq(self.qdq)[0]
+        if self._annotated is None and self._stored_layers is not None:
+            return [LayerInfo(**layer.__dict__) for layer in self._stored_layers]
         return layers_of(self.annotated)
 
     # -- reports ------------------------------------------------------------------------------------------
@@ -386,7 +509,7 @@ class QuantizedModel:
     @property
     def output_names(self) -> list:
         """The model's output names (the ONNX graph's own; ``output0``... for Relax sources)."""
-        return output_names(self.fp32)
+        return output_names(self._graph())
 
     @property
     def batch_size(self) -> int | None:
@@ -408,9 +531,13 @@ class QuantizedModel:
                 f"be compiled for batch {batch_size}; export the model with a dynamic batch axis"
             )
         if qdq:
-            return QuantizedModel(fp32, fp32, self.table, self.config, inputs, source, qdq=fp32)
+            return QuantizedModel(
+                fp32, fp32, self.table, self.config, inputs, source, qdq=fp32, source_file=self.source_file
+            )
         annotated = apply_pass(AnnotateQuant(self.config), fp32)
-        return QuantizedModel(fp32, annotated, self.table, self.config, inputs, source, dict(self.sqnr))
+        return QuantizedModel(
+            fp32, annotated, self.table, self.config, inputs, source, dict(self.sqnr), source_file=self.source_file
+        )
 
     def source_model(self):
         """The ONNX ModelProto this model was quantized from (None for Relax sources)."""
@@ -468,57 +595,98 @@ class QuantizedModel:
             "sqnr_db": self.sqnr,
         }
 
-    def save(self, path) -> None:
-        """Write a self-describing artifact (zip): manifest (config, table, versions), Relax modules, source."""
+    def save(self, path, keep_source: bool = False) -> None:
+        """Write the model as an artifact (``.tvmq``, a zip; see :mod:`tvmquant.artifact`).
+
+        The artifact holds the manifest (config, quantization table, layers, versions) and the simulated module
+        once, its constants as raw bytes: int8 weights for quantized layers, FP32 only where a layer stays FP32.
+        The integer model is derived from it, bit for bit. The ONNX source (or, for a Relax source, the FP32
+        module) is kept only with ``keep_source=True`` (CLI ``--keep-source``); otherwise the manifest records
+        the source's path and SHA-256, and FP32 mode, :meth:`rebatch` and :meth:`export_onnx` read the file
+        there. Saving the same model twice writes the same bytes.
+
+        Examples
+        --------
+        >>> qmodel.save("model.tvmq")  # doctest: +SKIP
+        >>> qmodel.save("model.tvmq", keep_source=True)  # doctest: +SKIP
+        """
+        from .artifact import module_members
+
         manifest = self.manifest()
-        files = {
-            "manifest.json": json.dumps(manifest, indent=2, default=_json_default),
-            "fp32.relax.json": tvm.ir.save_json(self.fp32),
-            "annotated.relax.json": tvm.ir.save_json(self.annotated),
-            "int8.relax.json": tvm.ir.save_json(self.mod),
-            "int8.relax.py": self.mod.script(show_meta=False),
+        members: dict = {}
+        modules: dict = {}
+        stored = {"qdq": self.qdq} if self.qdq is not None else {"simulated": self.simulated}
+        if keep_source and self._source_kind == "relax":
+            stored["fp32"] = self.fp32
+        for key, mod in stored.items():
+            module_files, modules[key] = module_members(key, mod)
+            members.update(module_files)
+        if keep_source and self._source_kind == "onnx":
+            members["source.onnx"] = self.source
+        manifest["modules"] = modules
+        manifest["source"] = {
+            "kind": self._source_kind,
+            "kept": bool(keep_source),
+            "file": self.source_file.to_dict() if self.source_file is not None else None,
         }
-        if self.source is not None:
-            files["source.onnx"] = self.source
-        if self.qdq is not None:
-            files["qdq.relax.json"] = tvm.ir.save_json(self.qdq)
-        atomic_write(path, lambda handle: _write_zip(handle, files))
-
-
-def _write_zip(handle, files: dict) -> None:
-    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
+        members["manifest.json"] = json.dumps(manifest, indent=2, default=_json_default)
+        atomic_write(path, lambda handle: write_zip(handle, members))
 
 
 def load(path) -> QuantizedModel:
-    """Load an artifact written by :meth:`QuantizedModel.save` (or ``tvmquant quantize -o``)."""
+    """Load an artifact written by :meth:`QuantizedModel.save` (or ``tvmquant quantize -o``).
+
+    Reads format 2 and the older format 1. Only the simulated module is read; the integer model is derived
+    from it on first use, and the FP32 modules from the ONNX source when a request needs them.
+    """
+    from .artifact import read_format1, read_module
+
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ArtifactError(f"artifact {path!r} does not exist")
     try:
         with zipfile.ZipFile(path) as archive:
             manifest = json.loads(archive.read("manifest.json"))
-            fp32 = tvm.ir.load_json(archive.read("fp32.relax.json").decode())
-            annotated = tvm.ir.load_json(archive.read("annotated.relax.json").decode())
-            source = archive.read("source.onnx") if "source.onnx" in archive.namelist() else None
-            qdq = (
-                tvm.ir.load_json(archive.read("qdq.relax.json").decode())
-                if "qdq.relax.json" in archive.namelist()
-                else None
-            )
+            artifact_format = manifest.get("format")
+            if artifact_format not in READABLE_FORMATS:
+                newer = isinstance(artifact_format, int) and artifact_format > ARTIFACT_FORMAT
+                raise ArtifactError(
+                    f"{path!r} has artifact format {artifact_format!r}; this tvmquant reads formats "
+                    f"{list(READABLE_FORMATS)}: "
+                    + ("upgrade tvmquant, or " if newer else "")
+                    + "re-quantize the model with this version (`tvmquant quantize MODEL -o ARTIFACT`)"
+                )
+            if artifact_format == 1:
+                stored = read_format1(archive)
+            else:
+                modules = manifest["modules"]
+                stored = {key: read_module(archive, entry, path) for key, entry in modules.items()}
+                if manifest["source"]["kind"] == "onnx" and manifest["source"]["kept"]:
+                    stored["source"] = archive.read("source.onnx")
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as err:
         raise ArtifactError(
             f"{path!r} is not a tvmquant artifact ({err}); write one with `tvmquant quantize -o`"
         ) from None
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(
-            f"{path!r} has artifact format {manifest.get('format')!r}; this tvmquant reads {ARTIFACT_FORMAT}"
-        )
     table = {name: QParams.from_dict(data) for name, data in manifest["quant_table"].items()}
     inputs = [InputSpec.from_dict(d) for d in manifest["inputs"]]
     config = QuantConfig.from_dict(manifest["config"])
-    return QuantizedModel(fp32, annotated, table, config, inputs, source, manifest.get("sqnr_db", {}), qdq)
+    sqnr = manifest.get("sqnr_db", {})
+    if artifact_format == 1:
+        qmodel = QuantizedModel(
+            stored["fp32"], stored["annotated"], table, config, inputs, stored["source"], sqnr, stored["qdq"]
+        )
+    else:
+        qdq = stored.get("qdq")
+        source_info = manifest["source"]
+        source_file = SourceFile.from_dict(source_info["file"]) if source_info["file"] else None
+        fp32 = qdq if qdq is not None else stored.get("fp32")
+        qmodel = QuantizedModel(fp32, qdq, table, config, inputs, stored.get("source"), sqnr, qdq, source_file)
+        qmodel._source_kind = source_info["kind"]
+        qmodel._stored_layers = [LayerInfo(**layer) for layer in manifest["layers"]]
+        if qdq is None:
+            qmodel.__dict__["simulated"] = stored["simulated"]  # the cached_property's value: nothing to derive
+    qmodel._artifact = path
+    return qmodel
 
 
 class CompiledModel:
@@ -598,4 +766,4 @@ def _json_default(value):
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-__all__ = ["quantize", "pipeline", "load", "QuantizedModel", "CompiledModel", "Summary", "LayerInfo"]
+__all__ = ["quantize", "pipeline", "load", "QuantizedModel", "CompiledModel", "Summary", "LayerInfo", "ArtifactError"]

@@ -112,7 +112,7 @@ def cmd_quantize(args) -> int:
         batch_size=args.batch_size,
         calib_batch=args.calib_batch,
     )
-    qmodel.save(args.output)
+    qmodel.save(args.output, keep_source=args.keep_source)
     if not args.quiet:
         print(qmodel.summary())
         print(f"wrote {args.output}")
@@ -328,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples per calibration run (models with a dynamic batch axis; default: up to 16, what fits)",
     )
     q.add_argument("-o", "--output", required=True, help="artifact to write (.tvmq)")
+    q.add_argument(
+        "--keep-source",
+        action="store_true",
+        help="store the ONNX model in the artifact (save(keep_source=True)); without it the artifact records the "
+        "file's path and SHA-256, and FP32 runs, rebatching and the ONNX export read the file there",
+    )
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
 

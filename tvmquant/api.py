@@ -23,17 +23,11 @@ from ._relax import apply_pass, output_names
 from .config import QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
 from .frontend.prepare import ModelError, check_static, prepare
-from .passes.annotate import AnnotateQuant, LayerInfo, layers_of
-from .passes.calibrate import (
-    BindQuantParams,
-    QParams,
-    calibrate,
-    compile_vm,
-    iter_batches,
-    observing,
-    run_vm,
-)
+from .op_table import LayerInfo
+from .passes.annotate import AnnotateQuant, layers_of
+from .passes.calibrate import BindQuantParams, calibrate, compile_vm, iter_batches, observing, run_vm
 from .passes.realize import RealizeQuant
+from .qparams import QParams
 from .threads import use_physical_cores
 
 ARTIFACT_FORMAT = 1
@@ -418,7 +412,10 @@ def load(path) -> QuantizedModel:
         raise ArtifactError(
             f"{path!r} has artifact format {manifest.get('format')!r}; this tvmquant reads {ARTIFACT_FORMAT}"
         )
-    table = {name: QParams.from_dict(data) for name, data in manifest["quant_table"].items()}
+    try:
+        table = {name: QParams.from_dict(data) for name, data in manifest["quant_table"].items()}
+    except (TypeError, ValueError) as err:
+        raise ArtifactError(f"{path!r} has a corrupt quantization table: {err}") from None
     inputs = [InputSpec.from_dict(d) for d in manifest["inputs"]]
     config = QuantConfig.from_dict(manifest["config"])
     return QuantizedModel(fp32, annotated, table, config, inputs, source, manifest.get("sqnr_db", {}), qdq)

@@ -1,10 +1,15 @@
 """Graph passes over Relax: AnnotateQuant -> calibrate -> BindQuantParams -> RealizeQuant.
 
 Run :func:`tvmquant.frontend.prepare.prepare` first (constant weights, BatchNorm folded, canonical clips).
+
+``LayerInfo`` (:mod:`tvmquant.op_table`) and ``QParams`` (:mod:`tvmquant.qparams`) live below the stages and
+are re-exported here.
 """
 
-from .annotate import AnnotateQuant, LayerInfo, layers_of
-from .calibrate import BindQuantParams, QParams, calibrate
+from ..op_table import LayerInfo
+from ..qparams import QParams, Role
+from .annotate import AnnotateQuant, SkipRuleError, layers_of
+from .calibrate import BindQuantParams, calibrate
 from .realize import ExposeQuantizedTensors, RealizeQuant
 
 __all__ = [
@@ -14,6 +19,8 @@ __all__ = [
     "ExposeQuantizedTensors",
     "LayerInfo",
     "QParams",
+    "Role",
+    "SkipRuleError",
     "calibrate",
     "layers_of",
 ]

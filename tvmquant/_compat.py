@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.ir import GenericConst, StringImm
 from tvm_ffi import structural_equal, structural_hash
@@ -38,6 +39,8 @@ __all__ = [
     "is_const",
     "const_value",
     "to_tensor",
+    "register_ffi_error",
+    "python_pass_instance",
     "op_name",
     "tensor_shape",
     "tensor_dtype",
@@ -91,3 +94,19 @@ def tensor_dtype(expr) -> str | None:
     if not isinstance(ty, relax.TensorType):
         return None
     return str(ty.dtype)
+
+
+def register_ffi_error(cls: type) -> type:
+    """Let the exception type ``cls`` cross TVM's FFI as itself; returns ``cls`` (usable as a class decorator).
+
+    An exception raised in Python code that TVM calls (a pass inside ``tvm.transform.Sequential``) comes back
+    out of the FFI rebuilt as ``cls(message)`` when its type is registered, and as a RuntimeError otherwise.
+    Only for exception types built from their message alone.
+    """
+    tvm_ffi.register_error(f"{cls.__module__}.{cls.__qualname__}", cls)
+    return cls
+
+
+def python_pass_instance(pass_obj):
+    """The instance of the Python class behind a ``tvm.transform.module_pass``-decorated pass object."""
+    return pass_obj._inst  # set by tvm.ir.transform._wrap_class_module_pass

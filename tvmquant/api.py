@@ -19,7 +19,7 @@ from tvm import relax
 from . import __version__
 from ._compat import tensor_dtype, tensor_shape, to_tensor
 from ._io import check_inputs, feed_from_args, flatten_outputs
-from ._relax import apply_pass, output_names
+from ._relax import output_names
 from .config import QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
 from .frontend.prepare import ModelError, check_static, prepare
@@ -141,7 +141,7 @@ def quantize(
         return QuantizedModel(fp32, fp32, table, config, inputs, source, qdq=fp32)
     if calib_data is None:
         raise ModelError("calib_data is required: give a few hundred representative input samples")
-    annotated = apply_pass(AnnotateQuant(config), fp32)
+    annotated = AnnotateQuant(config)(fp32)
     table = calibrate(annotated, calib_data, inputs, config, progress=progress)
     auto_reasons: dict = {}
     if config.auto_skip is not None:
@@ -150,7 +150,7 @@ def quantize(
         auto_reasons = choose_auto_skips(annotated, table, calib_data, inputs, config.auto_skip)
         if auto_reasons:
             # Skipping changes which tensors are quantized (and their names): annotate and calibrate again.
-            annotated = apply_pass(AnnotateQuant(config.replace(skip=config.skip + tuple(auto_reasons))), fp32)
+            annotated = AnnotateQuant(config.replace(skip=config.skip + tuple(auto_reasons)))(fp32)
             annotated = _with_reasons(annotated, auto_reasons)
             table = calibrate(annotated, calib_data, inputs, config, progress=progress)
             config = config.replace(skip=config.skip + tuple(auto_reasons))
@@ -198,12 +198,12 @@ class QuantizedModel:
         """Fake-quant FP32 model (quantize/dequantize around every quantized tensor)."""
         if self.qdq is not None:
             return self.qdq
-        return apply_pass(BindQuantParams(self.table), self.annotated)
+        return BindQuantParams(self.table)(self.annotated)
 
     @functools.cached_property
     def mod(self) -> tvm.IRModule:
         """The integer model (INT8 inputs, INT32 accumulation)."""
-        return apply_pass(RealizeQuant(), self.simulated)
+        return RealizeQuant()(self.simulated)
 
     @property
     def layers(self) -> list:
@@ -217,7 +217,7 @@ class QuantizedModel:
     def measure_sqnr(self, calib_data, max_batches: int = 8) -> dict:
         """SQNR (dB) of every quantized tensor and of the outputs, simulated vs FP32, on calibration data."""
         fp32_vm = compile_vm(self.annotated)
-        sim_vm = compile_vm(apply_pass(BindQuantParams(self.table, observe=True), self.annotated))
+        sim_vm = compile_vm(BindQuantParams(self.table, observe=True)(self.annotated))
         signal: dict = {}
         noise: dict = {}
         for index, batch in enumerate(iter_batches(calib_data, self.inputs)):
@@ -303,7 +303,7 @@ class QuantizedModel:
             )
         if qdq:
             return QuantizedModel(fp32, fp32, self.table, self.config, inputs, source, qdq=fp32)
-        annotated = apply_pass(AnnotateQuant(self.config), fp32)
+        annotated = AnnotateQuant(self.config)(fp32)
         return QuantizedModel(fp32, annotated, self.table, self.config, inputs, source, dict(self.sqnr))
 
     def source_model(self):

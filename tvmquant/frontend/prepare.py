@@ -11,15 +11,16 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .._compat import const_value, is_const, op_name
-from .._relax import BindingRewriter, UnsupportedGraphError
+from .._compat import const_value, is_const, op_name, register_ffi_error
+from .._relax import BindingRewriter, UnsupportedGraphError, tvmquant_module_pass
 
 
+@register_ffi_error
 class ModelError(ValueError):
     """The model cannot be quantized as given; the message names the file, node or tensor and what to do."""
 
 
-@tvm.transform.module_pass(opt_level=0, name="CanonicalizeClip")
+@tvmquant_module_pass("CanonicalizeClip")
 class CanonicalizeClip:
     """Turn importer-produced ``call_tir(maximum/minimum)`` with scalar constants into ``R.maximum``/
     ``R.minimum``, ``maximum(x, 0)`` into ``R.nn.relu`` and ``minimum(maximum(x, lo), hi)`` into ``R.clip``.

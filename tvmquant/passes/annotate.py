@@ -18,8 +18,8 @@ import tvm
 from tvm import relax
 
 from .. import op_table
-from .._compat import StringImm, is_const, op_name, tensor_dtype, tensor_shape
-from .._relax import OUTPUT_KEY, SOURCE_NAMES_ATTR, BindingRewriter
+from .._compat import StringImm, is_const, op_name, register_ffi_error, tensor_dtype, tensor_shape
+from .._relax import OUTPUT_KEY, SOURCE_NAMES_ATTR, BindingRewriter, tvmquant_module_pass
 from ..config import QuantConfig, SkipName, SkipOpType, SkipPredicate
 from ..op_table import LayerInfo
 from ..qparams import Role
@@ -28,6 +28,7 @@ MARKER = "tvmquant.observe"
 LAYERS_ATTR = "tvmquant.layers"
 
 
+@register_ffi_error
 class SkipRuleError(ValueError):
     """A skip entry matched no layer."""
 
@@ -55,7 +56,7 @@ def layers_of(mod: tvm.IRModule) -> list[LayerInfo]:
     return [LayerInfo(**entry) for entry in json.loads(str(func.attrs[LAYERS_ATTR]))]
 
 
-@tvm.transform.module_pass(opt_level=0, name="AnnotateQuant")
+@tvmquant_module_pass("AnnotateQuant")
 class AnnotateQuant:
     """Mark the inputs and weights of quantizable layers, honouring the skip list.
 

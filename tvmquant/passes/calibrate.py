@@ -20,15 +20,18 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .._compat import const, const_value, is_const, op_name, tensor_shape, to_tensor
+from .._compat import const, const_value, is_const, op_name, register_ffi_error, tensor_shape, to_tensor
 from .._io import CalibrationDataError, iter_batches  # numpy-only, shared with deploy
-from .._relax import BindingRewriter
+from .._relax import BindingRewriter, tvmquant_module_pass
 from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
 from ..qparams import QParams, Role  # QParams: also importable from here, as before it moved
 from ..quant_math import DTYPE_RANGES, quantize
 from ..threads import use_physical_cores
 from .annotate import MARKER, layers_of, parse_marker
+
+# BindQuantParams raises it; calibration/ imports no TVM, so it is registered here.
+register_ffi_error(CalibrationError)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -220,7 +223,7 @@ def weight_qparams(annotated: tvm.IRModule, config: QuantConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-@tvm.transform.module_pass(opt_level=0, name="BindQuantParams")
+@tvmquant_module_pass("BindQuantParams")
 class BindQuantParams:
     """Replace each marker by quantize -> (clip) -> dequantize with the parameters of its tensor.
 

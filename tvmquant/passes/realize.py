@@ -27,7 +27,7 @@ from tvm import relax
 
 from .. import op_table
 from .._compat import const, const_value, is_const, op_name, tensor_dtype, tensor_shape
-from .._relax import BindingRewriter
+from .._relax import BindingRewriter, tvmquant_module_pass
 from ..quant_math import DTYPE_RANGES, QUANT_DTYPES
 
 
@@ -64,7 +64,7 @@ def _vector_shape(vector, ndim: int, axis: int | None):
     return vector.reshape(shape)
 
 
-@tvm.transform.module_pass(opt_level=0, name="RealizeQuant")
+@tvmquant_module_pass("RealizeQuant")
 class RealizeQuant:
     """Lower quantize/dequantize pairs around quantizable ops to integer compute.
 
@@ -383,7 +383,7 @@ class _Realizer(BindingRewriter):
         return self._record(value, dataclasses.replace(first, base=new_base))
 
 
-@tvm.transform.module_pass(opt_level=0, name="ExposeQuantizedTensors")
+@tvmquant_module_pass("ExposeQuantizedTensors")
 class ExposeQuantizedTensors:
     """Append every quantized activation tensor (the integer input of a dequantize) to ``main``'s outputs.
 

@@ -154,7 +154,7 @@ def bench_model(
 ) -> dict:
     import tvmquant
     from tvmquant.api import load_model
-    from tvmquant.deploy import write_library
+    from tvmquant.library import write_library
     from tvmquant.schedules import x86
     from tvmquant.testing.ort import ort_quantize
 

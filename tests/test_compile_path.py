@@ -61,3 +61,31 @@ def test_cuda_build_without_database_uses_tensor_cores_or_dp4a(tmp_path):
     signed = tvmquant.quantize(str(path), PRESETS["cuda_int8"], calibration_images(4), progress=False, report_batches=0)
     source = cuda.cuda_source(build(signed.mod, "nvidia/nvidia-h100"))
     assert "wmma::mma_sync" in source or "__dp4a" in source
+
+
+def test_tune_is_the_python_twin_of_the_command(qmodel, tmp_path, monkeypatch):
+    """``tvmquant.tune`` dispatches like ``tvmquant tune``: x86 tunes here, CUDA writes a package or imports one."""
+    from tvmquant.schedules import offline
+
+    calls = {}
+    monkeypatch.setattr(x86, "tune", lambda mod, target, **kw: calls.setdefault("x86", (target.kind.name, kw)))
+    monkeypatch.setattr(
+        offline,
+        "make_package",
+        lambda models, package, target, **kw: (
+            calls.setdefault("package", package) and {"candidates": [1], "tasks": [1]}
+        ),
+    )
+    monkeypatch.setattr(offline, "import_measurements", lambda package, db: {"imported_from": package})
+    db = str(tmp_path / "db")
+    assert tvmquant.tune(qmodel, trials=32, db=db).action == "tuned"
+    assert calls["x86"][0] == "llvm" and calls["x86"][1]["trials"] == 32 and calls["x86"][1]["db_dir"] == db
+    result = tvmquant.tune(qmodel, target="nvidia/nvidia-h100", db=db, package=str(tmp_path / "pkg"))
+    assert result.action == "packaged" and calls["package"] == str(tmp_path / "pkg")
+    assert tvmquant.tune(qmodel, db=db, import_package="pkg").details == {"imported_from": "pkg"}
+    with pytest.raises(ValueError, match="package=DIR"):
+        tvmquant.tune(qmodel, target="nvidia/nvidia-h100", db=db)
+    with pytest.raises(ValueError, match="trials must be at least 1"):
+        tvmquant.tune(qmodel, trials=0, db=db)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tvmquant.tune(qmodel, db=str(tmp_path / "missing" / "db"))

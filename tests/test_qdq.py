@@ -161,9 +161,11 @@ def test_export_qdq_runs_in_ort_and_matches_simulate(tmp_path, build):
     for x in data[:3]:
         expected = simulated(x[None])
         np.testing.assert_allclose(exact.run(None, {"input": x[None]})[0], expected, rtol=1e-5, atol=1e-5)
-        # ORT's fused int8 kernels requantize with their own rounding: close, not exact
+        # Fused: exact for the transformer; close, not exact, for the CNN, whose BatchNorm-folded first conv weight
+        # the export keeps in FP32 and ORT's optimizer then quantizes with scales of its own.
         got = fused.run(None, {"input": x[None]})[0]
-        assert 10 * np.log10(np.sum(expected**2) / np.sum((expected - got) ** 2)) > 30
+        noise = np.sum((expected - got) ** 2)
+        assert noise == 0 or 10 * np.log10(np.sum(expected**2) / noise) > 30
 
 
 def test_cli_export_round_trips_through_qdq_import(tmp_path, cnn_path):

@@ -32,6 +32,7 @@ _LAZY = {
     "load": "api",
     "QuantizedModel": "api",
     "CompiledModel": "api",
+    "tune": "tuning",
     "AnnotateQuant": "passes",
     "BindQuantParams": "passes",
     "RealizeQuant": "passes",
@@ -51,6 +52,7 @@ def __getattr__(name):
 
 __all__ = [
     "quantize",
+    "tune",
     "pipeline",
     "load",
     "QuantizedModel",

@@ -79,6 +79,20 @@ def python_pass_instance(pass_obj):
     return pass_obj._inst  # set by tvm.ir.transform._wrap_class_module_pass
 
 
+def versions() -> dict:
+    """The versions of tvmquant, TVM, numpy and Python, as artifacts and libraries record them."""
+    import platform
+
+    from . import __version__
+
+    return {
+        "tvmquant": __version__,
+        "tvm": tvm.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Compiler part
 if not RUNTIME_ONLY:
@@ -103,6 +117,7 @@ __all__ = [
     "nvcc",
     "register_ffi_error",
     "python_pass_instance",
+    "versions",
     "structural_equal",
     "structural_hash",
     "TensorType",

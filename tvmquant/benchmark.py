@@ -145,7 +145,7 @@ def benchmark(
         ms}), ``speedup`` (INT8 over every other engine, per thread count) and ``skipped`` (engine -> reason).
     """
     from .compile import as_target, target_json
-    from .deploy import export_library
+    from .library import export_library
 
     say = say or (lambda message: None)
     target = as_target(target)

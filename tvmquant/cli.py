@@ -104,7 +104,14 @@ def cmd_quantize(args) -> int:
     _check_output_path(args.output)
     config = _config_from_args(args)
     calib = _load_npz(args.calib, "calibration data") if args.calib else None
-    qmodel = quantize(args.model, config, calib, progress=not args.quiet, batch_size=args.batch_size)
+    qmodel = quantize(
+        args.model,
+        config,
+        calib,
+        progress=not args.quiet,
+        batch_size=args.batch_size,
+        calib_batch=args.calib_batch,
+    )
     qmodel.save(args.output)
     if not args.quiet:
         print(qmodel.summary())
@@ -163,7 +170,7 @@ def cmd_run(args) -> int:
 
 def cmd_compile(args) -> int:
     from .api import load
-    from .deploy import export_library
+    from .library import export_library
 
     _check_output_path(args.output)
     qmodel = load(args.artifact)
@@ -175,75 +182,33 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _module_to_tune(path: str, batch_size):
-    """The Relax module whose kernels to tune: an artifact's INT8 model, or an FP32 ONNX model as is."""
-    if path.endswith(".onnx"):
-        from .api import load_model
-
-        mod, _, _, _ = load_model(path, batch_size=batch_size or 1)
-        return mod
-    from .api import load
-
-    qmodel = load(path)
-    if batch_size:
-        qmodel = qmodel.rebatch(batch_size)
-    return qmodel.mod
-
-
 def cmd_tune(args) -> int:
-    from .compile import as_target
-    from .schedules import x86
+    from .tuning import tune
 
-    if args.trials < 1:
-        raise ValueError(f"--trials must be at least 1, got {args.trials}")
-    parent = os.path.dirname(os.path.abspath(args.db))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"cannot create tuning database {args.db!r}: folder {parent!r} does not exist")
-    target = as_target(args.target)
-    if args.import_package:
-        return _tune_import(args)
-    if target.kind.name == "cuda":
-        return _tune_cuda_package(args, target)
-    if target.kind.name != "llvm":
-        raise ValueError(f"tvmquant tune: target {target.kind.name!r} is not supported (llvm or cuda)")
-    mod = _module_to_tune(args.model, args.batch_size)
-    x86.tune(
-        mod, target, trials=args.trials, db_dir=args.db, trials_per_task=args.trials_per_task, progress=not args.quiet
+    result = tune(
+        args.model,
+        target=args.target,
+        trials=args.trials,
+        db=args.db,
+        trials_per_task=args.trials_per_task,
+        package=args.package,
+        import_package=args.import_package,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
     )
-    if not args.quiet:
+    if args.quiet:
+        return 0
+    if result.action == "tuned":
         print(f"tuning database: {args.db}")
-    return 0
-
-
-def _tune_cuda_package(args, target) -> int:
-    """CUDA: no GPU here, so write a measurement package (step 1 of tvmquant.schedules.offline)."""
-    from .schedules import offline
-
-    if not args.package:
-        raise ValueError(
-            "tvmquant tune for a CUDA target writes a measurement package for the GPU host: add --package DIR "
-            "(then run `python -m tvmquant.remote measure DIR` there and `tvmquant tune --import DIR --db DB` here)"
-        )
-    mod = _module_to_tune(args.model, args.batch_size)
-    per_task = args.trials_per_task or max(1, args.trials // 8)
-    manifest = offline.make_package(
-        {os.path.basename(args.model): mod}, args.package, target, per_task=per_task, progress=not args.quiet
-    )
-    if not args.quiet:
+    elif result.action == "packaged":
         print(
-            f"{len(manifest['candidates'])} candidates of {len(manifest['tasks'])} kernels in {args.package}. Next:\n"
-            f"  on the GPU host: TVM_USE_RUNTIME_LIB=1 python -m tvmquant.remote measure {args.package}\n"
+            f"{result.details['candidates']} candidates of {result.details['tasks']} kernels in {args.package}. "
+            f"Next:\n  on the GPU host: TVM_USE_RUNTIME_LIB=1 python -m tvmquant.remote measure {args.package}\n"
             f"  here, with its measurements.json in {args.package}: tvmquant tune {args.model} --target ... "
             f"--import {args.package} --db {args.db}"
         )
-    return 0
-
-
-def _tune_import(args) -> int:
-    from .schedules import offline
-
-    counts = offline.import_measurements(args.import_package, args.db)
-    if not args.quiet:
+    else:
+        counts = result.details
         print(
             f"imported {counts['correct']} correct measured schedules ({counts['wrong']} wrong, {counts['failed']} "
             f"failed) for {counts['tuned_tasks']}/{counts['tasks']} kernels into {args.db}"
@@ -276,7 +241,7 @@ def cmd_bench(args) -> int:
     result["arguments"] = {key: value for key, value in vars(args).items() if key != "func"}
     print(format_table(result))
     if args.output:
-        from .api import atomic_write
+        from ._io import atomic_write
 
         atomic_write(args.output, lambda handle: handle.write(json.dumps(result, indent=2).encode()))
         if not args.quiet:
@@ -355,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="batch to bind a dynamic batch axis to (default 1; `compile --batch-size` can change it later)",
+    )
+    q.add_argument(
+        "--calib-batch",
+        type=int,
+        default=None,
+        help="samples per calibration run (models with a dynamic batch axis; default: up to 16, what fits)",
     )
     q.add_argument("-o", "--output", required=True, help="artifact to write (.tvmq)")
     q.add_argument("-q", "--quiet", action="store_true")
@@ -436,9 +407,11 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
-        print(f"tvmquant: error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    for flag in ("batch_size", "calib_batch"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            print(f"tvmquant: error: --{flag.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
+            return EXIT_USER_ERROR
     previous = warnings.showwarning
     warnings.showwarning = _one_line_warnings
     try:

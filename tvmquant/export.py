@@ -34,7 +34,7 @@ def export_qdq(qmodel, path, sample=None) -> None:
     """
     import onnx
 
-    from .api import atomic_write
+    from ._io import atomic_write
 
     if qmodel.source is None:
         raise ModelError("ONNX export needs a model quantized from ONNX; this one came from a Relax IRModule")
@@ -71,7 +71,9 @@ def _relax_marked_tensors(qmodel, feed: dict) -> dict:
     from .passes.calibrate import compile_vm, observing, run_vm
 
     captured: dict = {}
-    vm = compile_vm(qmodel.annotated)
+    from .api import host_build
+
+    vm = compile_vm(qmodel.annotated, build=host_build)
     with observing(lambda name, array: captured.__setitem__(name, array)):
         run_vm(vm, feed, qmodel.inputs)
     return captured

@@ -196,6 +196,10 @@ def fold_conv_batchnorm(model):
             result.graph.node.append(new)
         else:
             result.graph.node.append(node)
+    used = {name for node in result.graph.node for name in node.input}
+    kept = [init for init in result.graph.initializer if init.name in used]
+    del result.graph.initializer[:]
+    result.graph.initializer.extend(kept)
     return result
 
 

@@ -20,10 +20,10 @@ from .calibrate import compile_vm, iter_batches, observing, run_vm
 
 
 class _Simulator:
-    def __init__(self, annotated, table, calib_data, inputs, max_batches: int):
+    def __init__(self, annotated, table, calib_data, inputs, max_batches: int, build=None):
         self.table = table
         self.inputs = inputs
-        self.vm = compile_vm(annotated)
+        self.vm = compile_vm(annotated, build=build)
         self.batches = list(itertools.islice(iter_batches(calib_data, inputs), max_batches))
         self.reference = [self._run(batch, frozenset()) for batch in self.batches]
 
@@ -55,9 +55,9 @@ def _layer_tensors(layer) -> list:
     return names + ([layer.weight] if layer.weight else [])
 
 
-def layer_sensitivity(annotated, table, calib_data, inputs, max_batches: int = 4) -> dict:
+def layer_sensitivity(annotated, table, calib_data, inputs, max_batches: int = 4, build=None) -> dict:
     """Output SQNR (dB) with each quantized layer alone quantized, on up to ``max_batches`` batches."""
-    simulator = _Simulator(annotated, table, calib_data, inputs, max_batches)
+    simulator = _Simulator(annotated, table, calib_data, inputs, max_batches, build)
     return {
         layer.name: simulator.output_sqnr(_layer_tensors(layer))
         for layer in layers_of(annotated)
@@ -65,17 +65,29 @@ def layer_sensitivity(annotated, table, calib_data, inputs, max_batches: int = 4
     }
 
 
-def choose_auto_skips(annotated, table, calib_data, inputs, auto, progress: bool = False) -> dict:
+def choose_auto_skips(annotated, table, calib_data, inputs, auto, progress: bool = False, build=None) -> dict:
     """Layers to keep in FP32 so that the simulated output SQNR reaches ``auto.target_sqnr_db``.
 
     Returns ``{layer name: reason}``, most sensitive first; empty if the full model already reaches the target.
     """
-    simulator = _Simulator(annotated, table, calib_data, inputs, auto.batches)
+    import logging
+    import time
+
+    simulator = _Simulator(annotated, table, calib_data, inputs, auto.batches, build)
     layers = [layer for layer in layers_of(annotated) if layer.quantized and _layer_tensors(layer)]
     everything = {name for layer in layers for name in _layer_tensors(layer)}
     if simulator.output_sqnr(everything) >= auto.target_sqnr_db:
         return {}
+    # One compiled module serves every candidate (its markers fake-quantize on request): no recalibration.
+    start = time.perf_counter()
     sensitivity = {layer.name: simulator.output_sqnr(_layer_tensors(layer)) for layer in layers}
+    per_layer = (time.perf_counter() - start) / max(len(layers), 1)
+    message = f"auto-skip: measured {len(layers)} candidate layers, {per_layer:.3f} s each"
+    logging.getLogger(__name__).info(message)
+    if progress:
+        import sys
+
+        print(f"[tvmquant] {message}", file=sys.stderr)
     ranked = sorted(layers, key=lambda layer: sensitivity[layer.name])
     users: dict = {}
     for layer in layers:

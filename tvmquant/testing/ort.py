@@ -60,14 +60,29 @@ def ort_quantize(
     return out
 
 
-def ort_session(path: str, threads: int = 2, optimize: bool = True):
+# ONNX Runtime's session option (kOrtSessionOptionsAvx2PrecisionMode) that keeps its u8s8 integer kernels exact on
+# x86 CPUs without VNNI; the Python package exposes no constant for it.
+_X64_QUANT_PRECISION = "session.x64quantprecision"
+
+
+def ort_session(path: str, threads: int = 2, optimize: bool = True, exact_int8: bool = True):
     """An ONNX Runtime CPU session; ``optimize=False`` runs the graph as written (no kernel fusion), which
-    follows the ONNX operator definitions exactly."""
+    follows the ONNX operator definitions exactly.
+
+    ``exact_int8`` (the default) makes ORT's fused integer kernels (QLinearConv, QGemm, ...) accumulate exactly in
+    INT32 on every x86 CPU. Without it their result depends on the CPU: where there is no VNNI (AVX2, AVX-512
+    without VNNI), MLAS multiplies uint8 activations by int8 weights with ``vpmaddubsw``, which saturates each
+    sum of two adjacent products to int16 (255 * 127 * 2 > 32767), and outputs of per-channel models move by
+    several quantization steps. The option has ORT shift such weights to uint8 (u8u8 kernels, no saturation) on
+    those CPUs only; on CPUs with VNNI, and on other architectures, it changes nothing.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if exact_int8:
+        options.add_session_config_entry(_X64_QUANT_PRECISION, "1")
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

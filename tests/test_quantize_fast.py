@@ -1,0 +1,81 @@
+"""Quantizing is fast: calibration runs compiled code for this CPU, in batches, with the same results."""
+
+import importlib
+
+import numpy as np
+import onnx
+import pytest
+from models import calibration_images, residual_cnn
+
+import tvmquant
+from tvmquant import cli
+
+calibrate_module = importlib.import_module("tvmquant.passes.calibrate")
+
+
+def _dynamic_batch_cnn() -> onnx.ModelProto:
+    model = residual_cnn()
+    for value in list(model.graph.input) + list(model.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = "N"
+    return model
+
+
+@pytest.mark.parametrize("method", [tvmquant.Max(), tvmquant.Percentile(99.9), tvmquant.MSE()])
+def test_batched_calibration_gives_the_same_parameters(method):
+    model = _dynamic_batch_cnn()
+    config = tvmquant.QuantConfig(activation=tvmquant.TensorSpec("uint8", "affine", method=method))
+    data = calibration_images(8, seed=4)
+    one = tvmquant.quantize(model, config, data, batch_size=1, calib_batch=1, progress=False, report_batches=0)
+    four = tvmquant.quantize(model, config, data, batch_size=1, calib_batch=4, progress=False, report_batches=0)
+    assert one.table.keys() == four.table.keys()
+    for name, params in one.table.items():
+        other = four.table[name]
+        if params.role == "weight" or name == "conv2d_0.in0":  # the weights and the model input: the same values
+            np.testing.assert_array_equal(params.scale, other.scale, err_msg=name)
+            np.testing.assert_array_equal(params.zero_point, other.zero_point, err_msg=name)
+        elif isinstance(method, tvmquant.Max):
+            # Batch-4 kernels sum in another order than batch-1 kernels: FP32 activations may differ in the last
+            # bit, so the observed max does too (the observers themselves are exact: tests/test_calibration.py).
+            np.testing.assert_allclose(params.scale, other.scale, rtol=1e-6, err_msg=name)
+            np.testing.assert_array_equal(params.zero_point, other.zero_point, err_msg=name)
+        else:  # histogram methods: within one bin of the 2048 over the range
+            width = (float(params.a_max) - float(params.a_min)) / 2048 * 2
+            assert abs(float(params.a_max) - float(other.a_max)) <= width, name
+            assert abs(float(params.a_min) - float(other.a_min)) <= width, name
+    # The batched copy calibrated, the model itself keeps the batch it was quantized for.
+    assert four.inputs[0].shape[0] == 1
+
+
+def test_calibration_compiles_for_this_cpu_with_default_schedules(monkeypatch):
+    def stock(mod, target):
+        raise AssertionError("calibration compiled with stock tvm.compile (TVM's unscheduled loops)")
+
+    monkeypatch.setattr(calibrate_module, "_stock_build", stock)
+    targets = []
+    from tvmquant import api
+
+    original_build = api.host_build
+
+    def spy_build(mod, target=None):
+        targets.append(target)
+        return original_build(mod, target)
+
+    monkeypatch.setattr(api, "host_build", spy_build)
+    tvmquant.quantize(residual_cnn(), calib_data=calibration_images(2), progress=False, report_batches=0)
+    assert targets and all("mcpu" in dict(target.attrs) and int(target.attrs["num-cores"]) >= 1 for target in targets)
+
+
+def test_bad_calib_batch_is_refused(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(residual_cnn(), str(path))  # static batch 1
+    np.savez(tmp_path / "c.npz", input=calibration_images(4))
+    out = tmp_path / "m.tvmq"
+    argv = ["quantize", str(path), "--calib", str(tmp_path / "c.npz"), "-o", str(out), "-q"]
+    assert cli.main(argv + ["--calib-batch", "0"]) == 2
+    assert "--calib-batch must be at least 1" in capsys.readouterr().err
+    assert cli.main(argv + ["--calib-batch", "4"]) == 2
+    assert "batch axis is static (1)" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(ValueError, match="more than this machine has free"):
+        tvmquant.quantize(_dynamic_batch_cnn(), calib_data=calibration_images(4), calib_batch=10**7, progress=False)

@@ -161,7 +161,7 @@ def test_nan_in_calibration_inputs_is_refused_naming_batch_and_input(model_file)
     data[1, 0, 0, 0] = np.nan
     data[1, 0, 0, 1] = np.inf
     for config in (tvmquant.QuantConfig(), tvmquant.QuantConfig(nan_policy="error")):
-        with pytest.raises(CalibrationDataError, match=r"batch 1 input 'input' has 1 NaN and 1 Inf"):
+        with pytest.raises(CalibrationDataError, match=r"sample 1 input 'input' has 1 NaN and 1 Inf"):
             tvmquant.quantize(model_file, config, data, progress=False, report_batches=0)
 
 

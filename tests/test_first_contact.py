@@ -145,7 +145,7 @@ def test_nan_calibration_file_exits_2(files, tmp_path, capsys):
     np.savez(nan_file, input=data)
     out = tmp_path / "m.tvmq"
     assert cli.main(["quantize", files["model"], "--calib", str(nan_file), "-o", str(out), "-q"]) == 2
-    assert "batch 2 input 'input' has 1 NaN" in capsys.readouterr().err and not out.exists()
+    assert "sample 2 input 'input' has 1 NaN" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ from tvm.script import tirx as T
 
 from tvmquant import QuantConfig, quantize
 from tvmquant._compat import to_tensor
-from tvmquant._relax import apply_pass
 from tvmquant.frontend.prepare import CanonicalizeClip, prepare
 from tvmquant.passes import AnnotateQuant, BindQuantParams, ExposeQuantizedTensors, QParams, RealizeQuant
 from tvmquant.passes.annotate import LAYERS_ATTR, layers_of
@@ -98,7 +97,7 @@ def test_annotate_before_expected():
                 R.output(r)
             return r
 
-    after = apply_pass(AnnotateQuant(QuantConfig()), Before)
+    after = AnnotateQuant(QuantConfig())(Before)
     _well_formed(after)
     tvm.ir.assert_structural_equal(_strip_layers(after), Expected)
     (layer,) = layers_of(after)
@@ -110,7 +109,7 @@ def test_annotate_before_expected():
         0,
     )
     # idempotent
-    tvm.ir.assert_structural_equal(apply_pass(AnnotateQuant(QuantConfig()), after), after)
+    tvm.ir.assert_structural_equal(AnnotateQuant(QuantConfig())(after), after)
 
 
 def _qp(name, role, dtype, scheme, scale, zero_point, qmin, qmax, axis=None):
@@ -119,7 +118,8 @@ def _qp(name, role, dtype, scheme, scale, zero_point, qmin, qmax, axis=None):
     )
 
 
-def test_bind_then_realize_before_expected():
+def _one_conv():
+    """A 1x1 conv of a (1, 2, 2, 2) input and its quantization table (uint8 affine in, per-channel weight)."""
     weight = np.array([[[[0.5]], [[-0.25]]], [[[1.0]], [[0.75]]]], np.float32)  # (2, 2, 1, 1)
 
     @I.ir_module
@@ -132,14 +132,19 @@ def test_bind_then_realize_before_expected():
                 R.output(c)
             return c
 
-    annotated = apply_pass(AnnotateQuant(QuantConfig()), Before)
     table = {
         "conv2d_0.in0": _qp("conv2d_0.in0", "activation", "uint8", "affine", 0.5, 10, 0, 255),
         "conv2d_0.weight": _qp(
             "conv2d_0.weight", "weight", "int8", "symmetric", [0.5 / 127, 1.0 / 127], [0, 0], -127, 127, 0
         ),
     }
-    realized = apply_pass(RealizeQuant(), apply_pass(BindQuantParams(table), annotated))
+    return Before, table
+
+
+def test_bind_then_realize_before_expected():
+    Before, table = _one_conv()
+    annotated = AnnotateQuant(QuantConfig())(Before)
+    realized = RealizeQuant()(BindQuantParams(table)(annotated))
     _well_formed(realized)
     weight_q = np.array([[[[127]], [[-64]]], [[[127]], [[95]]]], np.int8)
     correction = (-10 * weight_q.reshape(2, -1).astype(np.int32).sum(axis=1)).reshape(1, 2, 1, 1)
@@ -160,7 +165,64 @@ def test_bind_then_realize_before_expected():
             return c
 
     tvm.ir.assert_structural_equal(_strip_layers(realized), Expected)
-    tvm.ir.assert_structural_equal(apply_pass(RealizeQuant(), realized), realized)
+    tvm.ir.assert_structural_equal(RealizeQuant()(realized), realized)
+
+
+def test_passes_are_passes_that_compose_in_sequential():
+    Before, table = _one_conv()
+    passes = [CanonicalizeClip(), AnnotateQuant(QuantConfig()), BindQuantParams(table), RealizeQuant()]
+    assert all(isinstance(p, tvm.transform.Pass) for p in passes + [ExposeQuantizedTensors()])
+    assert [p.info.name for p in passes] == ["CanonicalizeClip", "AnnotateQuant", "BindQuantParams", "RealizeQuant"]
+    step_by_step = Before
+    for one in passes:
+        step_by_step = one(step_by_step)
+    tvm.ir.assert_structural_equal(tvm.transform.Sequential(passes)(Before), step_by_step)
+
+
+@pytest.mark.parametrize(
+    "make_pass, stage",
+    [
+        (lambda table: CanonicalizeClip(), "fp32"),
+        (lambda table: AnnotateQuant(QuantConfig()), "fp32"),
+        (lambda table: BindQuantParams(table), "annotated"),
+        (lambda table: RealizeQuant(), "simulated"),
+    ],
+    ids=["CanonicalizeClip", "AnnotateQuant", "BindQuantParams", "RealizeQuant"],
+)
+def test_every_pass_is_idempotent_and_well_formed(make_pass, stage):
+    Before, table = _one_conv()
+    annotated = AnnotateQuant(QuantConfig())(Before)
+    modules = {"fp32": Before, "annotated": annotated, "simulated": BindQuantParams(table)(annotated)}
+    once = make_pass(table)(modules[stage])  # each pass on the module it is meant for
+    _well_formed(once)
+    tvm.ir.assert_structural_equal(make_pass(table)(once), once)
+
+
+def test_pass_errors_are_tvmquant_errors_called_directly_or_in_sequential():
+    from tvmquant._relax import UnsupportedGraphError
+    from tvmquant.calibration import CalibrationError
+    from tvmquant.frontend.prepare import ModelError
+    from tvmquant.passes import SkipRuleError
+
+    Before, table = _one_conv()
+    annotated = AnnotateQuant(QuantConfig())(Before)
+    no_main = tvm.IRModule({"other": Before["main"].with_attr("global_symbol", "other")})
+    cases = [
+        (AnnotateQuant(QuantConfig(skip=("conv2d_99",))), Before, SkipRuleError, "'conv2d_99' matches no layer"),
+        (BindQuantParams({}), annotated, CalibrationError, "'conv2d_0.in0' has no quantization parameters"),
+        (CanonicalizeClip(), no_main, UnsupportedGraphError, "no function 'main'"),
+    ]
+    for one, mod, error, message in cases:
+        with pytest.raises(error, match=message) as direct:
+            one(mod)
+        assert type(direct.value) is error  # the exception as raised, not a RuntimeError from TVM's FFI
+        assert not any("transform.py" in str(entry.path) for entry in direct.traceback)  # no FFI round trip
+        with pytest.raises(error, match=message) as composed:
+            tvm.transform.Sequential([relax.transform.Normalize(), one])(mod)
+        assert type(composed.value) is error and str(composed.value) == str(direct.value)
+    # prepare() turns a graph it cannot rewrite into a ModelError (it used to get TVM's RuntimeError)
+    with pytest.raises(ModelError, match="no function 'main'"):
+        prepare(no_main)
 
 
 def _realized_vs_simulated(qmodel, batches):
@@ -169,8 +231,8 @@ def _realized_vs_simulated(qmodel, batches):
     The realized model is teacher-forced (tvmquant.testing.forcing): every layer reads the simulated model's
     quantized tensors, so a tie that rounds differently in one layer cannot spread to the next.
     """
-    simulated = apply_pass(ExposeQuantizedTensors(), qmodel.simulated)
-    realized = apply_pass(RealizeQuant(), simulated)
+    simulated = ExposeQuantizedTensors()(qmodel.simulated)
+    realized = RealizeQuant()(simulated)
     _well_formed(realized)
     forced = teacher_forced(realized)
     _well_formed(forced)

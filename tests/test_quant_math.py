@@ -49,6 +49,16 @@ def test_round_half_to_even_and_clipping():
     np.testing.assert_array_equal(qm.quantize(x, 1.0, 10, "uint8"), [10, 12, 12, 10, 8, 255, 0])
 
 
+def test_dtype_ranges_are_the_integer_types():
+    for dtype, (low, high) in qm.DTYPE_RANGES.items():
+        assert (low, high) == (np.iinfo(dtype).min, np.iinfo(dtype).max)
+    assert set(qm.QUANT_DTYPES) < set(qm.DTYPE_RANGES)
+    for dtype in qm.QUANT_DTYPES:  # the full 8-bit range is qrange's, and quantize's default clip
+        assert qm.qrange(dtype) == qm.DTYPE_RANGES[dtype]
+        q = qm.quantize(np.array([-1e6, 1e6], np.float32), 1.0, 0, dtype)
+        assert q.dtype == np.dtype(dtype) and tuple(q.tolist()) == qm.DTYPE_RANGES[dtype]
+
+
 def test_qrange():
     assert qm.qrange("int8") == (-128, 127)
     assert qm.qrange("int8", "symmetric") == (-127, 127)

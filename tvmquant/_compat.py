@@ -1,50 +1,142 @@
 """Every version-sensitive TVM import of tvmquant, in one place.
 
 TVM 0.27 renamed much (``relax.TensorType``, ``tvm.ir.GenericConst`` constants, ``tvm.runtime.tensor``,
-``tvm.s_tir.meta_schedule``, dict targets). Code elsewhere imports these names from here, so that a TVM
-upgrade touches one file.
+``tvm.s_tir.meta_schedule``, dict targets, the ``tvm_ffi`` package). Code elsewhere imports these names from here,
+so that a TVM upgrade touches one file (``tvmquant/schedules/`` keeps its own, listed at the top of each module).
+
+Two parts. The runtime part needs TVM's runtime library only (``TVM_USE_RUNTIME_LIB=1``, as on a deployment or
+GPU measurement host): :mod:`tvmquant.deploy`, :mod:`tvmquant.cuda_binaries` and :mod:`tvmquant.remote` use it
+there. The compiler part (Relax) is defined whenever TVM's compiler library is loaded (``RUNTIME_ONLY`` false).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax
-from tvm.ir import GenericConst, StringImm
-from tvm.relax.expr_functor import PyExprMutator, mutator
+import tvm.runtime.vm
+import tvm_ffi
 from tvm_ffi import structural_equal, structural_hash
 
-TensorType = relax.TensorType
-Var = relax.Var
-Call = relax.Call
-Tuple = relax.Tuple
-Function = relax.Function
-BlockBuilder = relax.BlockBuilder
-VirtualMachine = relax.VirtualMachine
-Constant = GenericConst
+# --------------------------------------------------------------------------------------------------------------
+# Runtime part
+#: True when this process runs on TVM's runtime library alone (no compiler: no Relax, no passes).
+RUNTIME_ONLY: bool = bool(tvm.base._RUNTIME_ONLY)
+
+VirtualMachine = tvm.runtime.vm.VirtualMachine
+register_global_func = tvm_ffi.register_global_func
+
+
+def get_global_func(name: str):
+    """The global FFI function ``name``, or None if nothing registered it."""
+    return tvm_ffi.get_global_func(name, True)
+
+
+def to_tensor(array, device=None):
+    """A TVM runtime tensor holding ``array``."""
+    return tvm.runtime.tensor(np.ascontiguousarray(array), device or tvm.cpu())
+
+
+def load_runtime_library(target_name: str) -> bool:
+    """Load one of TVM's runtime sidecar libraries (``"tvm_runtime_cuda"``) from beside ``libtvm_runtime``.
+
+    Returns False when the system cannot load it (e.g. no CUDA driver for the CUDA sidecar).
+    """
+    from pathlib import Path
+
+    from tvm.base import _LOADED_LIBS
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS[target_name] = load_lib_ctypes(
+            package="tvm", target_name=target_name, extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+        )
+    except (OSError, RuntimeError):
+        return False
+    return True
+
+
+def nvcc():
+    """TVM's ``nvcc`` driver module (``compile_cuda``); ImportError on a runtime-only TVM without it."""
+    from tvm.support import nvcc as module
+
+    return module
+
+
+def register_ffi_error(cls: type) -> type:
+    """Let the exception type ``cls`` cross TVM's FFI as itself; returns ``cls`` (usable as a class decorator).
+
+    An exception raised in Python code that TVM calls (a pass inside ``tvm.transform.Sequential``) comes back
+    out of the FFI rebuilt as ``cls(message)`` when its type is registered, and as a RuntimeError otherwise.
+    Only for exception types built from their message alone.
+    """
+    tvm_ffi.register_error(f"{cls.__module__}.{cls.__qualname__}", cls)
+    return cls
+
+
+def python_pass_instance(pass_obj):
+    """The instance of the Python class behind a ``tvm.transform.module_pass``-decorated pass object."""
+    return pass_obj._inst  # set by tvm.ir.transform._wrap_class_module_pass
+
+
+def versions() -> dict:
+    """The versions of tvmquant, TVM, numpy and Python, as artifacts and libraries record them."""
+    import platform
+
+    from . import __version__
+
+    return {
+        "tvmquant": __version__,
+        "tvm": tvm.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compiler part
+if not RUNTIME_ONLY:
+    from tvm import relax
+    from tvm.ir import GenericConst, StringImm
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    TensorType = relax.TensorType
+    Var = relax.Var
+    Call = relax.Call
+    Tuple = relax.Tuple
+    Function = relax.Function
+    BlockBuilder = relax.BlockBuilder
+    Constant = GenericConst
 
 __all__ = [
+    "RUNTIME_ONLY",
+    "VirtualMachine",
+    "register_global_func",
+    "get_global_func",
+    "to_tensor",
+    "load_runtime_library",
+    "nvcc",
+    "register_ffi_error",
+    "python_pass_instance",
+    "versions",
+    "structural_equal",
+    "structural_hash",
     "TensorType",
     "Var",
     "Call",
     "Tuple",
     "Function",
     "BlockBuilder",
-    "VirtualMachine",
     "Constant",
     "StringImm",
     "PyExprMutator",
     "mutator",
-    "structural_equal",
-    "structural_hash",
     "const",
     "is_const",
     "const_value",
-    "to_tensor",
     "op_name",
     "tensor_shape",
     "tensor_dtype",
-    "versions",
     "tvm",
     "relax",
 ]
@@ -64,11 +156,6 @@ def is_const(expr) -> bool:
 def const_value(expr) -> np.ndarray:
     """The numpy value of a tensor constant."""
     return expr.value.numpy()
-
-
-def to_tensor(array, device=None):
-    """A TVM runtime tensor holding ``array``."""
-    return tvm.runtime.tensor(np.ascontiguousarray(array), device or tvm.cpu())
 
 
 def op_name(expr) -> str | None:
@@ -95,17 +182,3 @@ def tensor_dtype(expr) -> str | None:
     if not isinstance(ty, relax.TensorType):
         return None
     return str(ty.dtype)
-
-
-def versions() -> dict:
-    """The versions of tvmquant, TVM, numpy and Python, as artifacts and libraries record them."""
-    import platform
-
-    from . import __version__
-
-    return {
-        "tvmquant": __version__,
-        "tvm": tvm.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }

@@ -5,7 +5,8 @@ Below ``frontend/``, ``passes/`` and ``schedules/``: they import this, not each 
 Relax models imported from ONNX are one dataflow block of calls. Every tvmquant pass walks those bindings in
 order and either re-emits a binding (with its arguments renamed) or emits something else in its place.
 :class:`BindingRewriter` does the walking, renaming and module bookkeeping; a pass overrides
-:meth:`BindingRewriter.rewrite` for the bindings it cares about.
+:meth:`BindingRewriter.rewrite` for the bindings it cares about. :func:`tvmquant_module_pass` makes the pass
+class a ``tvm.transform.Pass`` whose errors reach the caller as tvmquant's own.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ._compat import Var, is_const
+from ._compat import Var, is_const, python_pass_instance, register_ffi_error
 
 #: Function attributes of ``main`` that keep the source model's own names through every tvmquant pass.
 SOURCE_NAMES_ATTR = "tvmquant.source_names"  # JSON {Relax variable name: ONNX node name}
@@ -37,6 +38,7 @@ def output_names(mod: tvm.IRModule, count: int | None = None) -> list:
     return names
 
 
+@register_ffi_error
 class UnsupportedGraphError(ValueError):
     """The graph has a structure tvmquant's passes cannot rewrite; the message says which and why."""
 
@@ -158,13 +160,40 @@ def producers(func) -> dict:
     return table
 
 
-def apply_pass(pass_obj, mod: tvm.IRModule) -> tvm.IRModule:
-    """Run a Python-defined module pass directly, so its exceptions keep their type and message.
+def tvmquant_module_pass(name: str, opt_level: int = 0):
+    """Make a class with ``transform_module(mod, ctx)`` a ``tvm.transform.Pass`` that raises tvmquant's errors.
 
-    Calling a pass object goes through TVM's FFI, which turns every Python exception into a RuntimeError
-    with a C++ traceback; tvmquant's user-facing errors must reach the user as raised.
+    The class becomes what ``tvm.transform.module_pass`` makes of it: a real ``ModulePass`` that composes in
+    ``tvm.transform.Sequential``. Calling an instance on a module, ``AnnotateQuant(config)(mod)``, runs
+    ``transform_module`` in Python, so an error comes out as raised (its type, message and Python traceback),
+    where TVM's FFI would turn it into a RuntimeError. With pass instruments in the current ``PassContext``
+    the call goes through TVM, so that they see the pass.
+
+    Through TVM (a Sequential, or instruments) an error keeps its type only if it is registered with the FFI
+    (:func:`tvmquant._compat.register_ffi_error`): tvmquant's error types are, where they are defined.
+
+    Examples
+    --------
+    >>> @tvmquant_module_pass("FoldNothing")
+    ... class FoldNothing:
+    ...     def transform_module(self, mod, ctx):
+    ...         return mod
+    >>> isinstance(FoldNothing(), tvm.transform.Pass)
+    True
     """
-    inst = getattr(pass_obj, "_inst", None)
-    if inst is None:
-        return pass_obj(mod)
-    return inst.transform_module(mod, tvm.transform.PassContext.current())
+
+    def wrap(cls):
+        pass_cls = tvm.transform.module_pass(cls, opt_level=opt_level, name=name)
+
+        def __call__(self, mod):
+            ctx = tvm.transform.PassContext.current()
+            if isinstance(mod, tvm.IRModule) and not ctx.instruments:
+                # What TVM's RunPass does when no instrument asks for more (it ignores opt_level and
+                # disabled_pass outside a Sequential), minus the FFI round trip of errors.
+                return python_pass_instance(self).transform_module(mod, ctx)
+            return tvm.transform.Pass.__call__(self, mod)
+
+        pass_cls.__call__ = __call__
+        return pass_cls
+
+    return wrap

@@ -18,15 +18,15 @@ from tvm import relax
 
 from ._compat import tensor_dtype, tensor_shape, to_tensor, versions
 from ._io import atomic_write, check_inputs, feed_from_args, flatten_outputs
-from ._relax import apply_pass, output_names
+from ._relax import output_names
 from .artifact import ARTIFACT_FORMAT, READABLE_FORMATS, ArtifactError, SourceFile, write_zip
 from .config import QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
 from .frontend.prepare import ModelError, check_static, prepare
-from .passes.annotate import AnnotateQuant, LayerInfo, layers_of
+from .op_table import LayerInfo
+from .passes.annotate import AnnotateQuant, layers_of
 from .passes.calibrate import (
     BindQuantParams,
-    QParams,
     calibrate,
     compile_vm,
     count_samples,
@@ -35,6 +35,7 @@ from .passes.calibrate import (
     run_vm,
 )
 from .passes.realize import RealizeQuant
+from .qparams import QParams
 from .threads import use_physical_cores
 
 
@@ -151,7 +152,7 @@ def quantize(
         return QuantizedModel(fp32, fp32, table, config, inputs, source, qdq=fp32, source_file=source_file)
     if calib_data is None:
         raise ModelError("calib_data is required: give a few hundred representative input samples")
-    annotated = apply_pass(AnnotateQuant(config), fp32)
+    annotated = AnnotateQuant(config)(fp32)
     calib_annotated, calib_inputs = _calibration_module(
         model, params, annotated, inputs, config, calib_data, calib_batch
     )
@@ -165,7 +166,7 @@ def quantize(
         )
         if auto_reasons:
             # Skipping changes which tensors are quantized (and their names): annotate and calibrate again.
-            annotated = apply_pass(AnnotateQuant(config.replace(skip=config.skip + tuple(auto_reasons))), fp32)
+            annotated = AnnotateQuant(config.replace(skip=config.skip + tuple(auto_reasons)))(fp32)
             annotated = _with_reasons(annotated, auto_reasons)
             config = config.replace(skip=config.skip + tuple(auto_reasons))
             calib_annotated, calib_inputs = _calibration_module(
@@ -217,7 +218,7 @@ def _calibration_module(model, params, annotated, inputs, config, calib_data, ca
     if calib_batch == batch:
         return annotated, inputs
     fp32, calib_inputs, _, _ = load_model(model, params, calib_batch)
-    return apply_pass(AnnotateQuant(config), fp32), calib_inputs
+    return AnnotateQuant(config)(fp32), calib_inputs
 
 
 def _has_dynamic_batch(model) -> bool:
@@ -359,7 +360,7 @@ class QuantizedModel:
             if self.qdq is not None:
                 self._annotated = self.qdq
             else:
-                annotated = apply_pass(AnnotateQuant(self.config), self.fp32)
+                annotated = AnnotateQuant(self.config)(self.fp32)
                 # The automatic mode's reasons were recorded with the layers; annotation alone says "skip list".
                 reasons = {layer.name: layer.reason for layer in self._stored_layers or [] if layer.reason}
                 self._annotated = _with_reasons(annotated, reasons) if reasons else annotated
@@ -425,12 +426,12 @@ class QuantizedModel:
         """Fake-quant FP32 model (quantize/dequantize around every quantized tensor)."""
         if self.qdq is not None:
             return self.qdq
-        return apply_pass(BindQuantParams(self.table), self.annotated)
+        return BindQuantParams(self.table)(self.annotated)
 
     @functools.cached_property
     def mod(self) -> tvm.IRModule:
         """The integer model (INT8 inputs, INT32 accumulation)."""
-        return apply_pass(RealizeQuant(), self.simulated)
+        return RealizeQuant()(self.simulated)
 
     @property
     def layers(self) -> list:
@@ -446,7 +447,7 @@ class QuantizedModel:
     def measure_sqnr(self, calib_data, max_batches: int = 8) -> dict:
         """SQNR (dB) of every quantized tensor and of the outputs, simulated vs FP32, on calibration data."""
         fp32_vm = compile_vm(self.annotated, build=host_build)
-        sim_vm = compile_vm(apply_pass(BindQuantParams(self.table, observe=True), self.annotated), build=host_build)
+        sim_vm = compile_vm(BindQuantParams(self.table, observe=True)(self.annotated), build=host_build)
         signal: dict = {}
         noise: dict = {}
         for index, batch in enumerate(iter_batches(calib_data, self.inputs)):
@@ -534,7 +535,7 @@ class QuantizedModel:
             return QuantizedModel(
                 fp32, fp32, self.table, self.config, inputs, source, qdq=fp32, source_file=self.source_file
             )
-        annotated = apply_pass(AnnotateQuant(self.config), fp32)
+        annotated = AnnotateQuant(self.config)(fp32)
         return QuantizedModel(
             fp32, annotated, self.table, self.config, inputs, source, dict(self.sqnr), source_file=self.source_file
         )
@@ -667,7 +668,10 @@ def load(path) -> QuantizedModel:
         raise ArtifactError(
             f"{path!r} is not a tvmquant artifact ({err}); write one with `tvmquant quantize -o`"
         ) from None
-    table = {name: QParams.from_dict(data) for name, data in manifest["quant_table"].items()}
+    try:
+        table = {name: QParams.from_dict(data) for name, data in manifest["quant_table"].items()}
+    except (TypeError, ValueError) as err:
+        raise ArtifactError(f"{path!r} has a corrupt quantization table: {err}") from None
     inputs = [InputSpec.from_dict(d) for d in manifest["inputs"]]
     config = QuantConfig.from_dict(manifest["config"])
     sqnr = manifest.get("sqnr_db", {})

@@ -5,7 +5,8 @@ built, and serialisable to JSON through :meth:`QuantConfig.to_dict` / :meth:`Qua
 version field. Granularities, calibration methods and skip rules are small typed values, never free-form
 option dicts, so a misspelled key or value fails loudly.
 
-This module imports neither TVM nor numpy-heavy code, so that configs load cheaply.
+This module imports no TVM (only :mod:`tvmquant.quant_math`, for the integer ranges), so that configs load
+cheaply.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
-CONFIG_VERSION = 1
+from .quant_math import QUANT_DTYPES, SCHEMES, qrange
 
-_DTYPE_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
-SCHEMES = ("affine", "symmetric")
+CONFIG_VERSION = 1
 
 
 class ConfigError(ValueError):
@@ -208,8 +208,8 @@ class TensorSpec:
     method: CalibMethod = field(default_factory=Max)
 
     def __post_init__(self):
-        if self.dtype not in _DTYPE_RANGES:
-            raise ConfigError(f"dtype must be one of {sorted(_DTYPE_RANGES)}, got {self.dtype!r}")
+        if self.dtype not in QUANT_DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(QUANT_DTYPES)}, got {self.dtype!r}")
         if self.scheme not in SCHEMES:
             raise ConfigError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if not isinstance(self.granularity, (PerTensor, PerChannel)):
@@ -224,17 +224,12 @@ class TensorSpec:
     @property
     def qmin(self) -> int:
         """Smallest quantized value (symmetric drops the most negative one)."""
-        lo = (
-            _DTYPE_RANGES[self.dtype][0] if self.bits == 8 else (-(1 << (self.bits - 1)) if self.dtype == "int8" else 0)
-        )
-        return lo + 1 if self.scheme == "symmetric" else lo
+        return qrange(self.dtype, self.scheme, self.bits)[0]
 
     @property
     def qmax(self) -> int:
         """Largest quantized value."""
-        if self.bits == 8:
-            return _DTYPE_RANGES[self.dtype][1]
-        return (1 << (self.bits - 1)) - 1 if self.dtype == "int8" else (1 << self.bits) - 1
+        return qrange(self.dtype, self.scheme, self.bits)[1]
 
     def to_dict(self) -> dict:
         return {

@@ -74,10 +74,10 @@ def precompile(lib, target) -> dict[str, bytes]:
     dict
         ``{source_key(source): fatbin bytes}``.
     """
-    from tvm.support import nvcc
-
+    from ._compat import nvcc
     from .schedules.cuda import nvcc_arch
 
+    driver = nvcc()
     module = getattr(lib, "mod", lib)
     binaries = {}
     for device_module in cuda_modules(module):
@@ -86,7 +86,7 @@ def precompile(lib, target) -> dict[str, bytes]:
             continue
         with target:
             binaries[source_key(source)] = bytes(
-                nvcc.compile_cuda(source, target_format="fatbin", arch=nvcc_arch(target), compiler="nvcc")
+                driver.compile_cuda(source, target_format="fatbin", arch=nvcc_arch(target), compiler="nvcc")
             )
     return binaries
 
@@ -124,23 +124,16 @@ def load_cuda_runtime() -> bool:
     not, and then ``load_module`` of a CUDA library fails ("a loader of that name is not registered").
     Returns whether the CUDA module loader is registered afterwards.
     """
-    from pathlib import Path
+    from ._compat import get_global_func, load_runtime_library
 
-    import tvm_ffi
-    from tvm.base import _LOADED_LIBS
-
-    if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", True) is not None:
+    if get_global_func(_CUDA_LOADER) is not None:
         return True
-    from tvm_ffi.libinfo import load_lib_ctypes
-
-    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
-    try:
-        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
-        )
-    except (OSError, RuntimeError):  # no CUDA driver (libcuda.so.1) on this machine
+    if not load_runtime_library("tvm_runtime_cuda"):  # no CUDA driver (libcuda.so.1) on this machine
         return False
-    return tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", True) is not None
+    return get_global_func(_CUDA_LOADER) is not None
+
+
+_CUDA_LOADER = "ffi.Module.load_from_bytes.cuda"  # registered by TVM's CUDA runtime
 
 
 _INSTALLED: dict[str, bytes] = {}
@@ -154,7 +147,7 @@ def install(*archives) -> dict:
     on the GPU host). Call before ``tvm.runtime.load_module``. Returns counters ``{"hits", "compiled"}``
     that the callback updates.
     """
-    import tvm_ffi
+    from ._compat import nvcc, register_global_func
 
     load_cuda_runtime()
     for archive in archives:
@@ -168,14 +161,14 @@ def install(*archives) -> dict:
             return _INSTALLED[key]
         _STATS["compiled"] += 1
         try:
-            from tvm.support import nvcc
+            driver = nvcc()
         except ImportError as err:  # a runtime-only TVM without the support package
             raise RuntimeError(
                 f"no precompiled CUDA binary for source {key[:12]} and TVM's nvcc support is not importable "
                 f"({err}); rebuild the library with tvmquant (it writes <library>.cuda.zip) and keep that file "
                 "next to the library"
             ) from None
-        return nvcc.compile_cuda(str(code), target_format="fatbin", compiler="nvcc")
+        return driver.compile_cuda(str(code), target_format="fatbin", compiler="nvcc")
 
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+    register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
     return _STATS

@@ -44,7 +44,8 @@ class LoadedModel:
 
     def __init__(self, path: str, device=None):
         import tvm
-        from tvm.runtime.vm import VirtualMachine
+
+        from ._compat import VirtualMachine
 
         meta_file = metadata_path(path)
         if not os.path.exists(path):
@@ -71,10 +72,10 @@ class LoadedModel:
         self.vm = VirtualMachine(tvm.runtime.load_module(path), self.device)
 
     def __call__(self, *args, **kwargs):
-        import tvm
+        from ._compat import to_tensor
 
         checked = check_inputs(feed_from_args(args, kwargs, self.inputs), self.inputs)
-        result = self.vm["main"](*[tvm.runtime.tensor(checked[spec.name], self.device) for spec in self.inputs])
+        result = self.vm["main"](*[to_tensor(checked[spec.name], self.device) for spec in self.inputs])
         outputs = flatten_outputs(result)
         return outputs[0] if len(outputs) == 1 else outputs
 

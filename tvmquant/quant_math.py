@@ -16,7 +16,13 @@ import numpy as np
 #: The smallest scale handed out: a zero-width range (a constant or all-zero tensor) gets this, never 0/NaN.
 MIN_SCALE = np.float32(1e-8)
 
-_DTYPE_INFO = {"int8": (-128, 127, np.int8), "uint8": (0, 255, np.uint8)}
+#: ``(lowest, highest)`` value of each integer dtype in a quantized model: int8/uint8 tensors, int32
+#: accumulators and biases. The one such table of tvmquant.
+DTYPE_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int32": (-(2**31), 2**31 - 1)}
+#: The dtypes a tensor is quantized to (int32 only ever holds accumulators and biases).
+QUANT_DTYPES = ("int8", "uint8")
+#: ``affine``: any zero point; ``symmetric``: zero point 0 and the restricted signed range (int8: [-127, 127]).
+SCHEMES = ("affine", "symmetric")
 
 
 def qrange(dtype: str, scheme: str = "affine", bits: int = 8) -> tuple[int, int]:
@@ -31,8 +37,8 @@ def qrange(dtype: str, scheme: str = "affine", bits: int = 8) -> tuple[int, int]
     >>> qrange("uint8", "affine", bits=4)
     (0, 15)
     """
-    if dtype not in _DTYPE_INFO:
-        raise ValueError(f"dtype must be 'int8' or 'uint8', got {dtype!r}")
+    if dtype not in QUANT_DTYPES:
+        raise ValueError(f"dtype must be one of {QUANT_DTYPES}, got {dtype!r}")
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in [2, 8], got {bits}")
     if dtype == "int8":
@@ -105,14 +111,14 @@ def quantize(x, scale, zero_point, dtype: str = "int8", axis: int | None = None,
     >>> quantize(np.array([0.5, 1.5, 2.5, -0.5], np.float32), 1.0, 0)
     array([ 0,  2,  2, -0], dtype=int8)
     """
-    lo, hi, np_dtype = _DTYPE_INFO[dtype]
+    lo, hi = DTYPE_RANGES[dtype]
     qmin = lo if qmin is None else qmin
     qmax = hi if qmax is None else qmax
     x = np.asarray(x, dtype=np.float32)
     scale = _broadcast_param(np.asarray(scale, dtype=np.float32), x.ndim, axis)
     zero_point = _broadcast_param(np.asarray(zero_point, dtype=np.float32), x.ndim, axis)
     q = np.rint(x / scale) + zero_point
-    return np.clip(q, qmin, qmax).astype(np_dtype)
+    return np.clip(q, qmin, qmax).astype(dtype)
 
 
 def dequantize(q, scale, zero_point, axis: int | None = None):
@@ -175,7 +181,7 @@ def requantize_fixed_point(acc, multiplier, shift, zero_point, qmin: int, qmax: 
     magnitude = np.right_shift(np.abs(prod) + half, total_shift)
     rounded = np.where(prod < 0, -magnitude, magnitude)
     out = rounded + np.asarray(zero_point, dtype=np.int64)
-    return np.clip(out, qmin, qmax).astype(_DTYPE_INFO[dtype][2])
+    return np.clip(out, qmin, qmax).astype(dtype)
 
 
 def requantize(acc, real_multiplier, zero_point, qmin: int, qmax: int, dtype: str):
@@ -186,7 +192,7 @@ def requantize(acc, real_multiplier, zero_point, qmin: int, qmax: int, dtype: st
     acc = np.asarray(acc, dtype=np.float32)
     scaled = np.rint(acc * np.asarray(real_multiplier, dtype=np.float32))
     out = scaled + np.asarray(zero_point, dtype=np.float32)
-    return np.clip(out, qmin, qmax).astype(_DTYPE_INFO[dtype][2])
+    return np.clip(out, qmin, qmax).astype(dtype)
 
 
 def sqnr_db(reference, approx) -> float:

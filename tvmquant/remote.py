@@ -137,24 +137,24 @@ def _measure_libraries(
 
 
 def _measure_task(task, candidates, lib, references, device, results, min_repeat_ms, repeat, flush) -> None:
-    import tvm
+    from ._compat import to_tensor
 
     specs = task["args"]
     outputs = [i for i, spec in enumerate(specs) if spec.get("output")] or [len(specs) - 1]
     arrays = random_inputs(specs, seed=task["index"])
     start = time.time()
-    cpu_args = [tvm.runtime.tensor(a) for a in arrays]
+    cpu_args = [to_tensor(a) for a in arrays]
     references[task["reference"]](*cpu_args)
     expected = {i: cpu_args[i].numpy() for i in outputs}
     reference_s = round(time.time() - start, 3)
-    inputs = {i: tvm.runtime.tensor(a, device) for i, a in enumerate(arrays) if i not in outputs}  # read-only
+    inputs = {i: to_tensor(a, device) for i, a in enumerate(arrays) if i not in outputs}  # read-only
     on_gpu = _torch_expected(expected, device)
     for candidate in candidates:
         symbol = candidate["symbol"]
         result: dict = {"task": task["index"], "reference_s": reference_s}
         try:
             # Outputs start as random garbage, so an element the kernel does not write shows up.
-            args = [inputs[i] if i in inputs else tvm.runtime.tensor(arrays[i], device) for i in range(len(arrays))]
+            args = [inputs[i] if i in inputs else to_tensor(arrays[i], device) for i in range(len(arrays))]
             lib[symbol](*args)
             device.sync()
             checks = [_check(args[i], expected[i], on_gpu.get(i)) for i in outputs]

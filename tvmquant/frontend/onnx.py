@@ -11,6 +11,7 @@ import os
 
 from .._io import InputSpec
 from .._relax import OUTPUT_KEY, OUTPUT_NAMES_ATTR, SOURCE_NAMES_ATTR
+from ..quant_math import DTYPE_RANGES
 from .prepare import ModelError
 
 #: ONNX ops whose results can be quantizable layers; their Relax results are named after the ONNX node.
@@ -295,7 +296,6 @@ def check_qdq_nodes(model, where: str = "the ONNX model") -> None:
     from onnx import numpy_helper
 
     inits = {init.name: init for init in model.graph.initializer}
-    ranges = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtype(np.int32): (-(2**31), 2**31 - 1)}
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:
             continue
@@ -307,8 +307,8 @@ def check_qdq_nodes(model, where: str = "the ONNX model") -> None:
             raise ModelError(f"{name}: scale must be positive and finite, got {scale.ravel()[:4]}")
         if len(node.input) > 2 and node.input[2] in inits:
             zero_point = numpy_helper.to_array(inits[node.input[2]])
-            if zero_point.dtype in ranges:
-                low, high = ranges[zero_point.dtype]
+            if zero_point.dtype.name in DTYPE_RANGES:
+                low, high = DTYPE_RANGES[zero_point.dtype.name]
                 if np.any(zero_point.astype(np.int64) < low) or np.any(zero_point.astype(np.int64) > high):
                     raise ModelError(f"{name}: zero point outside the {zero_point.dtype} range")
             if zero_point.size != scale.size:

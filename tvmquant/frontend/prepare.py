@@ -11,15 +11,16 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .._compat import const_value, is_const, op_name
-from .._relax import BindingRewriter, UnsupportedGraphError
+from .._compat import TensorType, const_value, is_const, op_name, register_ffi_error, to_tensor
+from .._relax import BindingRewriter, UnsupportedGraphError, tvmquant_module_pass
 
 
+@register_ffi_error
 class ModelError(ValueError):
     """The model cannot be quantized as given; the message names the file, node or tensor and what to do."""
 
 
-@tvm.transform.module_pass(opt_level=0, name="CanonicalizeClip")
+@tvmquant_module_pass("CanonicalizeClip")
 class CanonicalizeClip:
     """Turn importer-produced ``call_tir(maximum/minimum)`` with scalar constants into ``R.maximum``/
     ``R.minimum``, ``maximum(x, 0)`` into ``R.nn.relu`` and ``minimum(maximum(x, lo), hi)`` into ``R.clip``.
@@ -93,7 +94,7 @@ def prepare(mod: tvm.IRModule, params: dict | None = None) -> tvm.IRModule:
         unknown = sorted(set(params) - names)
         if unknown:
             raise ModelError(f"params {unknown} are not parameters of main (it takes {sorted(names)})")
-        bound = {k: tvm.runtime.tensor(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in params.items()}
+        bound = {k: to_tensor(v) if isinstance(v, np.ndarray) else v for k, v in params.items()}
         mod = relax.transform.BindParams("main", bound)(mod)
         func = mod["main"]
         if func.attrs is not None and "num_input" in func.attrs:
@@ -127,7 +128,7 @@ def check_static(mod: tvm.IRModule) -> None:
     for block in func.body.blocks:
         for binding in block.bindings:
             ty = binding.var.ty
-            if isinstance(ty, relax.TensorType) and (ty.shape is None or not hasattr(ty.shape, "values")):
+            if isinstance(ty, TensorType) and (ty.shape is None or not hasattr(ty.shape, "values")):
                 raise ModelError(
                     f"tensor {binding.var.name} (from {op_name(binding.value) or 'a call'}) has a shape only known "
                     "at run time; export the model with static shapes or constant-fold it before quantizing"

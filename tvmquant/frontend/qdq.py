@@ -10,16 +10,21 @@ Run instead of :func:`tvmquant.frontend.prepare.prepare` for QDQ models.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tvm
 from tvm import relax
 
+from .. import op_table
 from .._compat import StringImm, const, const_value, is_const, op_name, tensor_shape
 from .._relax import BindingRewriter
+from ..op_table import LayerInfo
+from ..qparams import QParams, Role
+from ..quant_math import DTYPE_RANGES
 from .prepare import ModelError, prepare
 
 _PLACEHOLDER = "tvmquant.qdq_constant"
-_INT_DTYPES = ("int8", "uint8", "int32")
 
 
 def is_qdq_module(mod: tvm.IRModule) -> bool:
@@ -41,7 +46,7 @@ class _HideConstants(BindingRewriter):
         if op_name(value) != "relax.dequantize" or not is_const(value.args[0]):
             return value
         data = value.args[0]
-        if str(data.ty.dtype) not in _INT_DTYPES:
+        if str(data.ty.dtype) not in DTYPE_RANGES:
             return value
         key = f"c{len(self.hidden)}"
         self.hidden[key] = data
@@ -134,7 +139,7 @@ def check_qdq(mod: tvm.IRModule) -> None:
             if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
                 raise ModelError(f"{where}: scale must be positive and finite, got {scale.ravel()[:4]}")
             dtype = str(value.attrs["out_dtype"]) if name == "relax.quantize" else str(value.args[0].ty.dtype)
-            bounds = {"int8": (-128, 127), "uint8": (0, 255), "int32": (-(2**31), 2**31 - 1)}.get(dtype)
+            bounds = DTYPE_RANGES.get(dtype)
             if bounds and (np.any(zero_point < bounds[0]) or np.any(zero_point > bounds[1])):
                 raise ModelError(f"{where}: zero point {zero_point.ravel()[:4]} is outside the {dtype} range")
             if scale.size > 1:
@@ -157,10 +162,6 @@ def describe_qdq(mod: tvm.IRModule):
     table : dict of str to QParams
         Activations by the name of their quantized tensor; weights as ``<layer>.weight``.
     """
-    from ..passes import op_table
-    from ..passes.annotate import LayerInfo
-    from ..passes.calibrate import QParams
-
     dequantized: dict = {}  # var -> (source var or None for constants, QParams)
     table: dict = {}
     layers: list = []
@@ -172,11 +173,13 @@ def describe_qdq(mod: tvm.IRModule):
                 source = value.args[0]
                 scale, zero_point = const_value(value.args[1]), const_value(value.args[2])
                 dtype = str(source.ty.dtype)
+                if dtype not in DTYPE_RANGES:
+                    continue  # a dtype tvmquant does not realize (int16, ...): its consumers count as FP32
                 axis = int(value.attrs["axis"]) % len(tensor_shape(source)) if scale.size > 1 else None
-                qmin, qmax = {"int8": (-128, 127), "uint8": (0, 255)}.get(dtype, (-(2**31), 2**31 - 1))
+                qmin, qmax = DTYPE_RANGES[dtype]
                 params = QParams(
-                    "",
-                    "weight" if is_const(source) else "activation",
+                    binding.var.name,  # renamed after the tensor it quantizes, below
+                    Role.WEIGHT if is_const(source) else Role.ACTIVATION,
                     dtype,
                     "symmetric" if np.all(zero_point == 0) and dtype == "int8" else "affine",
                     scale.astype(np.float32).reshape(-1 if axis is not None else ()),
@@ -211,12 +214,10 @@ def describe_qdq(mod: tvm.IRModule):
                     elif entry[0] is None:
                         info.weight = f"{info.name}.weight"
                         info.weight_axis = entry[1].axis
-                        entry[1].name = info.weight
-                        table[info.weight] = entry[1]
+                        table[info.weight] = dataclasses.replace(entry[1], name=info.weight)
                     else:
                         tensor = entry[0].name
-                        entry[1].name = tensor
-                        table[tensor] = entry[1]
+                        table[tensor] = dataclasses.replace(entry[1], name=tensor)
                         info.inputs.append(tensor)
             info.quantized = quantized
             info.reason = "" if quantized else "inputs not quantized in the QDQ model"

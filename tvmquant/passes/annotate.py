@@ -12,46 +12,30 @@ function attribute ``tvmquant.layers``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import tvm
 from tvm import relax
 
-from .._compat import StringImm, is_const, op_name, tensor_dtype, tensor_shape
-from .._relax import OUTPUT_KEY, SOURCE_NAMES_ATTR, BindingRewriter
+from .. import op_table
+from .._compat import StringImm, is_const, op_name, register_ffi_error, tensor_dtype, tensor_shape
+from .._relax import OUTPUT_KEY, SOURCE_NAMES_ATTR, BindingRewriter, tvmquant_module_pass
 from ..config import QuantConfig, SkipName, SkipOpType, SkipPredicate
-from . import op_table
+from ..op_table import LayerInfo
+from ..qparams import Role
 
 MARKER = "tvmquant.observe"
 LAYERS_ATTR = "tvmquant.layers"
 
 
+@register_ffi_error
 class SkipRuleError(ValueError):
     """A skip entry matched no layer."""
 
 
-@dataclass
-class LayerInfo:
-    """One quantizable layer as AnnotateQuant found it (what skip predicates receive)."""
-
-    name: str
-    op_type: str
-    quantized: bool = True
-    reason: str = ""
-    inputs: list = field(default_factory=list)
-    weight: str | None = None
-    weight_axis: int | None = None
-    output_shape: tuple | None = None
-    source: str = ""  # the layer's node name in the source model (ONNX), when known
-
-    def matches(self, name: str) -> bool:
-        """True if ``name`` is this layer's tvmquant name or its source (ONNX node) name."""
-        return name == self.name or (bool(self.source) and name == self.source)
-
-
-def marker(expr, name: str, role: str):
+def marker(expr, name: str, role: Role):
     """The identity marker call on ``expr``."""
-    return relax.call_pure_packed(MARKER, expr, StringImm(name), StringImm(role), ty_args=[expr.ty])
+    return relax.call_pure_packed(MARKER, expr, StringImm(name), StringImm(str(role)), ty_args=[expr.ty])
 
 
 def parse_marker(value):
@@ -72,7 +56,7 @@ def layers_of(mod: tvm.IRModule) -> list[LayerInfo]:
     return [LayerInfo(**entry) for entry in json.loads(str(func.attrs[LAYERS_ATTR]))]
 
 
-@tvm.transform.module_pass(opt_level=0, name="AnnotateQuant")
+@tvmquant_module_pass("AnnotateQuant")
 class AnnotateQuant:
     """Mark the inputs and weights of quantizable layers, honouring the skip list.
 
@@ -183,7 +167,7 @@ class _Annotator(BindingRewriter):
                     args[pos] = self._mark_activation(args[pos], f"{info.name}.in{pos}", info)
             if weight_pos is not None:
                 args[weight_pos] = self.emit(
-                    marker(args[weight_pos], info.weight, "weight"), info.weight.replace(".", "_")
+                    marker(args[weight_pos], info.weight, Role.WEIGHT), info.weight.replace(".", "_")
                 )
         self.layers.append(info)
         new_value = relax.Call(value.op, args, value.attrs, list(value.ty_args))
@@ -197,7 +181,7 @@ class _Annotator(BindingRewriter):
         if self._already_quantized(expr) and expr not in self.marked:
             info.inputs.append(f"(on grid of an earlier tensor) {tensor_name}")
             return expr
-        marked = self._mark(expr, tensor_name, "activation")
+        marked = self._mark(expr, tensor_name, Role.ACTIVATION)
         info.inputs.append(self.marker_names[marked])
         return marked
 

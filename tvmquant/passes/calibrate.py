@@ -15,69 +15,23 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from .._compat import const, const_value, is_const, op_name, tensor_shape, to_tensor
-from .._relax import BindingRewriter
+from .._compat import const, const_value, is_const, op_name, register_ffi_error, tensor_shape, to_tensor
+from .._io import CalibrationDataError, iter_batches  # numpy-only, shared with deploy
+from .._relax import BindingRewriter, tvmquant_module_pass
 from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
-from ..quant_math import compute_qparams, qrange, quantize
+from ..qparams import QParams, Role  # QParams: also importable from here, as before it moved
+from ..quant_math import DTYPE_RANGES, quantize
 from ..threads import use_physical_cores
 from .annotate import MARKER, layers_of, parse_marker
 
-_DTYPE_BOUNDS = {"int8": (-128, 127), "uint8": (0, 255)}
-
-
-from .._io import CalibrationDataError, iter_batches  # noqa: E402  (numpy-only, shared with deploy)
-
-
-@dataclass
-class QParams:
-    """Quantization parameters of one tensor."""
-
-    name: str
-    role: str  # "activation" or "weight"
-    dtype: str
-    scheme: str
-    scale: np.ndarray
-    zero_point: np.ndarray
-    qmin: int
-    qmax: int
-    axis: int | None = None
-    a_min: float | list | None = None
-    a_max: float | list | None = None
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "role": self.role,
-            "dtype": self.dtype,
-            "scheme": self.scheme,
-            "scale": np.asarray(self.scale, np.float32).tolist(),
-            "zero_point": np.asarray(self.zero_point, np.int32).tolist(),
-            "qmin": int(self.qmin),
-            "qmax": int(self.qmax),
-            "axis": self.axis,
-            "a_min": np.asarray(self.a_min).tolist() if self.a_min is not None else None,
-            "a_max": np.asarray(self.a_max).tolist() if self.a_max is not None else None,
-        }
-
-    @staticmethod
-    def from_dict(data: dict) -> "QParams":
-        data = dict(data)
-        data["scale"] = np.asarray(data["scale"], np.float32)
-        data["zero_point"] = np.asarray(data["zero_point"], np.int32)
-        return QParams(**data)
-
-    @staticmethod
-    def from_range(name, role, spec: TensorSpec, a_min, a_max, axis=None) -> "QParams":
-        scale, zero_point = compute_qparams(a_min, a_max, spec.dtype, spec.scheme, spec.bits)
-        qmin, qmax = qrange(spec.dtype, spec.scheme, spec.bits)
-        return QParams(name, role, spec.dtype, spec.scheme, scale, zero_point, qmin, qmax, axis, a_min, a_max)
+# BindQuantParams raises it; calibration/ imports no TVM, so it is registered here.
+register_ffi_error(CalibrationError)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,7 +85,7 @@ def observing(callback):
 class _StripWeightMarkers(BindingRewriter):
     def rewrite(self, var, value):
         parsed = parse_marker(value)
-        if parsed is not None and parsed[2] == "weight":
+        if parsed is not None and parsed[2] == Role.WEIGHT:
             return parsed[0]
         return value
 
@@ -199,7 +153,7 @@ def calibrate(
     dict of str to QParams
     """
     table = weight_qparams(annotated, config)
-    activation_names = [name for name, role in marker_names(annotated) if role == "activation"]
+    activation_names = [name for name, role in marker_names(annotated) if role == Role.ACTIVATION]
     observers = {name: make_observer(config.activation, name, config.nan_policy) for name in activation_names}
     if not observers:
         return table
@@ -223,7 +177,7 @@ def calibrate(
             a_min, a_max = observer.compute()
         except CalibrationError as err:
             raise CalibrationError(f"{err} (after {seen} calibration batches)") from None
-        table[name] = QParams.from_range(name, "activation", config.activation, a_min, a_max)
+        table[name] = QParams.from_range(name, Role.ACTIVATION, config.activation, a_min, a_max)
     return table
 
 
@@ -239,9 +193,12 @@ def check_finite(batch: dict, index: int) -> None:
         bad = ~np.isfinite(array)
         if bad.any():
             num_nan = int(np.count_nonzero(np.isnan(array)))
+            # Samples are counted across batches (the calibration batch may differ from the data's batches).
+            per_batch = array.shape[0] if array.ndim else 1
+            first = index * per_batch + int(np.argmax(bad.reshape(per_batch, -1).any(axis=1))) if array.ndim else index
             raise CalibrationDataError(
-                f"calibration batch {index} input {name!r} has {num_nan} NaN and {int(bad.sum()) - num_nan} Inf "
-                "values; remove or fix those samples"
+                f"calibration sample {first} input {name!r} has {num_nan} NaN and {int(bad.sum()) - num_nan} Inf "
+                "values in its batch; remove or fix those samples"
             )
 
 
@@ -264,7 +221,7 @@ def weight_qparams(annotated: tvm.IRModule, config: QuantConfig) -> dict:
     for block in annotated["main"].body.blocks:
         for binding in block.bindings:
             parsed = parse_marker(binding.value)
-            if parsed is None or parsed[2] != "weight" or not is_const(parsed[0]):
+            if parsed is None or parsed[2] != Role.WEIGHT or not is_const(parsed[0]):
                 continue
             tensor, name, _ = parsed
             value = const_value(tensor)
@@ -277,12 +234,12 @@ def weight_qparams(annotated: tvm.IRModule, config: QuantConfig) -> dict:
                 observer = make_observer(spec, name, config.nan_policy)
             observer.collect(value)
             a_min, a_max = observer.compute()
-            table[name] = QParams.from_range(name, "weight", spec, a_min, a_max, axis)
+            table[name] = QParams.from_range(name, Role.WEIGHT, spec, a_min, a_max, axis)
     return table
 
 
 # ----------------------------------------------------------------------------------------------------------
-@tvm.transform.module_pass(opt_level=0, name="BindQuantParams")
+@tvmquant_module_pass("BindQuantParams")
 class BindQuantParams:
     """Replace each marker by quantize -> (clip) -> dequantize with the parameters of its tensor.
 
@@ -340,7 +297,7 @@ class _Binder(BindingRewriter):
         if name in ("relax.nn.conv2d", "relax.matmul"):
             x_params = self.dq_params.get(value.args[0])
             w_params = self.dq_params.get(value.args[1])
-            if x_params is None or w_params is None or x_params.axis is not None or w_params.role != "weight":
+            if x_params is None or w_params is None or x_params.axis is not None or w_params.role != Role.WEIGHT:
                 return value
             out = self.emit(value)
             ndim = len(tensor_shape(out))
@@ -381,14 +338,14 @@ def qdq_expr(rewriter: BindingRewriter, tensor, params: QParams):
     zero_point = const(np.asarray(params.zero_point, np.int32))
     axis = params.axis if params.axis is not None else -1
     base = params.name.replace(".", "_")
-    if params.role == "weight" and is_const(tensor):
+    if params.role == Role.WEIGHT and is_const(tensor):
         q_value = quantize(
             const_value(tensor), params.scale, params.zero_point, params.dtype, params.axis, params.qmin, params.qmax
         )
         q = const(q_value)
     else:
         q = rewriter.emit(relax.op.quantize(tensor, scale, zero_point, axis=axis, out_dtype=params.dtype), base + "_q")
-        low, high = _DTYPE_BOUNDS[params.dtype]
+        low, high = DTYPE_RANGES[params.dtype]
         if params.qmin > low or params.qmax < high:
             q = rewriter.emit(
                 relax.op.clip(q, relax.prim_value(params.qmin), relax.prim_value(params.qmax)), base + "_qc"

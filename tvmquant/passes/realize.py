@@ -8,7 +8,7 @@ Dequantize remains only where the graph goes back to FP32.
 
 How: every value is tracked as an affine view ``real = (base + offset - zero_point) * scale`` of an integer
 (or float) ``base`` tensor, with an optional pending clamp. Ops read the op table
-(:mod:`tvmquant.passes.op_table`) to decide whether they run on ``base``. Every binding also keeps its FP32
+(:mod:`tvmquant.op_table`) to decide whether they run on ``base``. Every binding also keeps its FP32
 meaning, emitted alongside; dead-code elimination drops the FP32 values nobody uses.
 
 Requantization uses a float32 multiplier ``M = scale_in / scale_out`` and rounds in float32
@@ -25,11 +25,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .. import op_table
 from .._compat import const, const_value, is_const, op_name, tensor_dtype, tensor_shape
-from .._relax import BindingRewriter
-from . import op_table
-
-_DTYPE_BOUNDS = {"int8": (-128, 127), "uint8": (0, 255)}
+from .._relax import BindingRewriter, tvmquant_module_pass
+from ..quant_math import DTYPE_RANGES, QUANT_DTYPES
 
 
 @dataclass
@@ -65,7 +64,7 @@ def _vector_shape(vector, ndim: int, axis: int | None):
     return vector.reshape(shape)
 
 
-@tvm.transform.module_pass(opt_level=0, name="RealizeQuant")
+@tvmquant_module_pass("RealizeQuant")
 class RealizeQuant:
     """Lower quantize/dequantize pairs around quantizable ops to integer compute.
 
@@ -139,7 +138,7 @@ class _Realizer(BindingRewriter):
         """An int8/uint8 per-tensor value with no pending offset or clamp."""
         return (
             aff is not None
-            and aff.dtype in _DTYPE_BOUNDS
+            and aff.dtype in QUANT_DTYPES
             and aff.per_tensor
             and aff.offset is None
             and not self._clamp_effective(aff)
@@ -148,9 +147,9 @@ class _Realizer(BindingRewriter):
     def _clamp_effective(self, aff: Affine) -> bool:
         if not aff.has_clamp():
             return False
-        if aff.dtype not in _DTYPE_BOUNDS or not aff.per_tensor:
+        if aff.dtype not in QUANT_DTYPES or not aff.per_tensor:
             return True
-        low, high = _DTYPE_BOUNDS[aff.dtype]
+        low, high = DTYPE_RANGES[aff.dtype]
         scale, zero = float(aff.scale), float(aff.zero_point)
         return aff.low > (low - zero) * scale or aff.high < (high - zero) * scale
 
@@ -172,7 +171,7 @@ class _Realizer(BindingRewriter):
         t = self.emit(relax.op.round(relax.op.multiply(t, const(multiplier))))
         if int(zero_out) != 0:
             t = self.emit(relax.op.add(t, const(np.float32(int(zero_out)))))
-        low, high = _DTYPE_BOUNDS[dtype]
+        low, high = DTYPE_RANGES[dtype]
         if aff.low > -math.inf:
             low = max(low, int(np.round(np.float32(aff.low) / np.float32(scale_out))) + int(zero_out))
         if aff.high < math.inf:
@@ -198,9 +197,10 @@ class _Realizer(BindingRewriter):
         if name == "relax.quantize":
             params = self._qparams(value)
             source = self.affine.get(value.args[0])
-            if params is None or source is None or params[2] is not None:
+            out_dtype = str(value.attrs["out_dtype"])
+            if params is None or source is None or params[2] is not None or out_dtype not in QUANT_DTYPES:
                 return value
-            return self.requantize(source, params[0], params[1], str(value.attrs["out_dtype"]))
+            return self.requantize(source, params[0], params[1], out_dtype)
         rule = op_table.OP_TABLE.get(name)
         if rule is None:
             return value
@@ -383,7 +383,7 @@ class _Realizer(BindingRewriter):
         return self._record(value, dataclasses.replace(first, base=new_base))
 
 
-@tvm.transform.module_pass(opt_level=0, name="ExposeQuantizedTensors")
+@tvmquant_module_pass("ExposeQuantizedTensors")
 class ExposeQuantizedTensors:
     """Append every quantized activation tensor (the integer input of a dequantize) to ``main``'s outputs.
 

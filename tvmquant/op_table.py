@@ -1,12 +1,16 @@
-"""What tvmquant knows about each Relax op, in one table.
+"""What tvmquant knows about each Relax op, in one table, and the layers found with it.
 
-:class:`AnnotateQuant` reads the table to find layers and the tensors to quantize; :class:`RealizeQuant`
-reads it to decide how an op is computed on integers. Adding an op is adding a row.
+:class:`~tvmquant.passes.AnnotateQuant` reads the table to find layers and the tensors to quantize;
+:class:`~tvmquant.passes.RealizeQuant` reads it to decide how an op is computed on integers; the QDQ frontend
+(:func:`tvmquant.frontend.qdq.describe_qdq`) reads it to describe a pre-quantized model's layers. Adding an op
+is adding a row. Every layer found is a :class:`LayerInfo`.
+
+Below the stages (``frontend/``, ``passes/``): imports nothing of tvmquant, nor TVM.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # How RealizeQuant computes an op whose inputs are quantized:
 LINEAR = "linear"  # int8 x int8 -> int32 accumulation (conv2d, matmul); weights per output channel
@@ -70,3 +74,43 @@ OP_TABLE: dict[str, OpRule] = {
 
 #: Op types accepted by ``SkipOpType``.
 LAYER_OP_TYPES = sorted({rule.op_type for rule in OP_TABLE.values() if rule.is_layer})
+
+
+@dataclass
+class LayerInfo:
+    """One quantizable layer as AnnotateQuant (or the QDQ import) found it; what skip predicates receive.
+
+    Attributes
+    ----------
+    name : str
+        tvmquant's name for the layer: op type and index (``conv2d_3``).
+    op_type : str
+        The :attr:`OpRule.op_type` of its op.
+    quantized : bool
+        False when the layer stays FP32; ``reason`` says why.
+    reason : str
+        Why the layer was skipped (``skip list: name 'conv2d_0'``), empty if quantized.
+    inputs : list of str
+        The names of its quantized activation tensors (``conv2d_3.in0``).
+    weight : str or None
+        The name of its quantized weight (``conv2d_3.weight``).
+    weight_axis : int or None
+        The weight's channel axis.
+    output_shape : tuple or None
+    source : str
+        The layer's node name in the source model (ONNX), when known: skip lists take it as well as ``name``.
+    """
+
+    name: str
+    op_type: str
+    quantized: bool = True
+    reason: str = ""
+    inputs: list = field(default_factory=list)
+    weight: str | None = None
+    weight_axis: int | None = None
+    output_shape: tuple | None = None
+    source: str = ""
+
+    def matches(self, name: str) -> bool:
+        """True if ``name`` is this layer's tvmquant name or its source (ONNX node) name."""
+        return name == self.name or (bool(self.source) and name == self.source)

@@ -32,9 +32,21 @@ __all__ = [
     "install",
     "load_cuda_runtime",
     "cuda_modules",
+    "nvcc_arch",
     "source_key",
     "archive_path",
 ]
+
+
+def nvcc_arch(target) -> list[str]:
+    """``nvcc`` ``-gencode`` flags for the target's ``arch`` (``sm_90a`` -> compute_90a / sm_90a)."""
+    import re
+
+    arch = str(target.attrs.get("arch", "sm_90"))
+    number = re.fullmatch(r"sm_(\d+[a-z]?)", arch)
+    if number is None:
+        raise ValueError(f"target {target} has arch {arch!r}; expected sm_XX")
+    return ["-gencode", f"arch=compute_{number.group(1)},code=sm_{number.group(1)}"]
 
 
 def source_key(source) -> str:
@@ -75,7 +87,6 @@ def precompile(lib, target) -> dict[str, bytes]:
         ``{source_key(source): fatbin bytes}``.
     """
     from ._compat import nvcc
-    from .schedules.cuda import nvcc_arch
 
     driver = nvcc()
     module = getattr(lib, "mod", lib)

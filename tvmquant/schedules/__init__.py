@@ -5,6 +5,9 @@
 - :mod:`tvmquant.schedules.cuda`: NVIDIA GPUs: WMMA s8s8s32 / dp4a rules, the NHWC model pipeline, ``build``.
 - :mod:`tvmquant.schedules.offline`: tune for a GPU from a machine without one (sample and build here,
   measure there with :mod:`tvmquant.remote`, import the times).
+- :mod:`tvmquant.schedules.common`: what both pipelines share (``is_scheduled``, the fusion passes).
+
+This package's own code is only the dispatcher, :func:`build_with_database`.
 
 The submodules are imported lazily (by the functions below, or directly by the caller), so that
 ``import tvmquant`` stays cheap.
@@ -14,26 +17,7 @@ from __future__ import annotations
 
 import os
 
-
-def is_scheduled(func) -> bool:
-    """Whether a PrimFunc already carries a schedule (``tirx.is_scheduled``): tuning and fallbacks skip it."""
-    attrs = func.attrs
-    return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
-
-
-def fusion_passes() -> list:
-    """Legalize to TIR and fuse (the sequence of meta-schedule's ``compile_relax``), shared by the x86 and
-    CUDA pipelines so that tuning and building see the same fused kernels."""
-    from tvm import relax
-
-    return [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
-    ]
+from .common import fusion_passes, is_scheduled  # noqa: E402, F401  (re-exported)
 
 
 def build_with_database(mod, target, db: str | os.PathLike | None = None):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from .. import is_scheduled
+from ..common import is_scheduled
 from .passes import prepare
 from .target import cuda_target, nvcc_compile_mode
 from .tune import _compiles, _gemm_dtypes, _sample

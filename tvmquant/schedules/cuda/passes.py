@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tvm
 
-from .. import fusion_passes
+from ..common import fusion_passes
 from .target import cuda_target
 
 

@@ -184,7 +184,13 @@ def cmd_tune(args) -> int:
         raise ValueError(f"tvmquant tune: target {target.kind.name!r} is not supported (llvm or cuda)")
     mod = _module_to_tune(args.model, args.batch_size)
     x86.tune(
-        mod, target, trials=args.trials, db_dir=args.db, trials_per_task=args.trials_per_task, progress=not args.quiet
+        mod,
+        target,
+        trials=args.trials,
+        db_dir=args.db,
+        trials_per_task=args.trials_per_task,
+        progress=not args.quiet,
+        verbose=args.verbose,
     )
     if not args.quiet:
         print(f"tuning database: {args.db}")
@@ -359,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--package", default=None, help="CUDA: write a measurement package here (no GPU needed)")
     t.add_argument("--import", dest="import_package", default=None, help="CUDA: import a measured package into --db")
     t.add_argument("-q", "--quiet", action="store_true")
+    t.add_argument("--verbose", action="store_true", help="also print meta-schedule's own log (always in DB/logs)")
     t.set_defaults(func=cmd_tune)
 
     b = sub.add_parser("bench", help="time the INT8 model against FP32 (TVM) and ONNX Runtime, in one run, on this CPU")

@@ -7,6 +7,7 @@ compiles for a fixed target). Tests that run VNNI code skip on CPUs without AVX5
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -523,6 +524,216 @@ def test_tuning_measures_with_one_thread_per_target_core(monkeypatch, tmp_path):
     assert os.environ["TVM_NUM_THREADS"] == "7"  # restored
     assert isinstance(seen["strategy"], x86.ms.search_strategy.EvolutionarySearch)
     assert x86.search_strategy("replay-trace", 16) == "replay-trace"
+
+
+class _FakeTuneContext:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+    def clone(self):
+        return self
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """tune() with the measuring parts stubbed, for tests that replace ``tune_tasks``.
+
+    The first ``TuneContext`` of a process imports TVM's intrinsic registry (~28 s), and the runner starts a
+    checking worker (~6 s); test_tuning_measures_with_one_thread_per_target_core runs them for real.
+    """
+    monkeypatch.setattr(x86.intrinsics, "register_x86_intrinsics", lambda: None)
+    monkeypatch.setattr(x86.ms, "TuneContext", _FakeTuneContext)
+    monkeypatch.setattr(x86.ms.runner, "LocalRunner", lambda **kwargs: None)
+
+
+class _Recorder(logging.Handler):
+    """An unnamed handler that keeps its records and notes whether someone closed it."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+        self.closed = False
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def close(self):
+        self.closed = True
+        super().close()
+
+
+def test_tune_sends_meta_schedule_logs_to_files_and_leaves_other_handlers_alone(
+    no_measuring, monkeypatch, tmp_path, capfd
+):
+    # pytest >= 9.1 attaches its unnamed capture handlers to every non-propagating logger, and meta-schedule's
+    # get_loggers_from_work_dir listed the handlers of its logger by name: with one unnamed handler the second
+    # tune() of a session died with "'NoneType' object has no attribute 'format'" (logging.py:234). Set that
+    # state up explicitly, so the test does not depend on the pytest version running it.
+    ms_logger = logging.getLogger(x86.MS_LOGGER)
+    unnamed, app = _Recorder(), _Recorder()
+    monkeypatch.setattr(ms_logger, "propagate", False)
+    monkeypatch.setattr(ms_logger, "level", logging.ERROR)
+    ms_logger.addHandler(unnamed)
+    logging.getLogger().addHandler(app)
+    seen = {}
+
+    def fake_tune_tasks(**kwargs):
+        seen["handlers"] = list(ms_logger.handlers)
+        seen["propagate"] = ms_logger.propagate
+        (task_logger,) = [
+            logging.getLogger(name)
+            for name in logging.root.manager.loggerDict
+            if name.startswith(x86.MS_LOGGER + ".logging.task_0_") and kwargs["tasks"][0].task_name in name
+        ]
+        seen["task_handlers"] = list(task_logger.handlers)
+        assert kwargs["tasks"][0].logger is task_logger  # the logger the TuneContext gets
+        task_logger.info("a task line")
+        logging.getLogger(x86.MS_LOGGER + ".task_scheduler.task_scheduler").info("a scheduler table")
+
+    monkeypatch.setattr(x86.ms.tune, "tune_tasks", fake_tune_tasks)
+    rng = np.random.default_rng(15)
+    mod, _, _ = conv_module((1, 16, 8, 8), [(16, 1, 1, 0, 1)], rng)
+    db_dir = tmp_path / "db"
+    try:
+        x86.tune(mod, x86.x86_target(num_cores=2), trials=16, db_dir=str(db_dir), progress=False)
+    finally:
+        ms_logger.removeHandler(unnamed)
+        logging.getLogger().removeHandler(app)
+    # While tuning, only tvmquant's file handler was on meta-schedule's logger, and nothing propagated.
+    assert unnamed not in seen["handlers"] and not seen["propagate"]
+    assert [type(h) for h in seen["handlers"]] == [logging.FileHandler]
+    assert [type(h) for h in seen["task_handlers"]] == [logging.FileHandler]
+    # Afterwards the logger is as it was, and no handler of the process was closed (logging.config.dictConfig,
+    # which meta-schedule's set-up calls, closes them all).
+    assert ms_logger.handlers == [] and ms_logger.propagate is False and ms_logger.level == logging.ERROR
+    assert not unnamed.closed and not app.closed
+    assert not unnamed.records and not [r for r in app.records if r.name.startswith(x86.MS_LOGGER)]
+    logs = {name: (db_dir / "logs" / name).read_text() for name in os.listdir(db_dir / "logs")}
+    assert "a scheduler table" in logs["tvm.s_tir.meta_schedule.logging.task_scheduler.log"]
+    task_logs = [text for name, text in logs.items() if "task_0_" in name]
+    assert len(task_logs) == 1 and "a task line" in task_logs[0]
+    captured = capfd.readouterr()
+    assert "[INFO]" not in captured.out + captured.err  # no "Logging directory: ..." banner
+
+
+def test_tune_verbose_also_prints_meta_schedule_log_to_stderr(no_measuring, monkeypatch, tmp_path, capfd):
+    def fake_tune_tasks(**_kwargs):
+        logging.getLogger(x86.MS_LOGGER + ".task_scheduler.task_scheduler").info("a scheduler table")
+
+    monkeypatch.setattr(x86.ms.tune, "tune_tasks", fake_tune_tasks)
+    mod, _, _ = conv_module((1, 16, 8, 8), [(16, 1, 1, 0, 1)], np.random.default_rng(16))
+    x86.tune(mod, x86.x86_target(num_cores=2), trials=16, db_dir=str(tmp_path / "db"), progress=False, verbose=True)
+    assert "[INFO] a scheduler table" in capfd.readouterr().err
+
+
+def test_plan_trials_gives_every_task_a_share_in_the_first_round():
+    total, per_task, per_iter, note = x86.plan_trials(32, 10)
+    assert (total, per_task, per_iter) == (40, 4, 4)
+    assert note.startswith("32 trials over 10 kernels: giving each kernel at least 4; total 40")
+    # The case seen on a 39-task model: 320 trials in batches of 16 reached 20 tasks. Batches of at most 8
+    # let the first round (one batch per task) cover all 39 within the budget.
+    total, per_task, per_iter, note = x86.plan_trials(320, 39)
+    assert total == 320 and note is None
+    assert per_iter * 39 <= total and per_task * 39 >= total
+    assert x86.plan_trials(1000, 10) == (1000, 100, 16, None)  # large budgets keep full batches
+    # An explicit cap wins, also over the floor, and the note gives the total it leaves.
+    total, per_task, per_iter, note = x86.plan_trials(64, 10, trials_per_task=1)
+    assert (total, per_task, per_iter) == (10, 1, 1) and "total 10" in note
+    with pytest.raises(ValueError, match="trials_per_task"):
+        x86.plan_trials(64, 10, trials_per_task=0)
+    with pytest.raises(ValueError, match="trials"):
+        x86.plan_trials(0, 10)
+
+
+def test_tune_spreads_a_small_budget_and_says_so(no_measuring, monkeypatch, tmp_path, capsys):
+    rng = np.random.default_rng(17)
+    mod, _, _ = conv_module((1, 16, 8, 8), [(16, 1, 1, 0, 1), (32, 3, 1, 1, 1), (16, 1, 1, 0, 1)], rng)
+    target = x86.x86_target(num_cores=2)
+    num_tasks = len(x86.extract_tasks(mod, target))
+    assert num_tasks >= 3
+    seen = {}
+    monkeypatch.setattr(x86.ms.tune, "tune_tasks", lambda **kwargs: seen.update(kwargs))
+    x86.tune(mod, target, trials=2, db_dir=str(tmp_path / "db"))
+    assert len(seen["tasks"]) == num_tasks
+    assert seen["max_trials_global"] == 4 * num_tasks and seen["max_trials_per_task"] == 4
+    assert seen["num_trials_per_iter"] == 4  # one batch each in the first round
+    # Below XGBModel's warm-up its predictions are random: the random model, without the retraining.
+    assert seen["cost_model"] == "random"
+    err = capsys.readouterr().err
+    assert f"2 trials over {num_tasks} kernels: giving each kernel at least 4; total {4 * num_tasks}" in err
+
+
+def test_pooled_builder_reuses_its_workers_and_reports_failures():
+    from tvm import te
+
+    from tvmquant.schedules._ms_worker import build_candidate
+
+    data = te.placeholder((64,), "float32", name="A")
+    out = te.compute((64,), lambda i: data[i] + 1.0, name="B")
+    func = te.create_prim_func([data, out]).with_attr("global_symbol", "main")
+    target = tvm.target.Target({"kind": "llvm"})
+    good = x86.ms.builder.BuilderInput(tvm.IRModule({"main": func}), target)
+    x = relax.Var("x", relax.TensorType((4,), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        bb.emit_func_output(relax.op.add(x, x))
+    bad = x86.ms.builder.BuilderInput(bb.get(), target)  # a Relax function: not a candidate the builder can compile
+    builder = x86.PooledBuilder(60, 2, build_candidate, batches_per_pool=2)
+    try:
+        first = builder.build([good, bad])
+        assert first[0].error_msg is None and os.path.isfile(first[0].artifact_path)
+        assert first[1].artifact_path is None and "PooledBuilder: an exception occurred" in first[1].error_msg
+        pool = builder._pool
+        assert builder.build([good])[0].error_msg is None and builder._pool is pool  # same workers
+        assert builder.build([good])[0].error_msg is None and builder._pool is not pool  # replaced after 2
+    finally:
+        builder.close()
+    assert builder._pool is None
+
+
+def _max_pool_func():
+    x = relax.Var("x", relax.TensorType((1, 16, 8, 8), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.nn.max_pool2d(x, pool_size=(2, 2), strides=(2, 2))))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    return mod["max_pool2d"]
+
+
+def _design_space(func, target):
+    context = x86.ms.TuneContext(
+        mod=tvm.IRModule({"main": func}),
+        target=target,
+        space_generator="post-order-apply",
+        search_strategy="replay-trace",
+        task_name="pool",
+        rand_state=0,
+        num_threads=2,
+    )
+    return context.generate_design_space()
+
+
+def test_pool_schedule_rule_without_a_registered_rule_is_stripped_without_the_cpp_warning(capfd):
+    target = x86.x86_target("haswell", num_cores=2)
+    func = _max_pool_func()
+    assert 'schedule_rule": "meta_schedule.pool_max"' in func.script()  # TOPI's annotation, no rule for "cpu"
+    stripped = x86.strip_unregistered_schedule_rules(func, list(target.keys))
+    assert "schedule_rule" not in stripped.script()
+    capfd.readouterr()
+    assert _design_space(stripped, target)
+    assert "Unknown schedule rule" not in capfd.readouterr().err
+    # What the stripping saves: meta-schedule's C++ warning, printed past Python logging.
+    assert _design_space(func, target)
+    assert 'Unknown schedule rule "meta_schedule.pool_max"' in capfd.readouterr().err
+    # An annotation that names a registered rule stays.
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    block = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+    sch.unannotate(block, "schedule_rule")  # annotate() keeps an existing value
+    sch.annotate(block, "schedule_rule", "conv2d_nchw_winograd_data_pack")
+    kept = x86.strip_unregistered_schedule_rules(sch.mod["main"], ["cpu"])
+    assert "conv2d_nchw_winograd_data_pack" in kept.script()
 
 
 def test_depthwise_between_blocked_convs_gets_the_fixed_vector_schedule():

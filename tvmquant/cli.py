@@ -195,6 +195,7 @@ def cmd_tune(args) -> int:
         import_package=args.import_package,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        verbose=args.verbose,
     )
     if args.quiet:
         return 0
@@ -373,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--package", default=None, help="CUDA: write a measurement package here (no GPU needed)")
     t.add_argument("--import", dest="import_package", default=None, help="CUDA: import a measured package into --db")
     t.add_argument("-q", "--quiet", action="store_true")
+    t.add_argument("--verbose", action="store_true", help="also print meta-schedule's own log (always in DB/logs)")
     t.set_defaults(func=cmd_tune)
 
     b = sub.add_parser("bench", help="time the INT8 model against FP32 (TVM) and ONNX Runtime, in one run, on this CPU")

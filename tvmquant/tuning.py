@@ -41,6 +41,7 @@ def tune(
     import_package: str | os.PathLike | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    verbose: bool = False,
 ) -> TuneResult:
     """Tune the kernels of ``model`` for ``target`` into the database ``db``; a second call reuses it.
 
@@ -63,6 +64,8 @@ def tune(
         Static batch to tune for (models with a dynamic batch axis).
     progress : bool
         Progress lines.
+    verbose : bool
+        Also print meta-schedule's own log (it always goes to ``DB/logs/``).
 
     Returns
     -------
@@ -106,7 +109,9 @@ def tune(
         return TuneResult("packaged", db, details)
     from .schedules import x86
 
-    x86.tune(mod, target, trials=trials, db_dir=db, trials_per_task=trials_per_task, progress=progress)
+    x86.tune(
+        mod, target, trials=trials, db_dir=db, trials_per_task=trials_per_task, progress=progress, verbose=verbose
+    )
     return TuneResult("tuned", db)
 
 

@@ -43,8 +43,8 @@ Signed activations are left alone (shift them to uint8 first). Run these passes 
 passes and before ``LegalizeOps``; :func:`tune` and :func:`build` run them for you.
 
 Version-sensitive imports (TVM 0.27: ``tvm.s_tir.meta_schedule``, ``tvm.ir.GenericConst``,
-``tvm.ir.utils.derived_object``, ``tvm.relax.backend.cpu_generic.pipeline``, ``tvm.target.codegen.llvm_*``)
-are gathered at the top of this module.
+``tvm.ir.utils.derived_object``, ``tvm.relax.backend.cpu_generic.pipeline``, ``tvm.target.codegen.llvm_*``,
+the builder worker helpers of ``meta_schedule.builder.local_builder``) are gathered at the top of this module.
 """
 
 from __future__ import annotations
@@ -68,7 +68,11 @@ from tvm.ir.utils import derived_object
 # Not imported by tvm.relax.backend itself, and its __init__ omits dataflow_lower_passes (TVM 0.27).
 from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+from tvm.s_tir.meta_schedule.builder.local_builder import _serialize_params, _worker_func
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.s_tir.meta_schedule.utils import fork_seed
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 from tvm.target import codegen as _llvm_codegen
 
 from .._compat import structural_equal, structural_hash
@@ -86,8 +90,10 @@ __all__ = [
     "GatherLayoutTransform",
     "Int8Isa",
     "PackInt8Dense",
+    "PooledBuilder",
     "ScheduleDataMovement",
     "ScheduleUntunedFromSketch",
+    "StripUnregisteredScheduleRules",
     "TuningProgress",
     "build",
     "conv2d_nchwc_int8",
@@ -98,10 +104,13 @@ __all__ = [
     "host_mcpu",
     "int8_isa",
     "layout_transform_gather",
+    "meta_schedule_logs",
     "optimize_int8_for_x86",
+    "plan_trials",
     "prepare",
     "records_for_target",
     "search_strategy",
+    "strip_unregistered_schedule_rules",
     "tune",
     "untuned_functions",
     "x86_target",
@@ -1051,12 +1060,84 @@ class ScheduleDataMovement:
         return mod
 
 
+def _custom_rule_name(rule: str, key: str) -> str:
+    # The global function meta-schedule's ApplyCustomRule looks up for a block's ``schedule_rule`` annotation
+    # (its C++ GetCustomRuleName in TVM 0.27; the warning it prints lists the names it checked).
+    return f"s_tir.meta_schedule.{key}.{rule}"
+
+
+def _child_blocks(sch, block):
+    for child in sch.get_child_blocks(block):
+        yield child
+        yield from _child_blocks(sch, child)
+
+
+def strip_unregistered_schedule_rules(func: tirx.PrimFunc, target_keys: Sequence[str]) -> tirx.PrimFunc:
+    """``func`` without the block annotations ``schedule_rule`` that name no custom rule for ``target_keys``.
+
+    TOPI's C++ pooling computes annotate their block with ``schedule_rule = "meta_schedule.pool_max"`` (and
+    ``pool_avg``, ``adaptive_pool_*``), but TVM 0.27 registers no such rule for CPUs. Meta-schedule's
+    ``ApplyCustomRule`` then prints ``Warning: Unknown schedule rule "meta_schedule.pool_max" for target keys
+    "("cpu",)"`` from C++ (straight to stderr, past Python logging) every time it builds the design space, and
+    removes the annotation so that the default rules schedule the block. Removing it here, before any design
+    space is built, gives the same design space without the warning. Annotations that do name a registered
+    rule (the winograd transforms) are kept.
+
+    Parameters
+    ----------
+    func : tvm.tirx.PrimFunc
+    target_keys : sequence of str
+        The target's keys (``target.keys``, e.g. ``["cpu"]``).
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``func`` itself when it has nothing to strip.
+    """
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    if not _has_root_block(sch):
+        return func
+    stripped = False
+    for block in _child_blocks(sch, sch.get_sblock("root")):
+        rule = sch.get(block).annotations.get("schedule_rule")
+        if rule is None or str(rule) == "None":  # "None" means no custom rule; ApplyCustomRule skips it
+            continue
+        if any(tvm.get_global_func(_custom_rule_name(str(rule), key), allow_missing=True) for key in target_keys):
+            continue
+        sch.unannotate(block, "schedule_rule")
+        stripped = True
+    return sch.mod["main"] if stripped else func
+
+
+@tvm.transform.module_pass(opt_level=0, name="StripUnregisteredScheduleRules")
+class StripUnregisteredScheduleRules:
+    """Apply :func:`strip_unregistered_schedule_rules` to every PrimFunc not yet scheduled (run after
+    ``FuseTIR``; :func:`prepare` runs it last, so that tuning and building see the same kernels).
+
+    Parameters
+    ----------
+    target : tvm.target.Target
+    """
+
+    def __init__(self, target: tvm.target.Target):
+        self.keys = [str(key) for key in target.keys]
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mod = mod.clone()
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, tirx.PrimFunc) and not is_scheduled(func):
+                stripped = strip_unregistered_schedule_rules(func, self.keys)
+                if stripped is not func:
+                    mod[gvar] = stripped
+        return mod
+
+
 def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.IRModule:
     """Run the INT8 x86 passes and the Relax lowering up to fused TIR (what :func:`tune` tunes).
 
     The fusion sequence is the one ``meta_schedule.relax_integration.compile_relax`` uses, followed by
-    :class:`ScheduleDataMovement`. :func:`tune` and :func:`build` both start here, so their database keys
-    (the structural hash of each fused PrimFunc) match.
+    :class:`ScheduleDataMovement` and :class:`StripUnregisteredScheduleRules`. :func:`tune` and :func:`build`
+    both start here, so their database keys (the structural hash of each fused PrimFunc) match.
 
     Parameters
     ----------
@@ -1073,6 +1154,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.I
     target = x86_target() if target is None else target
     passes = [optimize_int8_for_x86(), *_cpu_backend.library_dispatch_passes(target)]
     passes += [*fusion_passes(), ScheduleDataMovement(int(target.attrs.get("num-cores", 1) or 1))]
+    passes += [StripUnregisteredScheduleRules(target)]
     with target, tvm.transform.PassContext(opt_level=3):
         return tvm.transform.Sequential(passes)(mod)
 
@@ -1135,9 +1217,11 @@ def _is_tuned(database: ms.Database, task: ms.ExtractedTask, target: tvm.target.
 
 
 def _report(level: int, message: str, echo: bool) -> None:
-    logger.log(level, message)
     if echo:
         print(message, file=sys.stderr, flush=True)
+    # Without any handler configured, logging would print a WARNING a second time (its last-resort handler).
+    if not echo or logger.hasHandlers():
+        logger.log(level, message)
 
 
 @derived_object
@@ -1208,6 +1292,219 @@ class TuningProgress(PyMeasureCallback):
         )
 
 
+@derived_object
+class PooledBuilder(PyBuilder):
+    """Meta-schedule's ``LocalBuilder`` (same worker function and results), keeping its worker processes for
+    ``batches_per_pool`` batches instead of starting new ones for every batch.
+
+    A fresh worker costs ~1.3 s of CPU (``import tvm``) before it compiles a small kernel in ~0.1 s, and a
+    budget spread over every kernel means many small batches: `tvmquant tune` with one trial for each of the
+    bundled CNN's 10 kernels took 98 s with fresh workers per batch and 41 s with these (2 shared cores,
+    under load). ``LocalBuilder`` restarts its pool each batch against a
+    memory leak of long-lived workers; this one still replaces its workers every ``batches_per_pool`` batches
+    (and the pool replaces a worker that timed out).
+
+    Parameters
+    ----------
+    timeout_sec : float
+        Build timeout per candidate.
+    max_workers : int
+    f_build : callable
+        ``(mod, target, params) -> tvm.runtime.Module``, run in the workers (picklable).
+    batches_per_pool : int
+    """
+
+    def __init__(self, timeout_sec: float, max_workers: int, f_build, batches_per_pool: int = 16):
+        self.timeout_sec = timeout_sec
+        self.max_workers = max_workers
+        self.f_build = f_build
+        self.batches_per_pool = batches_per_pool
+        self._pool = None
+        self._batches = 0
+
+    def build(self, build_inputs):
+        if self._pool is None or self._batches >= self.batches_per_pool:
+            self.close()
+            self._pool = PopenPoolExecutor(max_workers=self.max_workers, timeout=self.timeout_sec)
+        self._batches += 1
+        jobs = [(self.f_build, None, b.mod, b.target, _serialize_params(b.params)) for b in build_inputs]
+        results = []
+        for result in self._pool.map_with_error_catching(lambda job: _worker_func(*job), jobs):
+            if result.status == StatusKind.COMPLETE:
+                results.append(BuilderResult(result.value, None))
+            elif result.status == StatusKind.TIMEOUT:
+                results.append(BuilderResult(None, f"PooledBuilder: timeout, killed after {self.timeout_sec} s"))
+            else:
+                results.append(BuilderResult(None, f"PooledBuilder: an exception occurred\n{result.value}"))
+        return results
+
+    def close(self) -> None:
+        """Stop the worker processes; the next :meth:`build` starts new ones."""
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._pool = None
+        self._batches = 0
+
+
+#: ``num_warmup_samples`` of meta-schedule's ``XGBModel`` (TVM 0.27 default): it predicts at random below it.
+XGB_WARMUP_SAMPLES = 100
+#: Meta-schedule's logger. Its children (task scheduler, builder, runner, cost model) propagate to it.
+MS_LOGGER = "tvm.s_tir.meta_schedule"
+_LOG_FORMAT = logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+@contextlib.contextmanager
+def meta_schedule_logs(log_dir: str, task_names: Sequence[str], verbose: bool = False):
+    """Send meta-schedule's logging to files in ``log_dir`` for the ``with`` body; yield one logger per task.
+
+    Files (the names meta-schedule itself uses): ``tvm.s_tir.meta_schedule.logging.task_scheduler.log``
+    (the task scheduler's tables, builder and runner messages) and
+    ``tvm.s_tir.meta_schedule.logging.task_<i>_<name>.log`` (each task's search). With ``verbose`` the
+    scheduler's lines also go to stderr. On exit the loggers are put back as they were.
+
+    Parameters
+    ----------
+    log_dir : str
+        Created if missing.
+    task_names : sequence of str
+    verbose : bool
+
+    Yields
+    ------
+    list of logging.Logger
+        The per-task loggers, for ``TuneContext(logger=...)``.
+
+    Notes
+    -----
+    Why not meta-schedule's ``get_loggers_from_work_dir`` (which ``extracted_tasks_to_tune_contexts`` calls):
+
+    - It lists the handlers already on the ``tvm.s_tir.meta_schedule`` logger *by name* and fails with
+      ``AttributeError: 'NoneType' object has no attribute 'format'`` (``logging.py:234``) when one has none.
+      It also makes that logger non-propagating for good, and pytest >= 9.1 attaches its two (unnamed)
+      capture handlers to every non-propagating logger at the start of each test: so the second ``tune`` of a
+      pytest session crashed (with ``-p no:logging``, or alone, it did not). Any application that adds a
+      plain ``StreamHandler`` to that logger hit the same crash.
+    - It configures logging with ``logging.config.dictConfig``, which closes every handler of the process
+      (the application's included), and leaves a console handler on ``sys.stdout`` that printed
+      ``[INFO] Logging directory: ...`` and the per-task tables into the terminal.
+    """
+    os.makedirs(log_dir, exist_ok=True)
+
+    def file_handler(logger_name: str) -> logging.Handler:
+        handler = logging.FileHandler(os.path.join(log_dir, logger_name + ".log"), mode="a", encoding="utf-8")
+        handler.setFormatter(_LOG_FORMAT)
+        return handler
+
+    parent = logging.getLogger(MS_LOGGER)
+    saved = (parent.level, parent.propagate, list(parent.handlers))
+    ours = [file_handler(MS_LOGGER + ".logging.task_scheduler")]
+    if verbose:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(_LOG_FORMAT)
+        ours.append(console)
+    # While tuning, this logger writes only to our handlers: handlers left by an earlier meta-schedule
+    # dictConfig would print to a stdout of their time and append to another run's log files, and
+    # propagating would put the scheduler's tables into the application's (or pytest's) root handlers.
+    for handler in saved[2]:
+        parent.removeHandler(handler)
+    for handler in ours:
+        parent.addHandler(handler)
+    parent.setLevel(logging.DEBUG)
+    parent.propagate = False
+    width = len(str(max(len(task_names) - 1, 0)))
+    task_loggers, task_handlers = [], []
+    for i, name in enumerate(task_names):
+        logger_name = f"{MS_LOGGER}.logging.task_{i:0{width}d}_{name[:100]}"  # clipped as meta-schedule does
+        task_logger = logging.getLogger(logger_name)
+        handler = file_handler(logger_name)
+        task_logger.addHandler(handler)
+        task_logger.setLevel(logging.DEBUG)
+        task_logger.propagate = False  # each task's search stays in its file (as with meta-schedule's own set-up)
+        task_loggers.append(task_logger)
+        task_handlers.append(handler)
+    try:
+        yield task_loggers
+    finally:
+        for task_logger, handler in zip(task_loggers, task_handlers):
+            task_logger.removeHandler(handler)
+            handler.close()
+            # Back to a plain child logger: a late message goes to the parent rather than to logging's
+            # last-resort handler (stderr).
+            task_logger.setLevel(logging.NOTSET)
+            task_logger.propagate = True
+        for handler in ours:
+            parent.removeHandler(handler)
+            handler.close()
+        for handler in saved[2]:
+            parent.addHandler(handler)
+        parent.setLevel(saved[0])
+        parent.propagate = saved[1]
+
+
+def plan_trials(
+    trials: int,
+    num_tasks: int,
+    num_trials_per_iter: int = 16,
+    trials_per_task: int | None = None,
+    min_trials_per_task: int = 4,
+) -> tuple[int, int, int, str | None]:
+    """How :func:`tune` spreads a trial budget over ``num_tasks`` kernels.
+
+    Meta-schedule's budget is global and its task schedulers give each task whole batches of
+    ``num_trials_per_iter`` candidates, first one task after the other: ``--trials 320`` over 39 tasks
+    measured 16 candidates for 20 tasks and none for the other 19, which then had no record. So every task
+    gets at least ``min_trials_per_task`` (the total is raised when the budget is smaller, and a note says
+    so), no task gets more than its share, and batches are no larger than the smallest share, so that the
+    first round gives every task a batch.
+
+    Parameters
+    ----------
+    trials : int
+        Requested global budget.
+    num_tasks : int
+        Kernels to tune (at least 1).
+    num_trials_per_iter : int
+        Largest batch.
+    trials_per_task : int, optional
+        Cap per task; default ``ceil(total / num_tasks)``. An explicit cap below ``min_trials_per_task`` is
+        also the floor.
+    min_trials_per_task : int
+        Floor per task.
+
+    Returns
+    -------
+    total : int
+        The global budget to pass to meta-schedule.
+    per_task : int
+        The cap per task.
+    per_iter : int
+        The batch size.
+    note : str or None
+        A one-line explanation when ``total`` differs from ``trials``.
+    """
+    if trials < 1 or num_tasks < 1 or num_trials_per_iter < 1 or min_trials_per_task < 1:
+        raise ValueError(
+            f"plan_trials: trials, num_tasks, num_trials_per_iter and min_trials_per_task must be at least 1, "
+            f"got {trials}, {num_tasks}, {num_trials_per_iter}, {min_trials_per_task}"
+        )
+    if trials_per_task is not None and trials_per_task < 1:
+        raise ValueError(f"tune: trials_per_task must be at least 1, got {trials_per_task}")
+    floor = min_trials_per_task if trials_per_task is None else min(min_trials_per_task, trials_per_task)
+    total, note = trials, None
+    if trials < floor * num_tasks:
+        total = floor * num_tasks
+        note = (
+            f"{trials} trials over {num_tasks} kernels: giving each kernel at least {floor}; total {total} "
+            f"(tune with {16 * num_tasks} or more for fast kernels)"
+        )
+    per_task = trials_per_task if trials_per_task is not None else math.ceil(total / num_tasks)
+    if per_task * num_tasks < total:  # an explicit cap leaves part of the budget unusable
+        total = per_task * num_tasks
+        note = f"{trials} trials over {num_tasks} kernels at most {per_task} each: total {total}"
+    per_iter = max(1, min(num_trials_per_iter, total // num_tasks, per_task))
+    return total, per_task, per_iter, note
+
+
 def tune(
     mod: tvm.IRModule,
     target: tvm.target.Target | None = None,
@@ -1215,6 +1512,7 @@ def tune(
     db_dir: str = "tvmquant_tuning",
     *,
     trials_per_task: int | None = None,
+    min_trials_per_task: int = 4,
     num_trials_per_iter: int = 16,
     builder_timeout_sec: float = 150.0,
     runner_repeat: int = 3,
@@ -1228,7 +1526,9 @@ def tune(
     """Tune the INT8 kernels of a Relax module with meta-schedule; records go to a JSON database.
 
     Tasks that already have a valid record in ``db_dir`` are skipped, so a second call with the same
-    database only re-runs the (seconds-long) graph passes.
+    database only re-runs the (seconds-long) graph passes. The budget is spread over every task still to
+    tune (:func:`plan_trials`): each gets at least ``min_trials_per_task`` measured candidates, and a line
+    says so when that raises the total.
 
     Parameters
     ----------
@@ -1238,18 +1538,19 @@ def tune(
         Defaults to :func:`x86_target` (host CPU). Tuning measures on this machine, so the target must run
         here (a warning says so when it cannot).
     trials : int
-        Global trial budget over the tasks still to tune.
+        Global trial budget over the tasks still to tune (raised to ``min_trials_per_task`` per task).
     db_dir : str
         Directory of the JSON database (``database_workload.json``, ``database_tuning_record.json``) and of
-        meta-schedule's per-task logs (``logs/``). It may be shared by several CPUs: only records tuned
-        for ``target``'s ``mcpu`` count (:func:`records_for_target`).
+        meta-schedule's logs (``logs/``). It may be shared by several CPUs: only records tuned for
+        ``target``'s ``mcpu`` count (:func:`records_for_target`).
     trials_per_task : int, optional
-        Cap per task; default ``max(num_trials_per_iter, ceil(trials / number_of_tasks))`` so that every
-        task gets a share of a small budget.
+        Cap per task; default ``ceil(trials / number_of_tasks)``: the budget is spread evenly.
+    min_trials_per_task : int
+        Measured candidates every task gets at least.
     num_trials_per_iter : int
-        Candidates built and measured per batch. (Batches of 8 at 16 trials per task, so that the cost model
-        guides each task's second batch, gave the same ResNet-50 latency as one batch of 16, in 787 s of
-        tuning instead of 472 s.)
+        Largest batch of candidates built and measured at once; smaller when a task's share is smaller.
+        (Batches of 8 at 16 trials per task, so that the cost model guides each task's second batch, gave the
+        same ResNet-50 latency as one batch of 16, in 787 s of tuning instead of 472 s.)
     builder_timeout_sec : float
         Build timeout per candidate. Generous because the 2-core machines here are shared; the builder
         workers use :func:`tvmquant.schedules._ms_worker.build_candidate`, which skips the ~25 s import
@@ -1263,9 +1564,8 @@ def tune(
     progress : bool
         Print one progress line per measured batch to stderr (always logged at INFO).
     verbose : bool
-        Let meta-schedule print its own per-task tables and debug lines on stdout. Off by default: its
-        console logger is set to WARNING (which shows build-error warnings); full logs still go to
-        ``db_dir/logs``.
+        Also print meta-schedule's own log (task tables, builder and runner messages) to stderr. Either way
+        it is written to ``db_dir/logs`` (:func:`meta_schedule_logs`).
 
     Returns
     -------
@@ -1297,69 +1597,95 @@ def tune(
             f"({time.perf_counter() - start:.1f} s); nothing to do",
         )
         return database
+    total, per_task, per_iter, note = plan_trials(
+        trials, len(todo), num_trials_per_iter, trials_per_task, min_trials_per_task
+    )
+    if note:
+        say(logging.WARNING, f"[tune] {note}")
     say(
         logging.INFO,
-        f"[tune] {len(todo)} of {len(tasks)} tasks to tune ({len(tasks) - len(todo)} found in "
-        f"{db_dir}), {trials} trials, target {target}",
+        f"[tune] {len(todo)} of {len(tasks)} tasks to tune ({len(tasks) - len(todo)} found in {db_dir}), "
+        f"{total} trials (up to {per_task} per task, batches of {per_iter}), target {target}",
     )
-    if trials_per_task is None:
-        trials_per_task = max(num_trials_per_iter, math.ceil(trials / len(todo)))
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted_tasks=todo,
-        work_dir=db_dir,
-        space="post-order-apply",
-        strategy=search_strategy(strategy, trials_per_task),
-        num_threads=int(target.attrs.get("num-cores", 0)) or "physical",
-        seed=seed,
-    )
-    if not verbose:
-        # Meta-schedule's console handler takes this logger's level when tuning starts (DEBUG if unset).
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    callback = TuningProgress([ctx.task_name for ctx in contexts], trials, echo=progress)
+    if cost_model == "xgb" and total < XGB_WARMUP_SAMPLES:
+        # Until XGBModel has measured num_warmup_samples candidates its predictions are uniform random numbers,
+        # yet it retrains after every batch (~5 s on 2 cores, i.e. most of a 10-kernel tune at 4 trials per
+        # kernel). Below that many trials the random model searches the same way, without the retraining.
+        logger.info("tune: %d trials < XGBModel's %d warm-up samples: random cost model", total, XGB_WARMUP_SAMPLES)
+        cost_model = "random"
+    log_dir = os.path.join(db_dir, "logs")
+    num_threads = int(target.attrs.get("num-cores", 0)) or "physical"
     num_workers = max(1, int(target.attrs.get("num-cores", 1) or 1))
-    # Measure with as many threads as the target has cores (see tvmquant.threads): left to TVM, the runner's
-    # pool would take half the logical CPUs on x86 (1 on a 2-core VM) and the search would favour schedules
-    # that are fast on one thread.
-    with _environment(TVM_NUM_THREADS=str(num_workers)):
-        ms.tune.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=db_dir,
-            max_trials_global=trials,
-            max_trials_per_task=trials_per_task,
-            num_trials_per_iter=num_trials_per_iter,
-            # build_candidate skips default_build's ~25 s import of every TVMScript intrinsic per worker.
-            builder=ms.builder.LocalBuilder(
-                timeout_sec=builder_timeout_sec, max_workers=num_workers, f_build=build_candidate
-            ),
-            runner=ms.runner.LocalRunner(
-                evaluator_config=ms.runner.EvaluatorConfig(
-                    number=3, repeat=runner_repeat, min_repeat_ms=50, enable_cpu_cache_flush=False
-                )
-            ),
-            database=database,
-            cost_model=cost_model,
-            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
-            task_scheduler=task_scheduler,
-        )
+    with meta_schedule_logs(log_dir, [task.task_name for task in todo], verbose) as task_loggers:
+        # What ms.relax_integration.extracted_tasks_to_tune_contexts does, with our loggers instead of the
+        # ones from its get_loggers_from_work_dir (see meta_schedule_logs for why).
+        strategy_obj = search_strategy(strategy, per_task)
+        contexts = [
+            ms.TuneContext(
+                mod=task.dispatched[0],
+                target=task.target,
+                space_generator="post-order-apply",
+                search_strategy=strategy_obj,
+                task_name=task.task_name,
+                logger=task_logger,
+                rand_state=rand_state,
+                num_threads=num_threads,
+            ).clone()
+            for task, task_logger, rand_state in zip(todo, task_loggers, fork_seed(seed, n=len(todo)))
+        ]
+        callback = TuningProgress([ctx.task_name for ctx in contexts], total, echo=progress)
+        # build_candidate skips default_build's ~25 s import of every TVMScript intrinsic per worker.
+        builder = PooledBuilder(builder_timeout_sec, num_workers, build_candidate)
+        # Measure with as many threads as the target has cores (see tvmquant.threads): left to TVM, the runner's
+        # pool would take half the logical CPUs on x86 (1 on a 2-core VM) and the search would favour schedules
+        # that are fast on one thread.
+        with _environment(TVM_NUM_THREADS=str(num_workers)), contextlib.closing(builder):
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=[task.weight for task in todo],
+                work_dir=db_dir,
+                max_trials_global=total,
+                max_trials_per_task=per_task,
+                num_trials_per_iter=per_iter,
+                builder=builder,
+                runner=ms.runner.LocalRunner(
+                    evaluator_config=ms.runner.EvaluatorConfig(
+                        number=3, repeat=runner_repeat, min_repeat_ms=50, enable_cpu_cache_flush=False
+                    )
+                ),
+                database=database,
+                cost_model=cost_model,
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
+                task_scheduler=task_scheduler,
+            )
+    tuned = records_for_target(db_dir, target)
+    missing = [task.task_name for task in todo if not _is_tuned(tuned, task, target)]
     say(
         logging.INFO,
         f"[tune] done in {time.perf_counter() - start:.0f} s: {sum(callback.trials)} trials, "
-        f"{callback.build_errors} build errors, {callback.run_errors} run errors",
+        f"{callback.build_errors} build errors, {callback.run_errors} run errors; meta-schedule's log: {log_dir}",
     )
+    if missing:
+        say(
+            logging.WARNING,
+            f"[tune] {len(missing)} of {len(todo)} kernels got no valid record (every measured candidate failed; "
+            f"see {log_dir}): {', '.join(missing)}. build() gives them an untuned default schedule; run tune() "
+            "again with more trials to retry them.",
+        )
     return database
 
 
 def search_strategy(strategy: str, trials_per_task: int):
     """The meta-schedule search strategy for ``strategy`` and a per-task budget.
 
-    ``"evolutionary"`` gets a population sized to the budget (128 to 512 candidates, 8 per trial): TVM's
+    ``"evolutionary"`` gets a population sized to the budget (8 candidates per trial, 32 to 512): TVM's
     default of 512, each sampled and post-processed (tensorize checks included) before every batch, costs
-    minutes per task on 2 cores when a task gets a few dozen trials. Other names pass through.
+    minutes per task on 2 cores when a task gets a few dozen trials. (A population of 128 still took ~9 s
+    per task for 4 trials, most of a 10-kernel tune at 4 trials per kernel.) Other names pass through.
     """
     if strategy != "evolutionary":
         return strategy
-    population = int(min(512, max(128, 8 * trials_per_task)))
+    population = int(min(512, max(32, 8 * trials_per_task)))
     return ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(50, population // 4)
     )

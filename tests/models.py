@@ -149,6 +149,17 @@ def transformer_block(
     )
 
 
+def residual_cnn_dynamic_batch(**kwargs) -> onnx.ModelProto:
+    """:func:`residual_cnn` with a symbolic batch axis (``N``) on its input and output."""
+    model = residual_cnn(**kwargs)
+    for value in list(model.graph.input) + list(model.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = "N"
+    onnx.checker.check_model(model)
+    return model
+
+
 def calibration_images(count: int, size: int = 16, seed: int = 1) -> np.ndarray:
     """Smooth random images (low-frequency noise), more image-like than white noise."""
     rng = np.random.default_rng(seed)

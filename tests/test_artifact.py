@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import tvm
-from models import calibration_images, residual_cnn
+from models import calibration_images, residual_cnn, residual_cnn_dynamic_batch
 
 import tvmquant
 from tvmquant import cli
@@ -39,15 +39,6 @@ def saved(qmodel, tmp_path_factory):
     path = tmp_path_factory.mktemp("artifact") / "cnn.tvmq"
     qmodel.save(path)
     return path
-
-
-def _dynamic_batch_cnn() -> onnx.ModelProto:
-    model = residual_cnn()
-    for value in list(model.graph.input) + list(model.graph.output):
-        dim = value.type.tensor_type.shape.dim[0]
-        dim.ClearField("dim_value")
-        dim.dim_param = "N"
-    return model
 
 
 def _manifest(path) -> dict:
@@ -166,7 +157,7 @@ def test_artifact_is_under_1_3x_the_onnx_runtime_qdq_file(model_file, tmp_path):
 # ------------------------------------------------------------------------------------------------ the source
 def test_fp32_mode_with_keep_source_after_the_onnx_file_is_gone(qmodel, tmp_path):
     model_path = tmp_path / "moved.onnx"
-    onnx.save(_dynamic_batch_cnn(), str(model_path))
+    onnx.save(residual_cnn_dynamic_batch(), str(model_path))
     own = tvmquant.quantize(
         str(model_path), qmodel.config, calibration_images(8), batch_size=1, progress=False, report_batches=0
     )
@@ -181,7 +172,7 @@ def test_fp32_mode_with_keep_source_after_the_onnx_file_is_gone(qmodel, tmp_path
 
 def test_without_the_source_fp32_needs_the_file_at_its_recorded_path(qmodel, tmp_path):
     model_path = tmp_path / "model.onnx"
-    onnx.save(_dynamic_batch_cnn(), str(model_path))
+    onnx.save(residual_cnn_dynamic_batch(), str(model_path))
     own = tvmquant.quantize(
         str(model_path), qmodel.config, calibration_images(8), batch_size=1, progress=False, report_batches=0
     )

@@ -9,28 +9,17 @@ import json
 import numpy as np
 import onnx
 import pytest
-from models import calibration_images, residual_cnn
+from models import calibration_images, residual_cnn, residual_cnn_dynamic_batch
 
 import tvmquant
 from tvmquant import cli
-
-
-def _dynamic_batch_cnn() -> onnx.ModelProto:
-    model = residual_cnn()
-    for value in list(model.graph.input) + list(model.graph.output):
-        dim = value.type.tensor_type.shape.dim[0]
-        dim.ClearField("dim_value")
-        dim.dim_param = "N"
-    # The Flatten before the Gemm keeps axis 0 whatever the batch, so the graph works for any N.
-    onnx.checker.check_model(model)
-    return model
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("first_contact")
     model = folder / "dyn.onnx"
-    onnx.save(_dynamic_batch_cnn(), str(model))
+    onnx.save(residual_cnn_dynamic_batch(), str(model))
     calib = folder / "calib.npz"
     np.savez(calib, input=calibration_images(8))
     artifact = folder / "dyn.tvmq"

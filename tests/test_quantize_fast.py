@@ -5,7 +5,7 @@ import importlib
 import numpy as np
 import onnx
 import pytest
-from models import calibration_images, residual_cnn
+from models import calibration_images, residual_cnn, residual_cnn_dynamic_batch
 
 import tvmquant
 from tvmquant import cli
@@ -13,18 +13,9 @@ from tvmquant import cli
 calibrate_module = importlib.import_module("tvmquant.passes.calibrate")
 
 
-def _dynamic_batch_cnn() -> onnx.ModelProto:
-    model = residual_cnn()
-    for value in list(model.graph.input) + list(model.graph.output):
-        dim = value.type.tensor_type.shape.dim[0]
-        dim.ClearField("dim_value")
-        dim.dim_param = "N"
-    return model
-
-
 @pytest.mark.parametrize("method", [tvmquant.Max(), tvmquant.Percentile(99.9), tvmquant.MSE()])
 def test_batched_calibration_gives_the_same_parameters(method):
-    model = _dynamic_batch_cnn()
+    model = residual_cnn_dynamic_batch()
     config = tvmquant.QuantConfig(activation=tvmquant.TensorSpec("uint8", "affine", method=method))
     data = calibration_images(8, seed=4)
     one = tvmquant.quantize(model, config, data, batch_size=1, calib_batch=1, progress=False, report_batches=0)
@@ -78,4 +69,6 @@ def test_bad_calib_batch_is_refused(tmp_path, capsys):
     assert cli.main(argv + ["--calib-batch", "4"]) == 2
     assert "batch axis is static (1)" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ValueError, match="more than this machine has free"):
-        tvmquant.quantize(_dynamic_batch_cnn(), calib_data=calibration_images(4), calib_batch=10**7, progress=False)
+        tvmquant.quantize(
+            residual_cnn_dynamic_batch(), calib_data=calibration_images(4), calib_batch=10**7, progress=False
+        )

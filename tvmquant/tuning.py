@@ -109,9 +109,7 @@ def tune(
         return TuneResult("packaged", db, details)
     from .schedules import x86
 
-    x86.tune(
-        mod, target, trials=trials, db_dir=db, trials_per_task=trials_per_task, progress=progress, verbose=verbose
-    )
+    x86.tune(mod, target, trials=trials, db_dir=db, trials_per_task=trials_per_task, progress=progress, verbose=verbose)
     return TuneResult("tuned", db)
 
 

@@ -71,7 +71,7 @@ def test_residual_add_and_pool_run_blocked(quantized_residual):
 
 def _without_sinking(mod):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(x86, "SinkLayoutTransform", lambda: tvm.transform.Sequential([]))
+        patch.setattr(x86.passes, "SinkLayoutTransform", lambda: tvm.transform.Sequential([]))
         return x86.optimize_int8_for_x86()(mod)
 
 
@@ -82,7 +82,7 @@ def test_sinking_changes_no_result(quantized_residual):
     data = calibration_images(3, seed=4)
     with_sink = relax.VirtualMachine(x86.build(quantized_residual.mod, target), tvm.cpu())
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(x86, "SinkLayoutTransform", lambda: tvm.transform.Sequential([]))
+        patch.setattr(x86.passes, "SinkLayoutTransform", lambda: tvm.transform.Sequential([]))
         without = relax.VirtualMachine(x86.build(quantized_residual.mod, target), tvm.cpu())
     for image in data:
         x = tvm.runtime.tensor(image[None])

@@ -20,6 +20,7 @@ from ._compat import tensor_dtype, tensor_shape, to_tensor, versions
 from ._io import atomic_write, check_inputs, feed_from_args, flatten_outputs
 from ._relax import output_names
 from .artifact import ARTIFACT_FORMAT, READABLE_FORMATS, ArtifactError, SourceFile, write_zip
+from .compile import host_build
 from .config import QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
 from .frontend.prepare import ModelError, check_static, prepare
@@ -253,21 +254,6 @@ def _free_memory() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
-
-
-def host_build(mod: tvm.IRModule, target=None):
-    """Compile a float (or fake-quant) module that tvmquant runs itself: calibration, SQNR, sensitivity.
-
-    Through :func:`tvmquant.compile.build` for this CPU, so its kernels get the same default schedules the INT8
-    models get, never TVM's unscheduled loops (3.4 s per ResNet-50 image, before).
-    """
-    import warnings
-
-    from .compile import build
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "no tuning record": expected, there is no database
-        return build(mod, target)
 
 
 def _with_reasons(annotated, reasons: dict):

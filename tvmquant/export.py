@@ -71,7 +71,7 @@ def _relax_marked_tensors(qmodel, feed: dict) -> dict:
     from .passes.calibrate import compile_vm, observing, run_vm
 
     captured: dict = {}
-    from .api import host_build
+    from .compile import host_build
 
     vm = compile_vm(qmodel.annotated, build=host_build)
     with observing(lambda name, array: captured.__setitem__(name, array)):

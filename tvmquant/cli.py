@@ -267,7 +267,7 @@ def cmd_demo(args) -> int:
     from .examples import fmnist_model_path, load_fmnist_example
 
     calib, test_x, test_y = load_fmnist_example()
-    qmodel = quantize(fmnist_model_path(), calib_data=calib, progress=not args.quiet)
+    qmodel = quantize(fmnist_model_path(), calib_data=calib, progress=not args.quiet, batch_size=1)
     print(qmodel.summary())
     int8 = qmodel.compile(mode="int8")
     fp32 = qmodel.compile(mode="fp32")

@@ -31,11 +31,11 @@ Then :func:`prepare` runs the usual Relax lowering (``LegalizeOps``, ``FoldConst
 ``FuseTIR``), which fuses each conv with its epilogue, and :class:`ScheduleDataMovement`, which gives the
 kernels without a reduction (pads, layout transforms) a fixed schedule so that they are not tuned.
 :func:`tune` tunes the remaining kernels with meta-schedule and :func:`build` applies the tuning database,
-scheduling kernels without a record from meta-schedule's first design-space sketch
-(:class:`ScheduleUntunedFromSketch`). Meta-schedule's default x86 rules tensorize the blocked compute with
-``dot_16x4_vnni`` when the target has AVX512-VNNI and ``dot_16x4_avx512`` when it has AVX-512BW only (both
-re-registered by :mod:`tvmquant.schedules.intrinsics`: the stock ones fail LLVM 22's verifier, resp.
-saturate); on AVX2 the same blocked kernels are vectorised without an intrinsic.
+scheduling kernels without a record from meta-schedule's design space with the decisions of
+:mod:`tvmquant.schedules.x86.defaults` (:class:`ScheduleUntunedFromSketch`). Meta-schedule's default x86 rules
+tensorize the blocked compute with ``dot_16x4_vnni`` when the target has AVX512-VNNI and ``dot_16x4_avx512``
+when it has AVX-512BW only (both re-registered by :mod:`tvmquant.schedules.intrinsics`: the stock ones fail
+LLVM 22's verifier, resp. saturate); on AVX2 the same blocked kernels are vectorised without an intrinsic.
 
 Input contract (what the quantization passes produce): ``R.nn.conv2d(x_q: uint8 NCHW, w_q: int8 OIHW
 constant, out_dtype="int32")`` and ``R.matmul(x_q: uint8, w_q: int8 constant [K, N], out_dtype="int32")``.

@@ -18,6 +18,7 @@ from ..._compat import structural_equal, structural_hash
 from ...target import x86_target
 from .. import intrinsics
 from .._ms_worker import build_candidate
+from . import defaults
 from .database import records_for_target
 from .passes import prepare
 
@@ -35,27 +36,38 @@ def untuned_functions(mod: tvm.IRModule) -> list[str]:
     return sorted(names)
 
 
+#: How untuned kernels are scheduled: ``"heuristic"`` (:func:`tvmquant.schedules.x86.defaults.choose_schedule`,
+#: register-tiled decisions) or ``"first"`` (the first sampled sketch that compiles, the old default).
+SketchPolicy = Literal["heuristic", "first"]
+
+
 @tvm.transform.module_pass(opt_level=0, name="ScheduleUntunedFromSketch")
 class ScheduleUntunedFromSketch:
-    """Schedule every PrimFunc that has no schedule yet with meta-schedule's first valid design-space sketch.
+    """Schedule every PrimFunc that has no schedule yet from meta-schedule's design space, without measuring.
 
-    The CPU counterpart of ``DefaultGPUSchedule``: no measurement, just the design space meta-schedule would
-    search (multi-level tiling, VNNI tensorization where the target has it, parallel/vectorize/unroll) with
-    decisions drawn from a fixed seed, validated by the same postprocessors as tuning candidates. On a
-    64-channel 56x56 3x3 conv this gives ~10x the speed of unscheduled TIR (which LLVM compiles to scalar,
-    single-threaded loops). PrimFuncs marked ``tirx.is_scheduled`` (tuned) are left alone; a PrimFunc for
-    which no sketch survives the postprocessors stays unscheduled. Run after ``MetaScheduleApplyDatabase``.
+    The CPU counterpart of ``DefaultGPUSchedule``: the design space meta-schedule would search (multi-level
+    tiling, VNNI tensorization where the target has it, parallel/vectorize/unroll), validated by the same
+    postprocessors and a compile, as tuning candidates are. With ``policy="heuristic"`` (the default) the
+    sketch's decisions are set by :func:`tvmquant.schedules.x86.defaults.choose_schedule` (a register tile of
+    vector accumulators, outer tiles for the cores, the pad kept out of the conv); a kernel it cannot
+    schedule, and every kernel with ``policy="first"``, gets the first sketch whose decisions, drawn from a
+    fixed seed, pass and compile. PrimFuncs marked ``tirx.is_scheduled`` (tuned) are left alone; a PrimFunc
+    for which no sketch survives the postprocessors stays unscheduled. Run after ``MetaScheduleApplyDatabase``.
 
     Parameters
     ----------
     target : tvm.target.Target
     seed : int
-        Seed of the sampled tile sizes (fixed, so builds are reproducible).
+        Seed of the sampled decisions of the fallback (fixed, so builds are reproducible).
+    policy : {"heuristic", "first"}
     """
 
-    def __init__(self, target: tvm.target.Target, seed: int = 0):
+    def __init__(self, target: tvm.target.Target, seed: int = 0, policy: SketchPolicy = "heuristic"):
+        if policy not in ("heuristic", "first"):
+            raise ValueError(f"ScheduleUntunedFromSketch: policy must be 'heuristic' or 'first', got {policy!r}")
         self.target = target
         self.seed = seed
+        self.policy = policy
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         intrinsics.register_x86_intrinsics()
@@ -63,29 +75,40 @@ class ScheduleUntunedFromSketch:
         mod = mod.clone()
         for name in untuned_functions(mod):
             gvar = mod.get_global_var(name)
-            scheduled = _first_valid_sketch(mod[gvar], self.target, name, self.seed, num_threads)
+            scheduled = _first_valid_sketch(mod[gvar], self.target, name, self.seed, num_threads, policy=self.policy)
             if scheduled is not None:
                 mod[gvar] = scheduled
         return mod
 
 
-#: Default schedules already found in this process: ``{(structural hash, target, seed): [(func, scheduled)]}``.
+#: Default schedules already found in this process:
+#: ``{(structural hash, target, seed, threads, policy): [(func, scheduled)]}``.
 #: Models repeat kernel shapes (ResNet blocks), and a process often builds the same model more than once
 #: (INT8, simulated, FP32; a test suite): a kernel's default schedule is searched for once.
 _SKETCH_CACHE: dict = {}
 
 
-def _first_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_threads, tries: int = 16):
-    """The first design-space sketch (in meta-schedule's order: tensorized first) that passes the
-    postprocessors and compiles, trying ``tries`` samples of its decisions before moving to the next sketch.
+def _first_valid_sketch(
+    func: tirx.PrimFunc, target, name: str, seed: int, num_threads, tries: int = 16, policy: SketchPolicy = "first"
+):
+    """The default schedule of one kernel: with ``policy="heuristic"`` the heuristic's sketch
+    (:func:`tvmquant.schedules.x86.defaults.choose_schedule`), else (or when that fails) the first design-space
+    sketch (in meta-schedule's order: tensorized first) that passes the postprocessors and compiles, trying
+    ``tries`` samples of its decisions before moving to the next sketch.
 
     Memoised per process on the kernel's structure (:data:`_SKETCH_CACHE`).
     """
-    key = (structural_hash(func), str(target), seed, str(num_threads))
+    key = (structural_hash(func), str(target), seed, str(num_threads), policy)
     for known, scheduled in _SKETCH_CACHE.get(key, ()):
         if structural_equal(known, func):
             return scheduled
-    scheduled = _search_valid_sketch(func, target, name, seed, num_threads, tries)
+    scheduled = None
+    if policy == "heuristic":
+        scheduled = defaults.choose_schedule(func, target, name, num_threads)
+        if scheduled is None:
+            logger.debug("ScheduleUntunedFromSketch: no heuristic schedule for %s; first valid sketch", name)
+    if scheduled is None:
+        scheduled = _search_valid_sketch(func, target, name, seed, num_threads, tries)
     _SKETCH_CACHE.setdefault(key, []).append((func, scheduled))
     return scheduled
 
@@ -131,15 +154,16 @@ def build(
     target: tvm.target.Target | None = None,
     db_dir: str | None = None,
     *,
-    fallback: Literal["sketch", "none"] = "sketch",
+    fallback: Literal["sketch", "first-sketch", "none"] = "sketch",
     warn_untuned: bool = True,
 ) -> relax.VMExecutable:
     """Compile a Relax module with the INT8 x86 passes and the tuned kernels of ``db_dir``; never fails
     for want of a record.
 
     Kernels without a record (all of them when ``db_dir`` is None) get a default schedule
-    (:class:`ScheduleUntunedFromSketch`, ``fallback="sketch"``) or compile unscheduled (``fallback="none"``:
-    correct but scalar and single-threaded). A warning names them.
+    (:class:`ScheduleUntunedFromSketch`: ``fallback="sketch"``, the heuristic's decisions; ``"first-sketch"``,
+    the first sampled sketch that compiles, the default before the heuristic) or compile unscheduled
+    (``fallback="none"``: correct but scalar and single-threaded). A warning names them.
 
     Parameters
     ----------
@@ -149,7 +173,7 @@ def build(
         Defaults to :func:`x86_target` (host CPU).
     db_dir : str, optional
         Directory of the JSON database written by :func:`tune`.
-    fallback : {"sketch", "none"}
+    fallback : {"sketch", "first-sketch", "none"}
         What untuned kernels get. ``"sketch"`` (and any ``db_dir``) costs ~25 s once per process: TVM's
         intrinsic registry has to be imported (see :mod:`tvmquant.schedules.intrinsics`).
     warn_untuned : bool
@@ -166,8 +190,8 @@ def build(
     >>> vm = relax.VirtualMachine(ex, tvm.cpu())  # doctest: +SKIP
     >>> out = vm["main"](tvm.runtime.tensor(x_q)).numpy()  # doctest: +SKIP
     """
-    if fallback not in ("sketch", "none"):
-        raise ValueError(f"build: fallback must be 'sketch' or 'none', got {fallback!r}")
+    if fallback not in ("sketch", "first-sketch", "none"):
+        raise ValueError(f"build: fallback must be 'sketch', 'first-sketch' or 'none', got {fallback!r}")
     target = x86_target() if target is None else target
     prepared = prepare(mod, target)
     if db_dir is not None and not os.path.isfile(os.path.join(db_dir, "database_tuning_record.json")):
@@ -183,7 +207,7 @@ def build(
             prepared = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
     untuned = untuned_functions(prepared)
     if untuned and warn_untuned and db_dir is not None:
-        what = "get an untuned default schedule" if fallback == "sketch" else "compile unscheduled (slow)"
+        what = "get an untuned default schedule" if fallback != "none" else "compile unscheduled (slow)"
         warnings.warn(
             f"build: {len(untuned)} kernel(s) have no tuning record in {db_dir!r} and {what}: "
             f"{', '.join(untuned)}. Run tvmquant.schedules.x86.tune(...) with the same target and database.",
@@ -191,9 +215,10 @@ def build(
         )
     elif untuned and warn_untuned:
         logger.info("build: no tuning database; %d kernel(s) use the %r fallback", len(untuned), fallback)
-    if untuned and fallback == "sketch":
+    if untuned and fallback != "none":
+        policy = "heuristic" if fallback == "sketch" else "first"
         with target:
-            prepared = ScheduleUntunedFromSketch(target)(prepared)
+            prepared = ScheduleUntunedFromSketch(target, policy=policy)(prepared)
     lower = _cpu_backend.dataflow_lower_passes(target) + _cpu_backend.finalize_passes(target)
 
     @tvm.transform.module_pass(opt_level=0, name="TvmquantX86Finalize")

@@ -1,0 +1,151 @@
+"""Tests of tvmquant.schedules.x86.defaults: the heuristic default schedules of kernels without a tuning record.
+
+They stay exact (same integers as TVM's stock ``tvm.compile``), are deterministic, keep the pad out of the
+FP32 conv, and on a VNNI target still tensorize with ``vpdpbusd`` (codegen only: nothing runs for VNNI here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from test_schedules_x86 import assembly, conv_module, needs_avx2, run, stock_reference  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from tvmquant._compat import structural_equal  # noqa: E402
+from tvmquant.schedules import x86  # noqa: E402
+from tvmquant.schedules.intrinsics import register_x86_intrinsics  # noqa: E402
+from tvmquant.schedules.x86 import defaults  # noqa: E402
+
+HASWELL = {"mcpu": "haswell", "num_cores": 2}  # AVX2: runs on this kind of host
+
+
+def _dense_module(rng, batch: int, depth: int, cols: int):
+    """u8 x s8 -> s32 matmul plus an int32 bias, as the realize passes emit it."""
+    bb = relax.BlockBuilder()
+    weight = rng.integers(-128, 128, (depth, cols)).astype("int8")
+    bias = rng.integers(-1000, 1000, (cols,)).astype("int32")
+    x = relax.Var("x", relax.TensorType((batch, depth), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.matmul(x, relax.const(weight), out_dtype="int32"))
+            out = bb.emit_output(relax.op.add(acc, relax.const(bias)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _untuned_kernels(mod, target):
+    prepared = x86.prepare(mod, target)
+    return [(name, prepared[name]) for name in x86.untuned_functions(prepared)]
+
+
+def _fp32_conv_module(rng, shape=(1, 16, 12, 12), out_ch=24, kernel=3, padding=1):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    weight = rng.standard_normal((out_ch, shape[1], kernel, kernel)).astype("float32")
+    bias = rng.standard_normal((1, out_ch, 1, 1)).astype("float32")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=padding))
+            y = bb.emit(relax.op.nn.relu(relax.op.add(y, relax.const(bias))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@needs_avx2
+def test_int8_defaults_exact_against_stock_tvm():
+    """A requantized conv chain (3x3 with pad, strided 1x1) and a dense, built with the heuristic defaults
+    and with the old first-sketch defaults: both give exactly TVM's stock integers."""
+    rng = np.random.default_rng(21)
+    layers = [(32, 3, 1, 1, 1), (48, 1, 2, 0, 1), (32, 3, 1, 1, 1)]
+    mod, _, _ = conv_module((1, 16, 14, 14), layers, rng, requantize=True)
+    target = x86.x86_target(**HASWELL)
+    register_x86_intrinsics()
+    kernels = [(n, f) for n, f in _untuned_kernels(mod, target) if "conv2d_int8_nchwc" in n]
+    assert kernels
+    for name, func in kernels:  # the heuristic schedules them itself (no fallback to a sampled sketch)
+        assert defaults.choose_schedule(func, target, name, 2) is not None, name
+    data = rng.integers(0, 256, (1, 16, 14, 14)).astype("uint8")
+    expected = stock_reference(mod, data)
+    assert 20 < expected.mean() < 235
+    np.testing.assert_array_equal(run(x86.build(mod, target), data), expected)
+    np.testing.assert_array_equal(run(x86.build(mod, target, fallback="first-sketch"), data), expected)
+
+    dense = _dense_module(rng, batch=1, depth=256, cols=72)
+    x = rng.integers(0, 256, (1, 256)).astype("uint8")
+    np.testing.assert_array_equal(run(x86.build(dense, target), x), stock_reference(dense, x))
+
+
+@needs_avx2
+def test_fp32_conv_defaults_keep_the_pad_out_and_match():
+    """The FP32 conv (what calibration runs) gets a vectorized register tile, the pad as its own block (not an
+    ``if_then_else`` in the conv's vector loop), and the stock result."""
+    rng = np.random.default_rng(22)
+    mod = _fp32_conv_module(rng)
+    target = x86.x86_target(**HASWELL)
+    (name, func), *_ = [(n, f) for n, f in _untuned_kernels(mod, target) if "conv2d" in n]
+    scheduled = defaults.choose_schedule(func, target, name, 2)
+    assert scheduled is not None
+    script = scheduled.script()
+    assert "T.vectorized" in script and "T.parallel" in script
+    conv_update = [line for line in script.splitlines() if "conv2d_nchw_intermediate[" in line and " + " in line]
+    assert conv_update and not any("if_then_else" in line for line in conv_update)
+    data = rng.standard_normal((1, 16, 12, 12)).astype("float32")
+    np.testing.assert_allclose(run(x86.build(mod, target), data), stock_reference(mod, data), rtol=1e-5, atol=1e-5)
+
+
+def test_chooser_is_deterministic():
+    rng = np.random.default_rng(23)
+    mod, _, _ = conv_module((1, 32, 14, 14), [(64, 3, 1, 1, 1)], rng, requantize=True)
+    for mcpu in ("haswell", "sapphirerapids"):
+        target = x86.x86_target(mcpu, num_cores=2)
+        register_x86_intrinsics()
+        name, func = next((n, f) for n, f in _untuned_kernels(mod, target) if "conv2d_int8_nchwc" in n)
+        first = defaults.choose_schedule(func, target, name, 2)
+        second = defaults.choose_schedule(func, target, name, 2)
+        assert first is not None
+        assert structural_equal(first, second)
+        assert first.script() == second.script()
+
+
+def test_vnni_default_schedules_are_tensorized():
+    """Cross-compiled for Sapphire Rapids (nothing runs here): the heuristic's conv and dense schedules keep
+    meta-schedule's VNNI tensorization, with a register tile of several ``vpdpbusd`` accumulators."""
+    rng = np.random.default_rng(24)
+    target = x86.x86_target("sapphirerapids", num_cores=2)
+    register_x86_intrinsics()
+    mod, _, _ = conv_module((1, 64, 14, 14), [(64, 3, 1, 1, 1), (128, 1, 1, 0, 1)], rng, requantize=True)
+    dense = _dense_module(rng, batch=1, depth=512, cols=1000)
+    kernels = [(n, f) for m in (mod, dense) for n, f in _untuned_kernels(m, target) if "int8" in n]
+    assert len(kernels) == 3
+    for name, func in kernels:
+        scheduled = defaults.choose_schedule(func, target, name, 2)
+        assert scheduled is not None, name
+        assert "vpdpbusd" in scheduled.script()
+        lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=target)
+        asm = lib.mod.inspect_source("asm")
+        assert asm.count("vpdpbusd") >= 4, name  # unrolled over the register tile
+    asm = assembly(x86.build(mod, target))
+    assert "vpdpbusd" in asm
+
+
+def test_cpu_model_and_register_tile():
+    avx2 = defaults.cpu_model(x86.x86_target("haswell", num_cores=2))
+    avx512 = defaults.cpu_model(x86.x86_target("sapphirerapids", num_cores=4))
+    assert (avx2.vector_bits, avx2.vector_registers, avx2.num_cores) == (256, 16, 2)
+    assert (avx512.vector_bits, avx512.vector_registers, avx512.num_cores) == (512, 32, 4)
+    assert avx2.accumulators == 12 and avx512.accumulators == 24
+    # acc[oc, y, x] += data[c, y, x] * w[oc, c] (FP32 NCHW 1x1): x is the vector, oc and y register rows.
+    loop = defaults._Loop
+    loops = [
+        loop(None, "ff", 64, True, 3136, (0, 64), 64),
+        loop(None, "yy", 56, True, 56, (56, 0), 56),
+        loop(None, "xx", 56, True, 1, (1, 0), 56),
+        loop(None, "rc", 64, False, 0, (3136, 1), 64),
+    ]
+    tile = defaults._register_tile(loops, avx2, lanes=8)
+    assert tile[2] % 8 == 0  # whole vectors along the contiguous axis
+    ops = tile[0] * tile[1] * tile[2] // 8
+    assert 8 <= ops <= avx2.accumulators  # enough independent accumulators, within the registers

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
 from models import calibration_images, residual_cnn
 
@@ -16,13 +15,6 @@ from tvmquant.calibration import CalibrationError
 from tvmquant.frontend.prepare import ModelError
 from tvmquant.passes.annotate import SkipRuleError
 from tvmquant.passes.calibrate import CalibrationDataError
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "cnn.onnx"
-    onnx.save(residual_cnn(), str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

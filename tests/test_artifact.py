@@ -22,13 +22,6 @@ SKIPPED = "conv2d_1"  # kept in FP32 in the shared model, so that the artifact h
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "cnn.onnx"
-    onnx.save(residual_cnn(), str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def qmodel(model_file):
     config = tvmquant.QuantConfig(skip=(SKIPPED,))
     return tvmquant.quantize(model_file, config, calib_data=calibration_images(8), progress=False)

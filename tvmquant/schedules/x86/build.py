@@ -12,7 +12,6 @@ from tvm import relax, tirx
 
 # Not imported by tvm.relax.backend itself, and its __init__ omits dataflow_lower_passes (TVM 0.27).
 from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
-from tvm.s_tir import meta_schedule as ms
 
 from ..._compat import structural_equal, structural_hash
 from ...target import x86_target
@@ -116,15 +115,7 @@ def _first_valid_sketch(
 def _search_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_threads, tries: int):
 
     def design_space(rand_state):
-        context = ms.TuneContext(
-            mod=tvm.IRModule({"main": func}),
-            target=target,
-            space_generator="post-order-apply",
-            search_strategy="replay-trace",
-            task_name=name,
-            rand_state=rand_state,
-            num_threads=num_threads,
-        )
+        context = defaults.design_space_context(func, target, name, rand_state, num_threads)
         return context, list(context.generate_design_space())
 
     spaces = [design_space(seed)]  # the other samples are drawn only when a sketch fails (rare)

@@ -550,18 +550,23 @@ def _sketch_preference(sketch) -> tuple:
     return (not tensorized, -fused)
 
 
-def choose_schedule(func: tirx.PrimFunc, target, name: str, num_threads) -> tirx.PrimFunc | None:
-    """The heuristic default schedule of ``func``, or None when no sketch with the heuristic's decisions
-    passes the postprocessors and compiles (the caller falls back to a sampled sketch)."""
-    context = ms.TuneContext(
+def design_space_context(func: tirx.PrimFunc, target, name: str, rand_state: int, num_threads) -> ms.TuneContext:
+    """The tuning context whose design space (post-order-apply, x86 rules) the default schedules come from."""
+    return ms.TuneContext(
         mod=tvm.IRModule({"main": func}),
         target=target,
         space_generator="post-order-apply",
         search_strategy="replay-trace",
         task_name=name,
-        rand_state=0,
+        rand_state=rand_state,
         num_threads=num_threads,
     )
+
+
+def choose_schedule(func: tirx.PrimFunc, target, name: str, num_threads) -> tirx.PrimFunc | None:
+    """The heuristic default schedule of ``func``, or None when no sketch with the heuristic's decisions
+    passes the postprocessors and compiles (the caller falls back to a sampled sketch)."""
+    context = design_space_context(func, target, name, 0, num_threads)
     sketches = list(context.generate_design_space())
     order = sorted(range(len(sketches)), key=lambda i: (_sketch_preference(sketches[i]), i))
     for safe, index in itertools.product((False, True), order):

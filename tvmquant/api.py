@@ -34,9 +34,11 @@ from .passes.calibrate import (
     iter_batches,
     observing,
     run_vm,
+    weight_sqnr_terms,
 )
 from .passes.realize import RealizeQuant
-from .qparams import QParams
+from .qparams import QParams, Role
+from .quant_math import fake_quantize
 from .threads import use_physical_cores
 
 
@@ -182,7 +184,7 @@ def quantize(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InputNameNotice)  # calibration already said so
-            qmodel.measure_sqnr(calib_data, report_batches)
+            qmodel.measure_sqnr(calib_data, report_batches, graph=calib_annotated, inputs=calib_inputs)
     return qmodel
 
 
@@ -430,29 +432,34 @@ class QuantizedModel:
         return layers_of(self.annotated)
 
     # -- reports ------------------------------------------------------------------------------------------
-    def measure_sqnr(self, calib_data, max_batches: int = 8) -> dict:
-        """SQNR (dB) of every quantized tensor and of the outputs, simulated vs FP32, on calibration data."""
-        fp32_vm = compile_vm(self.annotated, build=host_build)
-        sim_vm = compile_vm(BindQuantParams(self.table, observe=True)(self.annotated), build=host_build)
-        signal: dict = {}
-        noise: dict = {}
-        for index, batch in enumerate(iter_batches(calib_data, self.inputs)):
-            if index >= max_batches:
+    def measure_sqnr(self, calib_data, max_batches: int = 8, graph: tvm.IRModule | None = None, inputs=None) -> dict:
+        """SQNR (dB) of every quantized tensor and of the outputs, simulated vs FP32, on calibration data.
+
+        ``graph`` and ``inputs``: the annotated model at another batch (quantize passes its calibration copy, so
+        the FP32 reference is the VM calibration compiled and ran). ``max_batches`` counts model-sized batches.
+        The simulated values are the fake-quant model's (:class:`BindQuantParams`), computed at the markers;
+        the INT32 rounding of biases is the one difference, well below a quantization step.
+        """
+        graph = graph if graph is not None else self.annotated
+        inputs = inputs if inputs is not None else self.inputs
+        batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
+        own = self.inputs[0].shape[0] if self.inputs and self.inputs[0].shape else 1
+        batches = max(1, -(-max_batches * max(own, 1) // max(batch, 1)))
+        # One VM, the one calibration compiled and ran: its markers pass tensors through unchanged for the FP32
+        # reference, then fake-quantize them (the simulated model: what BindQuantParams emits, in numpy).
+        vm = compile_vm(graph, build=host_build)
+        terms = _SqnrTerms(self.table)
+        terms.signal, terms.noise = weight_sqnr_terms(graph, self.table)
+        for index, batch_data in enumerate(iter_batches(calib_data, inputs)):
+            if index >= batches:
                 break
-            captured: dict = {}
-            store = captured.__setitem__
-            with observing(store):
-                reference = flatten_outputs(run_vm(fp32_vm, batch, self.inputs))
-            reference_tensors = dict(captured)
-            captured.clear()
-            with observing(store):
-                approx = flatten_outputs(run_vm(sim_vm, batch, self.inputs))
-            pairs = [(name, reference_tensors[name], captured[name]) for name in captured if name in reference_tensors]
-            pairs += [(f"output{i}", r, a) for i, (r, a) in enumerate(zip(reference, approx))]
-            for name, ref, app in pairs:
-                ref = ref.astype(np.float64)
-                signal[name] = signal.get(name, 0.0) + float(np.sum(ref * ref))
-                noise[name] = noise.get(name, 0.0) + float(np.sum((ref - app) ** 2))
+            with observing(terms.keep):
+                reference = flatten_outputs(run_vm(vm, batch_data, inputs))
+            with observing(terms.simulate):
+                approx = flatten_outputs(run_vm(vm, batch_data, inputs))
+            for i, (ref, app) in enumerate(zip(reference, approx)):
+                terms.add(f"output{i}", ref, app)
+        signal, noise = terms.signal, terms.noise
         self.sqnr = {name: _db(signal[name], noise[name]) for name in signal}
         return self.sqnr
 
@@ -736,6 +743,35 @@ class Summary:
 
     def to_dict(self) -> dict:
         return {"layers": self.rows, "outputs": self.outputs}
+
+
+class _SqnrTerms:
+    """Signal and noise sums per tensor: :meth:`keep` records a run's FP32 activations, :meth:`simulate`
+    fake-quantizes every quantized tensor of the next run in place and compares it with what was kept."""
+
+    def __init__(self, table: dict):
+        self.table = table
+        self.kept: dict = {}
+        self.signal: dict = {}
+        self.noise: dict = {}
+
+    def add(self, name: str, ref, app) -> None:
+        ref = np.asarray(ref, np.float64)
+        self.signal[name] = self.signal.get(name, 0.0) + float(np.sum(ref * ref))
+        self.noise[name] = self.noise.get(name, 0.0) + float(np.sum((ref - app) ** 2))
+
+    def keep(self, name: str, array: np.ndarray) -> None:
+        params = self.table.get(name)
+        if params is not None and params.role == Role.ACTIVATION:
+            self.kept[name] = array.copy()
+
+    def simulate(self, name: str, array: np.ndarray) -> None:
+        params = self.table.get(name)
+        if params is None:
+            return
+        array[...] = fake_quantize(array, params.scale, params.zero_point, params.qmin, params.qmax, params.axis)
+        if name in self.kept:
+            self.add(name, self.kept.pop(name), array)
 
 
 def _db(signal: float, noise: float) -> float:

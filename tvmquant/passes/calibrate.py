@@ -26,7 +26,7 @@ from .._relax import BindingRewriter, tvmquant_module_pass
 from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
 from ..qparams import QParams, Role  # QParams: also importable from here, as before it moved
-from ..quant_math import DTYPE_RANGES, quantize
+from ..quant_math import DTYPE_RANGES, fake_quantize, quantize
 from ..threads import use_physical_cores
 from .annotate import MARKER, layers_of, parse_marker
 
@@ -82,12 +82,10 @@ def observing(callback):
         _ACTIVE_CALLBACK[0] = previous
 
 
-class _StripWeightMarkers(BindingRewriter):
-    def rewrite(self, var, value):
-        parsed = parse_marker(value)
-        if parsed is not None and parsed[2] == Role.WEIGHT:
-            return parsed[0]
-        return value
+#: The last few VMs compiled, by (module, target, build): quantize compiles the same calibration graph for
+#: calibration, the summary's FP32 reference and AutoSkip, and a ResNet-50 takes tens of seconds to compile.
+_VM_CACHE: list = []
+_VM_CACHE_SIZE = 2
 
 
 def compile_vm(mod, target=None, build=None):
@@ -97,13 +95,25 @@ def compile_vm(mod, target=None, build=None):
     ``build(mod, target)`` compiles; the library passes :func:`tvmquant.compile.build` (the target's pipeline
     with default schedules: a ResNet-50 FP32 batch runs in milliseconds, not seconds). Left ``None`` (passes
     used on their own), it is stock ``tvm.compile``: correct, but TVM's unscheduled kernels are naive loops.
+    A module compiled again (structurally equal, same target and ``build``) reuses the VM built last time.
     """
+    from .._compat import structural_equal, structural_hash
     from ..target import host_target
 
     target = target or host_target()
-    executable = (build or _stock_build)(mod, target)
+    build = build or _stock_build
+    key = (structural_hash(mod, map_free_vars=True), str(target), build)
+    for index, (cached_key, cached_mod, vm) in enumerate(_VM_CACHE):
+        if cached_key == key and structural_equal(cached_mod, mod, map_free_vars=True):
+            _VM_CACHE.append(_VM_CACHE.pop(index))
+            use_physical_cores()
+            return vm
+    executable = build(mod, target)
     use_physical_cores()
-    return relax.VirtualMachine(executable, tvm.cpu())
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    _VM_CACHE.append((key, mod, vm))
+    del _VM_CACHE[:-_VM_CACHE_SIZE]
+    return vm
 
 
 def _stock_build(mod, target):
@@ -157,10 +167,14 @@ def calibrate(
     observers = {name: make_observer(config.activation, name, config.nan_policy) for name in activation_names}
     if not observers:
         return table
-    vm = compile_vm(_StripWeightMarkers().transform_module(annotated), build=build)
+    # The annotated module as it is (weight markers too): the summary's SQNR and AutoSkip run the same graph, so
+    # one compiled VM serves all three (compile_vm keeps it).
+    vm = compile_vm(annotated, build=build)
 
     def collect(name, tensor):
-        observers[name].collect(tensor)
+        observer = observers.get(name)
+        if observer is not None:
+            observer.collect(tensor)
 
     seen = 0
     batches = iter_batches(calib_data, inputs)
@@ -211,6 +225,22 @@ def marker_names(mod) -> list:
             if parsed is not None:
                 result.append((parsed[1], parsed[2]))
     return result
+
+
+def weight_sqnr_terms(annotated: tvm.IRModule, table: dict) -> tuple[dict, dict]:
+    """``(signal, noise)`` sums of every quantized constant weight against its fake-quantized value."""
+    signal, noise = {}, {}
+    for block in annotated["main"].body.blocks:
+        for binding in block.bindings:
+            parsed = parse_marker(binding.value)
+            if parsed is None or parsed[2] != Role.WEIGHT or not is_const(parsed[0]) or parsed[1] not in table:
+                continue
+            params = table[parsed[1]]
+            value = const_value(parsed[0]).astype(np.float32)
+            approx = fake_quantize(value, params.scale, params.zero_point, params.qmin, params.qmax, params.axis)
+            signal[parsed[1]] = float(np.sum(value.astype(np.float64) ** 2))
+            noise[parsed[1]] = float(np.sum((value.astype(np.float64) - approx) ** 2))
+    return signal, noise
 
 
 def weight_qparams(annotated: tvm.IRModule, config: QuantConfig) -> dict:

@@ -72,3 +72,32 @@ def test_bad_calib_batch_is_refused(tmp_path, capsys):
         tvmquant.quantize(
             residual_cnn_dynamic_batch(), calib_data=calibration_images(4), calib_batch=10**7, progress=False
         )
+
+
+def test_samples_are_regrouped_into_the_calibration_batch():
+    from tvmquant._io import CalibrationDataError, InputSpec, iter_batches
+
+    spec = [InputSpec("x", (4, 2), "float32")]
+    data = [np.full((1, 2), i, np.float32) for i in range(3)] + [np.arange(10, 20, dtype=np.float32).reshape(5, 2)]
+    batches = [batch["x"] for batch in iter_batches(data, spec)]
+    assert [b.shape for b in batches] == [(4, 2), (4, 2)]
+    np.testing.assert_array_equal(np.concatenate(batches)[:, 0], [0, 1, 2, 10, 12, 14, 16, 18])
+    with pytest.raises(CalibrationDataError, match="1 sample\\(s\\) left over after the last full batch of 4"):
+        list(iter_batches(data + [np.zeros((1, 2), np.float32)], spec))
+    bad = [np.zeros((1, 2), np.float32), np.zeros((1, 3), np.float32)]
+    with pytest.raises(CalibrationDataError, match="batch 1, input 'x' has shape \\(1, 3\\); the model takes samples"):
+        list(iter_batches(bad, spec))
+    with pytest.raises(CalibrationDataError, match="holds Python objects"):
+        list(iter_batches([np.array([[object(), object()]] * 4)], spec))
+
+
+def test_a_list_of_single_samples_calibrates_in_batches():
+    # A dynamic-batch model fed one sample per item: quantize counts the list, picks a batch that divides it and
+    # regroups the samples (it used to expect 16-sample items).
+    images = calibration_images(4, seed=2)
+    items = [images[i : i + 1] for i in range(4)]
+    qmodel = tvmquant.quantize(residual_cnn_dynamic_batch(), calib_data=items, progress=False, report_batches=0)
+    whole = tvmquant.quantize(residual_cnn_dynamic_batch(), calib_data=images, progress=False, report_batches=0)
+    for name, params in whole.table.items():
+        np.testing.assert_array_equal(params.zero_point, qmodel.table[name].zero_point, err_msg=name)
+        np.testing.assert_allclose(params.scale, qmodel.table[name].scale, rtol=1e-6, err_msg=name)

@@ -106,13 +106,20 @@ def iter_batches(calib_data, inputs, what: str = "calibration data"):
     """Yield dicts ``{input name: array}`` of exactly the model's input shapes from any accepted form.
 
     Accepted: an iterable of dicts ``{input name: array}`` or of arrays (one-input models), a single such dict
-    (e.g. an ``np.load``-ed npz), or one array. Arrays with ``k * batch`` samples on axis 0 are split.
-    ``what`` names the data in errors (``"calibration data"``, ``"input file 'x.npz'"``).
+    (e.g. an ``np.load``-ed npz), or one array. Samples (axis 0) are regrouped into the model's batch: items of
+    any number of samples are split or joined, in order; samples left over after the last full batch are an
+    error. ``what`` names the data in errors (``"calibration data"``, ``"input file 'x.npz'"``).
     """
     single = isinstance(calib_data, np.ndarray) or hasattr(calib_data, "keys")
     if single:
         calib_data = [calib_data]
     names = [spec.name for spec in inputs]
+    batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
+    # Samples are regrouped when every input has the same batch axis (the usual case); otherwise each item must
+    # hold whole batches.
+    shared_batch = all(spec.shape and spec.shape[0] == batch for spec in inputs)
+    pending: dict = {name: [] for name in names}  # samples not yet yielded, per input
+    pending_count = 0
 
     def where(index: int) -> str:
         return what if single else f"{what}, batch {index},"
@@ -139,10 +146,15 @@ def iter_batches(calib_data, inputs, what: str = "calibration data"):
                 + (f" (missing {missing})" if missing else "")
                 + (f" (unknown {extra})" if extra else "")
             )
+        if not shared_batch:
+            yield from _chunks(item, inputs, where(index))
+            continue
         arrays = {}
-        num_chunks = None
+        count = None
         for spec in inputs:
             array = np.asarray(item[spec.name])
+            if array.dtype == object:
+                raise CalibrationDataError(f"{where(index)} input {spec.name!r} holds Python objects, not numbers")
             if array.dtype != np.dtype(spec.dtype):
                 if np.issubdtype(array.dtype, np.floating) and np.issubdtype(np.dtype(spec.dtype), np.floating):
                     array = array.astype(spec.dtype)
@@ -150,26 +162,65 @@ def iter_batches(calib_data, inputs, what: str = "calibration data"):
                     raise CalibrationDataError(
                         f"{where(index)} input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}"
                     )
-            batch = spec.shape[0] if spec.shape else 1
-            if tuple(array.shape) == tuple(spec.shape):
-                chunks = 1
-            elif (
-                array.ndim == len(spec.shape)
-                and tuple(array.shape[1:]) == tuple(spec.shape[1:])
-                and array.shape[0] % batch == 0
-            ):
-                chunks = array.shape[0] // batch
+            if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != tuple(spec.shape[1:]):
+                raise CalibrationDataError(
+                    f"{where(index)} input {spec.name!r} has shape {tuple(array.shape)}; the model takes samples "
+                    f"of shape {tuple(spec.shape[1:])}, any number of them stacked on axis 0"
+                )
+            if count is not None and array.shape[0] != count:
+                raise CalibrationDataError(f"{where(index)}: inputs hold different numbers of samples")
+            count = array.shape[0]
+            arrays[spec.name] = array
+        for name, array in arrays.items():
+            pending[name].append(array)
+        pending_count += count or 0
+        while pending_count >= batch:
+            joined = {name: np.concatenate(parts) if len(parts) > 1 else parts[0] for name, parts in pending.items()}
+            for start in range(0, pending_count - batch + 1, batch):
+                yield {name: array[start : start + batch] for name, array in joined.items()}
+            used = (pending_count // batch) * batch
+            pending = {name: ([array[used:]] if used < pending_count else []) for name, array in joined.items()}
+            pending_count -= used
+    if pending_count:
+        raise CalibrationDataError(
+            f"{what} has {pending_count} sample(s) left over after the last full batch of {batch}: give a multiple "
+            f"of {batch} samples" + (" (or a calibration batch that divides their number)" if batch > 1 else "")
+        )
+
+
+def _chunks(item: dict, inputs, where: str):
+    """The model-sized batches of one item whose inputs do not share a batch axis (no regrouping)."""
+    arrays = {}
+    num_chunks = None
+    for spec in inputs:
+        array = np.asarray(item[spec.name])
+        if array.dtype != np.dtype(spec.dtype):
+            if np.issubdtype(array.dtype, np.floating) and np.issubdtype(np.dtype(spec.dtype), np.floating):
+                array = array.astype(spec.dtype)
             else:
                 raise CalibrationDataError(
-                    f"{where(index)} input {spec.name!r} has shape {tuple(array.shape)}, the model "
-                    f"expects {tuple(spec.shape)} (or k x {spec.shape[0]} samples stacked on axis 0)"
+                    f"{where} input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}"
                 )
-            if num_chunks is not None and chunks != num_chunks:
-                raise CalibrationDataError(f"{where(index)}: inputs hold different numbers of samples")
-            num_chunks = chunks
-            arrays[spec.name] = (array, batch)
-        for chunk in range(num_chunks or 0):
-            yield {name: array[chunk * batch : (chunk + 1) * batch] for name, (array, batch) in arrays.items()}
+        batch = spec.shape[0] if spec.shape else 1
+        if tuple(array.shape) == tuple(spec.shape):
+            chunks = 1
+        elif (
+            array.ndim == len(spec.shape)
+            and tuple(array.shape[1:]) == tuple(spec.shape[1:])
+            and array.shape[0] % batch == 0
+        ):
+            chunks = array.shape[0] // batch
+        else:
+            raise CalibrationDataError(
+                f"{where} input {spec.name!r} has shape {tuple(array.shape)}, the model "
+                f"expects {tuple(spec.shape)} (or k x {spec.shape[0]} samples stacked on axis 0)"
+            )
+        if num_chunks is not None and chunks != num_chunks:
+            raise CalibrationDataError(f"{where}: inputs hold different numbers of samples")
+        num_chunks = chunks
+        arrays[spec.name] = (array, batch)
+    for chunk in range(num_chunks or 0):
+        yield {name: array[chunk * batch : (chunk + 1) * batch] for name, (array, batch) in arrays.items()}
 
 
 def atomic_write(path, writer) -> None:

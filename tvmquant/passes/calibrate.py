@@ -37,18 +37,28 @@ register_ffi_error(CalibrationError)
 # ----------------------------------------------------------------------------------------------------------
 # Calibration data
 def count_samples(calib_data, inputs) -> int | None:
-    """Number of model-sized batches in ``calib_data`` if it can be known without consuming it."""
-    if isinstance(calib_data, np.ndarray):
-        return calib_data.shape[0] // max(inputs[0].shape[0], 1)
-    if hasattr(calib_data, "keys"):
-        keys = list(calib_data.keys())
+    """Number of model-sized batches in ``calib_data`` if it can be known without consuming it (an array, a
+    dict of arrays, or a list or tuple of them; not a generator)."""
+    batch = max(inputs[0].shape[0], 1) if inputs and inputs[0].shape else 1
+    if isinstance(calib_data, (np.ndarray, list, tuple)) or hasattr(calib_data, "keys"):
+        samples = _samples(calib_data, inputs)
+        return None if samples is None else samples // batch
+    return None
+
+
+def _samples(data, inputs) -> int | None:
+    """Samples (axis 0 of the first input) in an array, a dict of arrays or a list/tuple of either."""
+    if isinstance(data, (list, tuple)):
+        counts = [_samples(item, inputs) for item in data]
+        return None if any(count is None for count in counts) else sum(counts)
+    if hasattr(data, "keys"):
+        keys = list(data.keys())
         if not keys:
             return 0  # iter_batches says what is wrong
-        first = np.asarray(calib_data[keys[0]])
-        return first.shape[0] // max(inputs[0].shape[0], 1) if first.ndim else None
-    if isinstance(calib_data, (list, tuple)):
-        return None
-    return None
+        name = inputs[0].name if inputs and inputs[0].name in keys else keys[0]
+        data = data[name]
+    shape = getattr(data, "shape", None)
+    return int(shape[0]) if shape else None
 
 
 # ----------------------------------------------------------------------------------------------------------

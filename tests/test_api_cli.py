@@ -138,7 +138,10 @@ def test_iterable_and_dict_calibration_forms_agree(model_file):
     "calib, message",
     [
         ({"wrong": calibration_images(2), "other": calibration_images(2)}, "the model expects \\['input'\\]"),
-        ({"input": calibration_images(2, size=8)}, "has shape \\(2, 3, 8, 8\\); the model takes samples of shape \\(3, 16, 16\\)"),
+        (
+            {"input": calibration_images(2, size=8)},
+            "has shape \\(2, 3, 8, 8\\); the model takes samples of shape \\(3, 16, 16\\)",
+        ),
         ({"input": calibration_images(2).astype(np.int32)}, "dtype int32, the model expects float32"),
         ([], "calibration data is empty"),
     ],

@@ -103,7 +103,7 @@ def worker(engine: str, model: str, calib: str, out: str) -> None:
     if engine == "tvmquant":
         result = _work_tvmquant(model, calib, out, ["-q"])
     elif engine == "tvmquant_auto_skip":
-        result = _work_tvmquant(model, calib, out, ["-q", "--auto-skip", AUTO_SKIP_DB, "--auto-skip-max", "8"])
+        result = _work_tvmquant(model, calib, out, ["--auto-skip", AUTO_SKIP_DB, "--auto-skip-max", "8"])
     elif engine == "nncf":
         result = _work_nncf(model, calib, out)
     elif engine == "ort":
@@ -134,7 +134,7 @@ def run_engine(engine: str, model: str, calib: str, folder: str) -> dict:
     result["output_mb"] = sum(os.path.getsize(path) for path in written if os.path.exists(path)) / 1e6
     log = done.stderr.strip().splitlines()
     if engine.startswith("tvmquant"):
-        result["log"] = [line for line in log if "AutoSkip" in line or "candidate" in line][-4:]
+        result["log"] = [line.strip() for line in log if "auto-skip" in line or "candidate" in line][-4:]
     return {key: round(value, 2) if isinstance(value, float) else value for key, value in result.items()}
 
 

@@ -49,7 +49,18 @@ def host_mcpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
-def x86_target(mcpu: str | None = None, num_cores: int | None = None) -> tvm.target.Target:
+def target_has_amx(target) -> bool:
+    """Whether an LLVM target enables AMX-INT8 (``mcpu`` sapphirerapids or later, or ``+amx-int8`` in
+    ``mattr``): its INT8 GEMMs may run on AMX tiles, and the CPU that runs them needs ``amx_int8``."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    return {"amx-int8", "amx-tile"} <= features
+
+
+def x86_target(
+    mcpu: str | None = None, num_cores: int | None = None, mattr: list[str] | None = None
+) -> tvm.target.Target:
     """An LLVM target for an x86 CPU.
 
     Parameters
@@ -63,6 +74,9 @@ def x86_target(mcpu: str | None = None, num_cores: int | None = None) -> tvm.tar
     num_cores : int, optional
         Threads the compiled kernels and meta-schedule use; defaults to the physical cores this process may run
         on (:func:`tvmquant.threads.default_num_threads`, the rule TVM's thread pool is given too).
+    mattr : list of str, optional
+        LLVM feature changes, e.g. ``["-amx-int8", "-amx-tile"]`` (a Sapphire Rapids without its AMX kernels:
+        VNNI only) or ``["+amx-int8", "+amx-tile"]``.
 
     Returns
     -------
@@ -82,7 +96,10 @@ def x86_target(mcpu: str | None = None, num_cores: int | None = None) -> tvm.tar
         )
     if num_cores is None:
         num_cores = default_num_threads()
-    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores)})
+    spec = {"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores)}
+    if mattr:
+        spec["mattr"] = list(mattr)
+    return tvm.target.Target(spec)
 
 
 def host_target(num_cores: int | None = None) -> tvm.target.Target:

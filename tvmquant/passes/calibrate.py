@@ -27,7 +27,7 @@ from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
 from ..qparams import QParams, Role  # QParams: also importable from here, as before it moved
 from ..quant_math import DTYPE_RANGES, quantize
-from ..threads import use_physical_cores
+from ..threads import request_amx_permission, use_physical_cores
 from .annotate import MARKER, layers_of, parse_marker
 
 # BindQuantParams raises it; calibration/ imports no TVM, so it is registered here.
@@ -103,6 +103,7 @@ def compile_vm(mod, target=None, build=None):
     target = target or host_target()
     executable = (build or _stock_build)(mod, target)
     use_physical_cores()
+    request_amx_permission()  # a no-op without AMX; with it, kernels built for this CPU may use tiles
     return relax.VirtualMachine(executable, tvm.cpu())
 
 

@@ -39,6 +39,8 @@ from tvm import te, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from ...target import target_has_amx
+
 logger = logging.getLogger(__name__)
 
 #: Rows and columns of the block of tiles one intrinsic call computes (2 x 2 tiles of 16 x 16 int32).
@@ -66,23 +68,13 @@ def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
 
-def target_has_amx(target) -> bool:
-    """Whether the LLVM target enables AMX-INT8 (``mcpu`` sapphirerapids and later, or ``+amx-int8``)."""
-    from tvm.target import codegen
-
-    if target is None or target.kind.name != "llvm":
-        return False
-    features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
-    return "amx-int8" in features and "amx-tile" in features
-
-
 def choose_int8_unit(m: int, n: int, k: int, target, what: str = "kernel") -> str:
     """``"amx"`` or ``"vnni"`` for a u8 x s8 GEMM of ``m x n x k`` (a conv: pixels x out channels x C*R*S).
 
     AMX when the target has it, the GEMM is at least ``MIN_M x MIN_N x MIN_K`` and padding M, N to 32 and
     K to 64 wastes at most ``MAX_PADDING`` of the work. The choice and its reason are logged (INFO).
     """
-    if not target_has_amx(target):
+    if not amx_enabled(target):
         return "vnni"
     padded = _round_up(m, TILE_M) * _round_up(n, TILE_N) * _round_up(k, TILE_K)
     waste = 1.0 - (m * n * k) / padded

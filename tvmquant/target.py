@@ -163,12 +163,21 @@ def as_target(target):
 
 def _target_or_error(target):
     try:
-        return tvm.target.Target(target)
+        made = tvm.target.Target(target)
     except Exception as err:  # TVM raises its own error types
         detail = str(err).strip().splitlines()
         raise ValueError(
             f"target {target!r} is not understood ({detail[-1] if detail else type(err).__name__}); {_TARGET_HELP}"
         ) from None
+    mcpu = str(made.attrs.get("mcpu", "")) if made.kind.name == "llvm" else ""
+    if mcpu and not codegen.llvm_is_valid_cpu(mcpu, str(made.attrs.get("mtriple", "")) or "x86_64"):
+        # LLVM would only print "'...' is not a recognized processor" and build for a generic CPU.
+        raise ValueError(
+            f"target {target!r}: LLVM does not know the CPU {mcpu!r} (this CPU is {host_mcpu()!r}); use an LLVM "
+            "CPU name such as 'sapphirerapids', 'emeraldrapids', 'graniterapids', 'znver4', 'cascadelake' or "
+            "'haswell'"
+        )
+    return made
 
 
 def target_json(target) -> str:

@@ -18,7 +18,7 @@ from ...target import x86_target
 from .. import intrinsics
 from .._ms_worker import build_candidate
 from . import amx, defaults
-from .database import records_for_target
+from .database import describe_target, records_for_target, target_mismatch
 from .passes import prepare
 
 logger = logging.getLogger(__name__)
@@ -215,11 +215,16 @@ def build(
     untuned = untuned_functions(prepared)
     if untuned and warn_untuned and db_dir is not None:
         what = "get an untuned default schedule" if fallback != "none" else "compile unscheduled (slow)"
-        warnings.warn(
-            f"build: {len(untuned)} kernel(s) have no tuning record in {db_dir!r} and {what}: "
-            f"{', '.join(untuned)}. Run tvmquant.schedules.x86.tune(...) with the same target and database.",
-            stacklevel=2,
-        )
+        mismatch = target_mismatch(db_dir, target)
+        if mismatch is not None and len(records_for_target(db_dir, target).get_all_tuning_records()) == 0:
+            warnings.warn(f"build: {mismatch}; meanwhile all {len(untuned)} kernels {what}", stacklevel=2)
+        else:
+            warnings.warn(
+                f"build: {len(untuned)} kernel(s) have no tuning record in {db_dir!r} for "
+                f"{describe_target(target)} and {what}: {', '.join(untuned)}. Run tvmquant.schedules.x86.tune(...) "
+                "with the same target and database." + (f" ({mismatch})" if mismatch else ""),
+                stacklevel=2,
+            )
     elif untuned and warn_untuned:
         logger.info("build: no tuning database; %d kernel(s) use the %r fallback", len(untuned), fallback)
     if untuned and fallback != "none":

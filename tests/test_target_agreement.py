@@ -26,10 +26,10 @@ def test_host_target_is_llvm_detected_cpu_and_the_default_everywhere():
 
 def _database_with_a_record_for(target, tmp_path):
     """A JSON database holding one record, for ``target``, of the tiny model's conv kernel."""
-    from tvm.s_tir import meta_schedule as ms
-
     import os
     import sys
+
+    from tvm.s_tir import meta_schedule as ms
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from test_schedules_x86 import conv_module

@@ -309,3 +309,25 @@ def test_resnet50_style_amx_equals_vnni_and_stock(tmp_path):
     reference = stock["main"](tvm.runtime.tensor(image)).numpy()
     np.testing.assert_array_equal(with_amx, vnni)
     np.testing.assert_array_equal(with_amx, reference)
+
+
+@pytest.mark.slow
+def test_amx_tuning_records_replay_exactly_emulated(tmp_path):
+    """meta-schedule tunes the AMX kernel from its design space (measured here with the emulated intrinsic),
+    and build() replays the record: the tuned kernel is the AMX one and the result is exact."""
+    from tvmquant.schedules.x86 import database
+
+    mod, data, expected = _conv_case(AMX_CONVS[3])
+    target = x86.x86_target(num_cores=2)
+    db = str(tmp_path / "db")
+    with amx.emulated():
+        tasks = x86.extract_tasks(mod, target)
+        amx_tasks = [t for t in tasks if "int8_amx" in t.task_name]
+        assert len(amx_tasks) == 1
+        x86.tune(mod, target, trials=2 * len(tasks), db_dir=db, strategy="replay-trace", progress=False)
+        records = database.records_for_target(db, target)
+        assert database._is_tuned(records, amx_tasks[0], target)
+        traces = [str(r.trace) for r in records.get_all_tuning_records()]
+        assert any(amx.intrinsic_name(576) in trace for trace in traces)
+        executable = x86.build(mod, target, db_dir=db)
+    np.testing.assert_array_equal(run(executable, data), expected)

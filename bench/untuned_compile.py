@@ -21,11 +21,10 @@ from tvm import relax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from speed_x86 import resnet50_style  # noqa: E402
 
-from tvmquant.threads import request_amx_permission  # noqa: E402
-
 import tvmquant  # noqa: E402
 from tvmquant.compile import build  # noqa: E402
 from tvmquant.target import host_target  # noqa: E402
+from tvmquant.threads import request_amx_permission  # noqa: E402
 
 
 def main(out_path: str) -> None:

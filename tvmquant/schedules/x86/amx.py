@@ -407,16 +407,6 @@ def _gemm_block(sch):
         return None
 
 
-def gemm_depth(func: tirx.PrimFunc) -> int | None:
-    """K of the AMX GEMM in ``func`` (None when ``func`` has none)."""
-    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
-    block = _gemm_block(sch)
-    if block is None:
-        return None
-    extents = [int(sch.get(loop).extent) for loop in sch.get_loops(block)]
-    return extents[-2] * extents[-1]
-
-
 def is_amx_kernel(func) -> bool:
     """Whether ``func`` (a PrimFunc, scheduled or not) holds the AMX GEMM compute or its tensorized form."""
     if not isinstance(func, tirx.PrimFunc):
@@ -441,28 +431,9 @@ def is_amx_kernel(func) -> bool:
     return False
 
 
-def register_module_intrinsics(mod: tvm.IRModule) -> list[str]:
-    """Register the intrinsics the unscheduled AMX kernels of ``mod`` need; returns their names."""
-    names = []
-    for func in mod.functions.values():
-        if isinstance(func, tirx.PrimFunc):
-            depth = gemm_depth(func) if _has_root(func) else None
-            if depth is not None:
-                names.append(register_amx_intrinsic(depth))
-    return sorted(set(names))
-
-
-def _has_root(func) -> bool:
-    try:
-        tvm.s_tir.Schedule(tvm.IRModule({"main": func})).get_sblock("root")
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def _tile_gemm(sch, block, tiles=None):
     """Tile ``block`` around the intrinsic; ``tiles`` = ``(i_outer, i_inner, j_outer, j_inner)`` factors of
-    the 32-blocks (sampled when None). Returns the blockized outer block."""
+    the 32-blocks (sampled when None). Returns the blockized block and the two outer loops."""
     depth = int(np.prod([int(sch.get(loop).extent) for loop in sch.get_loops(block)[-2:]]))
     name = register_amx_intrinsic(depth)
     loop = tvm.s_tir.schedule.transform.tile_with_tensor_intrin(sch, block, name)

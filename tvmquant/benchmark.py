@@ -295,6 +295,8 @@ def _time_openvino(qmodel, folder, inputs_npz, threads, seconds, calib_data, res
 
     onnx_path = os.path.join(folder, "openvino_source.onnx")
     onnx.save(source, onnx_path)
+    if isinstance(calib_data, np.ndarray):  # one array (an .npy) for a one-input model
+        calib_data = {qmodel.inputs[0].name: calib_data}
     if calib_data is None:
         batches = [random_inputs(qmodel.inputs, seed) for seed in range(16)]
         calib_data = {spec.name: np.concatenate([b[spec.name] for b in batches]) for spec in qmodel.inputs}

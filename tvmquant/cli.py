@@ -171,12 +171,14 @@ def cmd_run(args) -> int:
 def cmd_compile(args) -> int:
     from .api import load
     from .library import export_library
+    from .target import as_target
 
     _check_output_path(args.output)
+    target = as_target(args.target)  # a bad --target fails before the artifact is read
     qmodel = load(args.artifact)
     if args.batch_size:
         qmodel = qmodel.rebatch(args.batch_size)
-    metadata = export_library(qmodel, args.output, target=args.target, db=args.db)
+    metadata = export_library(qmodel, args.output, target=target, db=args.db)
     if not args.quiet:
         print(f"wrote {args.output} and {args.output}.json (target {metadata['target']})")
     return 0

@@ -24,6 +24,7 @@ from speed_x86 import resnet50_style  # noqa: E402
 import tvmquant  # noqa: E402
 from tvmquant.compile import build  # noqa: E402
 from tvmquant.target import host_target  # noqa: E402
+from tvmquant.threads import request_amx_permission  # noqa: E402
 
 
 def main(out_path: str) -> None:
@@ -43,6 +44,7 @@ def main(out_path: str) -> None:
         start = time.time()
         executable = make()
         compile_s = time.time() - start
+        request_amx_permission()  # AMX kernels on an AMX host need the tile state (a no-op elsewhere)
         vm = relax.VirtualMachine(executable, tvm.cpu())
         data = tvm.runtime.tensor(np.zeros(qmodel.inputs[0].shape, qmodel.inputs[0].dtype))
         vm["main"](data)

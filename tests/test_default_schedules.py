@@ -100,7 +100,7 @@ def test_chooser_is_deterministic():
     rng = np.random.default_rng(23)
     mod, _, _ = conv_module((1, 32, 14, 14), [(64, 3, 1, 1, 1)], rng, requantize=True)
     for mcpu in ("haswell", "sapphirerapids"):
-        target = x86.x86_target(mcpu, num_cores=2)
+        target = x86.x86_target(mcpu, num_cores=2, mattr=["-amx-int8", "-amx-tile"] if mcpu != "haswell" else None)
         register_x86_intrinsics()
         name, func = next((n, f) for n, f in _untuned_kernels(mod, target) if "conv2d_int8_nchwc" in n)
         first = defaults.choose_schedule(func, target, name, 2)
@@ -114,7 +114,7 @@ def test_vnni_default_schedules_are_tensorized():
     """Cross-compiled for Sapphire Rapids (nothing runs here): the heuristic's conv and dense schedules keep
     meta-schedule's VNNI tensorization, with a register tile of several ``vpdpbusd`` accumulators."""
     rng = np.random.default_rng(24)
-    target = x86.x86_target("sapphirerapids", num_cores=2)
+    target = x86.x86_target("sapphirerapids", num_cores=2, mattr=["-amx-int8", "-amx-tile"])  # VNNI, no AMX
     register_x86_intrinsics()
     mod, _, _ = conv_module((1, 64, 14, 14), [(64, 3, 1, 1, 1), (128, 1, 1, 0, 1)], rng, requantize=True)
     dense = _dense_module(rng, batch=1, depth=512, cols=1000)

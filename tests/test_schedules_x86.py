@@ -23,6 +23,9 @@ HOST_FLAGS = x86.cpu_flags()
 needs_vnni = pytest.mark.skipif("avx512_vnni" not in HOST_FLAGS, reason="host CPU has no AVX512-VNNI")
 needs_avx512bw = pytest.mark.skipif("avx512bw" not in HOST_FLAGS, reason="host CPU has no AVX-512BW")
 needs_avx2 = pytest.mark.skipif("avx2" not in HOST_FLAGS, reason="host CPU has no AVX2")
+#: Sapphire Rapids without AMX: the VNNI kernels of the graphs below (with AMX, large GEMMs go to AMX tiles;
+#: tests/test_schedules_amx.py tests those).
+NO_AMX = ["-amx-int8", "-amx-tile"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,7 +183,7 @@ def test_conv_chain_stays_blocked_and_fuses_epilogue():
     mod, _, _ = conv_module(
         (1, 32, 10, 10), [(32, 3, 1, 1, 1), (64, 3, 1, 1, 1), (32, 1, 1, 0, 1)], rng, requantize=True
     )
-    prepared = x86.prepare(mod, x86.x86_target("sapphirerapids", num_cores=2))
+    prepared = x86.prepare(mod, x86.x86_target("sapphirerapids", num_cores=2, mattr=NO_AMX))
     calls = _called_functions(prepared)
     convs = [name for name in calls if "conv2d_int8_nchwc" in name]
     assert len(convs) == 3
@@ -361,7 +364,7 @@ def test_design_space_tensorizes_with_int8_intrinsic(mcpu, intrin):
     from tvmquant.schedules.intrinsics import register_x86_intrinsics
 
     register_x86_intrinsics()
-    target = x86.x86_target(mcpu, num_cores=2)
+    target = x86.x86_target(mcpu, num_cores=2, mattr=NO_AMX if mcpu == "sapphirerapids" else None)
     task = _conv_task(target)
     context = ms.TuneContext(
         mod=task.dispatched[0],
@@ -473,8 +476,9 @@ def _tune_and_reuse(tmp_path, monkeypatch, capsys, strategy, trials):
         x86.build(other, target, db_dir=db_dir)
 
     # Records tuned for this CPU must not be replayed for another one (a VNNI schedule would not compile
-    # for AVX2): that build falls back to the untuned schedule, with a warning, and stays exact.
-    with pytest.warns(UserWarning, match="no tuning record"):
+    # for AVX2): that build falls back to the untuned schedule, with a warning saying what the database was
+    # tuned for, and stays exact.
+    with pytest.warns(UserWarning, match=r"was tuned for .*, building for haswell, 2 cores: re-tune"):
         executable = x86.build(mod, x86.x86_target("haswell", num_cores=2), db_dir=db_dir)
     np.testing.assert_array_equal(run(executable, data), conv2d_reference(data, weight) + bias)
 
@@ -740,7 +744,7 @@ def test_depthwise_between_blocked_convs_gets_the_fixed_vector_schedule():
     rng = np.random.default_rng(14)
     layers = [(32, 1, 1, 0, 1), (32, 3, 2, 1, 32), (32, 1, 1, 0, 1)]  # pointwise, depthwise (stride 2), pointwise
     mod, _, _ = conv_module((1, 32, 12, 12), layers, rng, requantize=True)
-    prepared = x86.prepare(mod, x86.x86_target("sapphirerapids", num_cores=2))
+    prepared = x86.prepare(mod, x86.x86_target("sapphirerapids", num_cores=2, mattr=NO_AMX))
     depthwise = [name for name in _called_functions(prepared) if "depthwise_int8_nchwc" in name]
     assert len(depthwise) == 1
     func = prepared[depthwise[0]]

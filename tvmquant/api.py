@@ -39,7 +39,8 @@ from .passes.calibrate import (
 from .passes.realize import RealizeQuant
 from .qparams import QParams, Role
 from .quant_math import fake_quantize
-from .threads import use_physical_cores
+from .target import target_has_amx, target_json
+from .threads import require_amx, use_physical_cores
 
 
 def pipeline(config: QuantConfig | None = None) -> tvm.transform.Pass:
@@ -569,7 +570,10 @@ class QuantizedModel:
                     "a library with export_library / `tvmquant compile --target ...` and run it on the GPU host"
                 )
             device = tvm.cuda(0)
-        return CompiledModel(build(mod, target=target, db=db), self.inputs, device, output_names(mod))
+        amx = target_has_amx(target)
+        if amx:
+            require_amx(f"compile(target={target_json(target)})")  # before minutes of building for nothing
+        return CompiledModel(build(mod, target=target, db=db), self.inputs, device, output_names(mod), amx=amx)
 
     def export_onnx(self, path, sample: dict | None = None) -> None:
         """Write a standard QDQ ONNX model (QuantizeLinear/DequantizeLinear, per-channel int8 weights, int32
@@ -689,13 +693,15 @@ def load(path) -> QuantizedModel:
 class CompiledModel:
     """A compiled model callable on numpy arrays: ``model(x)`` or ``model({"input": x})``."""
 
-    def __init__(self, executable, inputs, device=None, output_names: list | None = None):
+    def __init__(self, executable, inputs, device=None, output_names: list | None = None, amx: bool = False):
         self.executable = executable
         self.inputs = inputs
         #: The model's output names, in the order calls return them.
         self.output_names = list(output_names or [])
         self.device = device or tvm.cpu()
         use_physical_cores()
+        if amx:
+            require_amx("this model (compiled for an AMX-INT8 target)")
         self.vm = relax.VirtualMachine(executable, self.device)
 
     def __call__(self, *args, **kwargs):

@@ -22,7 +22,16 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["benchmark", "format_table", "machine_info", "random_inputs", "time_library", "time_onnx"]
+__all__ = [
+    "benchmark",
+    "format_table",
+    "machine_info",
+    "openvino_models",
+    "random_inputs",
+    "time_library",
+    "time_onnx",
+    "time_openvino",
+]
 
 _LIBRARY_TIMER = """
 import json, sys, time, numpy as np
@@ -49,6 +58,21 @@ print(json.dumps({"median_ms": float(np.median(times) * 1000), "runs": len(times
 """
 
 
+_OPENVINO_TIMER = """
+import json, sys, time, numpy as np, openvino as ov
+core = ov.Core()
+config = {"INFERENCE_NUM_THREADS": int(sys.argv[3]), "PERFORMANCE_HINT": "LATENCY"}
+compiled = core.compile_model(core.read_model(sys.argv[1]), "CPU", config)
+request = compiled.create_infer_request()
+feed = dict(np.load(sys.argv[2]))
+for _ in range(5): request.infer(feed)
+times, deadline = [], time.time() + float(sys.argv[4])
+while time.time() < deadline or len(times) < 10:
+    start = time.perf_counter(); request.infer(feed); times.append(time.perf_counter() - start)
+print(json.dumps({"median_ms": float(np.median(times) * 1000), "runs": len(times)}))
+"""
+
+
 def _median_ms(command: list[str], env: dict | None = None) -> float:
     out = subprocess.run(command, env=env, capture_output=True, text=True)
     if out.returncode != 0:
@@ -66,6 +90,36 @@ def time_library(library: str, inputs_npz: str, threads: int, seconds: float = 3
 def time_onnx(model_path: str, inputs_npz: str, threads: int, seconds: float = 3.0) -> float:
     """Median latency (ms) of ONNX Runtime (CPU provider, ``threads`` intra-op threads) in a fresh process."""
     return _median_ms([sys.executable, "-c", _ONNX_TIMER, model_path, inputs_npz, str(threads), str(seconds)])
+
+
+def time_openvino(model_xml: str, inputs_npz: str, threads: int, seconds: float = 3.0) -> float:
+    """Median latency (ms) of an OpenVINO IR model on the CPU plugin (``INFERENCE_NUM_THREADS=threads``,
+    latency hint) in a fresh process."""
+    return _median_ms([sys.executable, "-c", _OPENVINO_TIMER, model_xml, inputs_npz, str(threads), str(seconds)])
+
+
+def openvino_models(onnx_path: str, calib: dict, folder: str) -> dict:
+    """OpenVINO FP32 and INT8 IR models of an ONNX file, written to ``folder``: ``{"ov_fp32": xml, "ov_int8":
+    xml}``. INT8 is NNCF's post-training quantization (``nncf.quantize``, its defaults) calibrated on the
+    samples of ``calib`` (input name -> array with samples on axis 0: the data tvmquant calibrated on).
+
+    Raises
+    ------
+    ImportError
+        ``openvino`` or ``nncf`` is not installed.
+    """
+    import nncf
+    import openvino as ov
+
+    model = ov.convert_model(onnx_path)
+    names = [port.get_any_name() for port in model.inputs]
+    count = min(len(next(iter(calib.values()))), 300)
+    samples = [{name: np.ascontiguousarray(calib[name][i : i + 1]) for name in names} for i in range(count)]
+    quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=count)
+    paths = {"ov_fp32": os.path.join(folder, "ov_fp32.xml"), "ov_int8": os.path.join(folder, "ov_int8.xml")}
+    ov.save_model(model, paths["ov_fp32"])
+    ov.save_model(quantized, paths["ov_int8"])
+    return paths
 
 
 def machine_info() -> dict:
@@ -116,6 +170,8 @@ def benchmark(
     threads: tuple[int, ...] = (1, 2),
     seconds: float = 3.0,
     onnx_runtime: bool = True,
+    openvino: bool = True,
+    calib_data: dict | None = None,
     say=None,
 ) -> dict:
     """Time ``qmodel`` (INT8) against its FP32 model, and against ONNX Runtime where it can run.
@@ -135,6 +191,12 @@ def benchmark(
     onnx_runtime : bool
         Also time ONNX Runtime on the ONNX source and on the QDQ export (skipped, with the reason recorded,
         when onnxruntime is missing or the model has no ONNX source).
+    openvino : bool
+        Also time OpenVINO FP32 and OpenVINO INT8 (``nncf.quantize`` of the same ONNX source; skipped, with the
+        reason recorded, when ``openvino``/``nncf`` are missing or the model has no ONNX source).
+    calib_data : dict, optional
+        Input name -> samples (axis 0) to calibrate OpenVINO's INT8 on: pass the data the model was calibrated
+        on. Without it, 16 random batches (the result records which).
     say : callable, optional
         Progress messages (one string each).
 
@@ -179,6 +241,8 @@ def benchmark(
                 say(f"{engine}, {count} thread(s): {result['latency_ms'][engine][str(count)]:.3f} ms")
         if onnx_runtime:
             _time_onnx_runtime(qmodel, folder, inputs_npz, threads, seconds, result, say)
+        if openvino:
+            _time_openvino(qmodel, folder, inputs_npz, threads, seconds, calib_data, result, say)
     int8 = result["latency_ms"]["tvmquant_int8"]
     result["speedup"] = {
         f"vs_{engine}": {count: times[count] / int8[count] for count in int8}
@@ -213,6 +277,38 @@ def _time_onnx_runtime(qmodel, folder, inputs_npz, threads, seconds, result, say
         result["latency_ms"][engine] = {}
         for count in threads:
             result["latency_ms"][engine][str(count)] = time_onnx(path, inputs_npz, count, seconds)
+            say(f"{engine}, {count} thread(s): {result['latency_ms'][engine][str(count)]:.3f} ms")
+
+
+def _time_openvino(qmodel, folder, inputs_npz, threads, seconds, calib_data, result, say) -> None:
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError:
+        result["skipped"]["openvino"] = "openvino/nncf are not installed (pip install openvino nncf)"
+        return
+    source = qmodel.source_model()
+    if source is None:
+        result["skipped"]["openvino"] = "the model was quantized from a Relax module, not ONNX"
+        return
+    import onnx
+
+    onnx_path = os.path.join(folder, "openvino_source.onnx")
+    onnx.save(source, onnx_path)
+    if isinstance(calib_data, np.ndarray):  # one array (an .npy) for a one-input model
+        calib_data = {qmodel.inputs[0].name: calib_data}
+    if calib_data is None:
+        batches = [random_inputs(qmodel.inputs, seed) for seed in range(16)]
+        calib_data = {spec.name: np.concatenate([b[spec.name] for b in batches]) for spec in qmodel.inputs}
+        result["openvino_calibration"] = "16 random batches (pass calib_data / --calib for the model's own)"
+    else:
+        result["openvino_calibration"] = f"{len(next(iter(calib_data.values())))} samples given"
+    say("quantizing with NNCF for OpenVINO INT8")
+    paths = openvino_models(onnx_path, calib_data, folder)
+    for engine, path in paths.items():
+        result["latency_ms"][engine] = {}
+        for count in threads:
+            result["latency_ms"][engine][str(count)] = time_openvino(path, inputs_npz, count, seconds)
             say(f"{engine}, {count} thread(s): {result['latency_ms'][engine][str(count)]:.3f} ms")
 
 

@@ -171,12 +171,14 @@ def cmd_run(args) -> int:
 def cmd_compile(args) -> int:
     from .api import load
     from .library import export_library
+    from .target import as_target
 
     _check_output_path(args.output)
+    target = as_target(args.target)  # a bad --target fails before the artifact is read
     qmodel = load(args.artifact)
     if args.batch_size:
         qmodel = qmodel.rebatch(args.batch_size)
-    metadata = export_library(qmodel, args.output, target=args.target, db=args.db)
+    metadata = export_library(qmodel, args.output, target=target, db=args.db)
     if not args.quiet:
         print(f"wrote {args.output} and {args.output}.json (target {metadata['target']})")
     return 0
@@ -237,6 +239,8 @@ def cmd_bench(args) -> int:
         threads=tuple(args.threads),
         seconds=args.seconds,
         onnx_runtime=not args.no_ort,
+        openvino=not args.no_openvino,
+        calib_data=_load_npz(args.calib, "calibration data") if args.calib else None,
         say=say,
     )
     result["arguments"] = {key: value for key, value in vars(args).items() if key != "func"}
@@ -386,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
     b.add_argument("--batch-size", type=int, default=None, help="static batch size (ONNX sources)")
     b.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
+    b.add_argument("--no-openvino", action="store_true", help="skip OpenVINO FP32/INT8 (NNCF)")
+    b.add_argument(
+        "--calib",
+        default=None,
+        help=".npz of calibration samples for OpenVINO's NNCF INT8 (the data you quantized with)",
+    )
     b.add_argument("-o", "--output", default=None, help="JSON file for the results")
     b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)

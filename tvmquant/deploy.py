@@ -22,7 +22,7 @@ import json
 import os
 
 from ._io import InputSpec, check_inputs, feed_from_args, flatten_outputs
-from .threads import use_physical_cores
+from .threads import require_amx, use_physical_cores
 
 METADATA_FORMAT = 1
 
@@ -61,6 +61,8 @@ class LoadedModel:
         self.outputs = [InputSpec.from_dict(d) for d in self.metadata.get("outputs", [])]
         self.output_names = [spec.name for spec in self.outputs]
         use_physical_cores()  # TVM's default is half the CPUs on x86: one thread on a 2-core VM
+        if self.metadata.get("amx_int8"):
+            require_amx(f"library {path!r}")  # a clear error here, not SIGILL in the first tile instruction
         if self.metadata.get("cuda_binaries"):
             from . import cuda_binaries
 

@@ -11,7 +11,7 @@ import os
 from ._compat import versions
 from ._io import _umask, atomic_write
 from .deploy import METADATA_FORMAT, metadata_path
-from .target import as_target, target_json
+from .target import as_target, target_has_amx, target_json
 
 
 def export_library(qmodel, path, target=None, db=None, mode: str = "int8") -> dict:
@@ -59,6 +59,8 @@ def write_library(executable, mod, path, inputs, target, extra: dict | None = No
     metadata = {
         "format": METADATA_FORMAT,
         "target": target_json(target),
+        # The loader checks for the CPU's amx_int8 and requests the tile state before the first kernel.
+        "amx_int8": target_has_amx(target),
         "inputs": [spec.to_dict() for spec in inputs],
         "outputs": _output_infos(mod),
         **(extra or {}),

@@ -49,7 +49,18 @@ def host_mcpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
-def x86_target(mcpu: str | None = None, num_cores: int | None = None) -> tvm.target.Target:
+def target_has_amx(target) -> bool:
+    """Whether an LLVM target enables AMX-INT8 (``mcpu`` sapphirerapids or later, or ``+amx-int8`` in
+    ``mattr``): its INT8 GEMMs may run on AMX tiles, and the CPU that runs them needs ``amx_int8``."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    return {"amx-int8", "amx-tile"} <= features
+
+
+def x86_target(
+    mcpu: str | None = None, num_cores: int | None = None, mattr: list[str] | None = None
+) -> tvm.target.Target:
     """An LLVM target for an x86 CPU.
 
     Parameters
@@ -63,6 +74,9 @@ def x86_target(mcpu: str | None = None, num_cores: int | None = None) -> tvm.tar
     num_cores : int, optional
         Threads the compiled kernels and meta-schedule use; defaults to the physical cores this process may run
         on (:func:`tvmquant.threads.default_num_threads`, the rule TVM's thread pool is given too).
+    mattr : list of str, optional
+        LLVM feature changes, e.g. ``["-amx-int8", "-amx-tile"]`` (a Sapphire Rapids without its AMX kernels:
+        VNNI only) or ``["+amx-int8", "+amx-tile"]``.
 
     Returns
     -------
@@ -82,7 +96,10 @@ def x86_target(mcpu: str | None = None, num_cores: int | None = None) -> tvm.tar
         )
     if num_cores is None:
         num_cores = default_num_threads()
-    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores)})
+    spec = {"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores)}
+    if mattr:
+        spec["mattr"] = list(mattr)
+    return tvm.target.Target(spec)
 
 
 def host_target(num_cores: int | None = None) -> tvm.target.Target:
@@ -146,12 +163,21 @@ def as_target(target):
 
 def _target_or_error(target):
     try:
-        return tvm.target.Target(target)
+        made = tvm.target.Target(target)
     except Exception as err:  # TVM raises its own error types
         detail = str(err).strip().splitlines()
         raise ValueError(
             f"target {target!r} is not understood ({detail[-1] if detail else type(err).__name__}); {_TARGET_HELP}"
         ) from None
+    mcpu = str(made.attrs.get("mcpu", "")) if made.kind.name == "llvm" else ""
+    if mcpu and not codegen.llvm_is_valid_cpu(mcpu, str(made.attrs.get("mtriple", "")) or "x86_64"):
+        # LLVM would only print "'...' is not a recognized processor" and build for a generic CPU.
+        raise ValueError(
+            f"target {target!r}: LLVM does not know the CPU {mcpu!r} (this CPU is {host_mcpu()!r}); use an LLVM "
+            "CPU name such as 'sapphirerapids', 'emeraldrapids', 'graniterapids', 'znver4', 'cascadelake' or "
+            "'haswell'"
+        )
+    return made
 
 
 def target_json(target) -> str:

@@ -1,17 +1,21 @@
-"""How many threads TVM's CPU thread pool runs.
+"""Process set-up before kernels run: how many threads TVM's CPU thread pool runs, and the AMX tile state.
 
 TVM sizes its pool from ``TVM_NUM_THREADS`` or, when that is unset, from half the logical CPUs on x86 (to
 skip hyper-threads). On a VM whose vCPUs are whole cores (2 cores, 1 thread each, as here) that gives one
 thread: a model then uses half the machine, and meta-schedule measures single-threaded kernels. tvmquant
 sets ``TVM_NUM_THREADS`` to the number of physical cores this process may run on, unless the user set it.
 The pool reads it when it starts (the first parallel kernel), so this runs before any model does.
+
+AMX kernels need one more step per process: Linux hands out the tile state only on request
+(:func:`request_amx_permission`; :func:`require_amx` also says clearly when the CPU has no AMX, instead of the
+SIGILL of the first tile instruction). Kept here, TVM-free, so the runtime-only loader can use it.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["default_num_threads", "use_physical_cores"]
+__all__ = ["cpu_has_amx", "default_num_threads", "request_amx_permission", "require_amx", "use_physical_cores"]
 
 
 def default_num_threads() -> int:
@@ -37,3 +41,70 @@ def use_physical_cores() -> int:
     threads = default_num_threads()
     os.environ["TVM_NUM_THREADS"] = str(threads)
     return threads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AMX: the tile state must be requested from Linux before the first tile instruction (else SIGILL).
+#: ``arch_prctl`` syscall number on x86-64, its ``ARCH_REQ_XCOMP_PERM`` request and AMX's tile-data feature.
+SYS_ARCH_PRCTL = 158
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
+
+_AMX_GRANTED = False
+
+
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the kernel reports ``amx_int8`` (and ``amx_tile``) for this CPU."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"amx_int8", "amx_tile"} <= flags
+    except OSError:
+        pass
+    return False
+
+
+def request_amx_permission() -> bool:
+    """Ask Linux for the AMX tile state of this process (``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``).
+
+    Idempotent and cheap. Every process that runs an AMX kernel must do this first: the library loader
+    (:func:`tvmquant.deploy.load_library`), in-process models, meta-schedule's runner workers, benchmarks.
+
+    Returns
+    -------
+    bool
+        True when granted; False on a CPU or kernel without AMX (nothing to request).
+    """
+    global _AMX_GRANTED
+    if _AMX_GRANTED:
+        return True
+    if not cpu_has_amx():
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    _AMX_GRANTED = libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+    return _AMX_GRANTED
+
+
+def require_amx(what: str) -> None:
+    """Request AMX for ``what`` (a library, a model) and raise a one-line error when this CPU cannot run it.
+
+    Raises
+    ------
+    RuntimeError
+        The CPU has no ``amx_int8`` or Linux refused the tile state; the message names ``what`` and what to do.
+    """
+    if not cpu_has_amx():
+        raise RuntimeError(
+            f"{what} uses AMX-INT8 tile instructions and this CPU has no amx_int8: rebuild it for this CPU "
+            "(tvmquant compile without --target, or a target without AMX such as "
+            '\'{"kind": "llvm", "mcpu": "...", "mattr": ["-amx-int8", "-amx-tile"]}\')'
+        )
+    if not request_amx_permission():
+        raise RuntimeError(
+            f"{what} uses AMX-INT8 and Linux refused this process the AMX tile state "
+            "(arch_prctl ARCH_REQ_XCOMP_PERM failed; needs Linux 5.16 or later)"
+        )

@@ -32,3 +32,11 @@ def build_candidate(mod, target, _params):
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     return tvm_build(mod, target=target)
+
+
+def runner_initializer() -> None:
+    """Initializer of meta-schedule's runner workers: request the AMX tile state (a no-op without AMX), so
+    that measuring an AMX candidate does not die with SIGILL."""
+    from ..threads import request_amx_permission
+
+    request_amx_permission()

@@ -50,9 +50,10 @@ from __future__ import annotations
 
 from tvm.s_tir import meta_schedule as ms  # noqa: E402, F401  (tests patch ms.tune)
 
-from ...target import cpu_flags, host_mcpu, x86_target  # noqa: E402, F401
+from ...target import cpu_flags, host_mcpu, target_has_amx, x86_target  # noqa: E402, F401
 from .. import intrinsics  # noqa: E402, F401  (tests patch x86.intrinsics)
 from ..common import is_scheduled  # noqa: E402, F401
+from . import amx  # noqa: E402, F401  (registers the AMX schedule rule)
 from .build import (  # noqa: F401
     _SKETCH_CACHE,
     ScheduleUntunedFromSketch,

@@ -17,8 +17,8 @@ from ..._compat import structural_equal, structural_hash
 from ...target import x86_target
 from .. import intrinsics
 from .._ms_worker import build_candidate
-from . import defaults
-from .database import records_for_target
+from . import amx, defaults
+from .database import describe_target, records_for_target, target_mismatch
 from .passes import prepare
 
 logger = logging.getLogger(__name__)
@@ -102,13 +102,29 @@ def _first_valid_sketch(
         if structural_equal(known, func):
             return scheduled
     scheduled = None
-    if policy == "heuristic":
+    if amx.is_amx_kernel(func):
+        scheduled = _amx_default(func, target, name, num_threads)
+    if scheduled is None and policy == "heuristic":
         scheduled = defaults.choose_schedule(func, target, name, num_threads)
         if scheduled is None:
             logger.debug("ScheduleUntunedFromSketch: no heuristic schedule for %s; first valid sketch", name)
     if scheduled is None:
         scheduled = _search_valid_sketch(func, target, name, seed, num_threads, tries)
     _SKETCH_CACHE.setdefault(key, []).append((func, scheduled))
+    return scheduled
+
+
+def _amx_default(func: tirx.PrimFunc, target, name: str, num_threads):
+    """The fixed AMX schedule (:func:`tvmquant.schedules.x86.amx.schedule_amx_kernel`), checked by a
+    compile; None (the design space is tried next) when it does not apply or compile."""
+    cores = num_threads if isinstance(num_threads, int) else int(target.attrs.get("num-cores", 1) or 1)
+    try:
+        scheduled = amx.schedule_amx_kernel(func, cores)
+        if scheduled is not None:
+            build_candidate(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target, None)
+    except Exception as err:  # noqa: BLE001  (any schedule or codegen failure: fall back to the design space)
+        logger.warning("AMX default schedule of %s failed (%s); using the design space", name, str(err).splitlines()[0])
+        return None
     return scheduled
 
 
@@ -199,11 +215,16 @@ def build(
     untuned = untuned_functions(prepared)
     if untuned and warn_untuned and db_dir is not None:
         what = "get an untuned default schedule" if fallback != "none" else "compile unscheduled (slow)"
-        warnings.warn(
-            f"build: {len(untuned)} kernel(s) have no tuning record in {db_dir!r} and {what}: "
-            f"{', '.join(untuned)}. Run tvmquant.schedules.x86.tune(...) with the same target and database.",
-            stacklevel=2,
-        )
+        mismatch = target_mismatch(db_dir, target)
+        if mismatch is not None and len(records_for_target(db_dir, target).get_all_tuning_records()) == 0:
+            warnings.warn(f"build: {mismatch}; meanwhile all {len(untuned)} kernels {what}", stacklevel=2)
+        else:
+            warnings.warn(
+                f"build: {len(untuned)} kernel(s) have no tuning record in {db_dir!r} for "
+                f"{describe_target(target)} and {what}: {', '.join(untuned)}. Run tvmquant.schedules.x86.tune(...) "
+                "with the same target and database." + (f" ({mismatch})" if mismatch else ""),
+                stacklevel=2,
+            )
     elif untuned and warn_untuned:
         logger.info("build: no tuning database; %d kernel(s) use the %r fallback", len(untuned), fallback)
     if untuned and fallback != "none":

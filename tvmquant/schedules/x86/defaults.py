@@ -552,10 +552,12 @@ def _sketch_preference(sketch) -> tuple:
 
 def design_space_context(func: tirx.PrimFunc, target, name: str, rand_state: int, num_threads) -> ms.TuneContext:
     """The tuning context whose design space (post-order-apply, x86 rules) the default schedules come from."""
+    from . import amx
+
     return ms.TuneContext(
         mod=tvm.IRModule({"main": func}),
         target=target,
-        space_generator="post-order-apply",
+        space_generator=amx.space_generator() if amx.is_amx_kernel(func) else "post-order-apply",
         search_strategy="replay-trace",
         task_name=name,
         rand_state=rand_state,

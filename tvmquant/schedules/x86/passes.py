@@ -15,6 +15,7 @@ from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
 from ...target import x86_target
 from ..common import fusion_passes
 from ..layout import SinkLayoutTransform
+from . import amx
 from .compute import (
     _dtype,
     _ic_block_for,
@@ -152,12 +153,14 @@ def _has_blockable_conv(func, block: int) -> bool:
 class _Int8Rewriter(relax.PyExprMutator):
     """Shared machinery: rewrite calls bottom-up, emitting new bindings through the block builder."""
 
-    def __init__(self, mod: tvm.IRModule, convs: bool, dense: bool):
+    def __init__(self, mod: tvm.IRModule, convs: bool, dense: bool, target: tvm.target.Target | None = None):
         super().__init__(mod)
         self.mod_ = mod
         self.convs = convs
         self.dense = dense
+        self.target = target
         self.rewritten = 0
+        self.amx = 0
 
     def transform(self) -> tvm.IRModule:
         for gvar, func in self.mod_.functions.items():
@@ -239,16 +242,44 @@ class _Int8Rewriter(relax.PyExprMutator):
             )
         ):
             return call
-        packed = pack_conv2d_weight(weight_np, groups=1, ic_block=block)
         padded = self._spatial_pad(data, 5, (pad_top, pad_bottom, pad_left, pad_right))
         self.rewritten += 1
+        return self._blocked_conv(padded, weight_np, block, strides, dilation, 1)
+
+    def _blocked_conv(self, padded, weight_np, ic_block, strides, dilation, groups):
+        """The u8 x s8 -> s32 conv on blocked, pre-padded data as a ``call_te``, output
+        ``[N, K/16, OH, OW, 16]``: the AMX GEMM on an im2col matrix where :func:`amx.choose_int8_unit` says
+        so, else the VNNI-shaped :func:`conv2d_nchwc_int8`. Weights are packed here, once."""
+        shape = _static_shape(padded)
+        out_ch, _, k_h, k_w = weight_np.shape
+        if groups == 1 and shape is not None and self.target is not None and amx.amx_enabled(self.target):
+            rows, depth, out_h, out_w = amx.conv_gemm_shape(shape, (k_h, k_w), strides, dilation)
+            what = f"conv2d {shape[1] * shape[4]}->{out_ch} {k_h}x{k_w}/{strides[0]} at {out_h}x{out_w}"
+            if amx.choose_int8_unit(rows, out_ch, depth, self.target, what) == "amx":
+                cols = self.builder_.emit(
+                    self.builder_.call_te(
+                        amx.im2col_int8, padded, (k_h, k_w), strides, dilation, primfunc_name_hint="im2col_int8"
+                    )
+                )
+                packed = amx.pack_amx_weight(amx.conv_weight_as_gemm(weight_np, shape[1] * shape[4]))
+                amx.register_amx_intrinsic(packed.shape[0] * packed.shape[2])
+                out_shape = (shape[0], _round_up(out_ch, OC_BLOCK) // OC_BLOCK, out_h, out_w, OC_BLOCK)
+                self.amx += 1
+                return self.builder_.call_te(
+                    amx.conv2d_amx_int8,
+                    cols,
+                    relax.const(packed, "int8"),
+                    out_shape,
+                    primfunc_name_hint="conv2d_int8_amx",
+                )
+        packed = pack_conv2d_weight(weight_np, groups=groups, ic_block=ic_block)
         return self.builder_.call_te(
             conv2d_nchwc_int8,
             padded,
             relax.const(packed, "int8"),
             strides,
             dilation,
-            1,
+            groups,
             primfunc_name_hint="conv2d_int8_nchwc",
         )
 
@@ -282,21 +313,10 @@ class _Int8Rewriter(relax.PyExprMutator):
             )
         )
         padded = self._spatial_pad(blocked, 5, pads)
-        packed = pack_conv2d_weight(weight_np, groups=groups, ic_block=ic_block)
-        conv = self.builder_.emit(
-            self.builder_.call_te(
-                conv2d_nchwc_int8,
-                padded,
-                relax.const(packed, "int8"),
-                strides,
-                dilation,
-                groups,
-                primfunc_name_hint="conv2d_int8_nchwc",
-            )
-        )
+        conv = self.builder_.emit(self._blocked_conv(padded, weight_np, ic_block, strides, dilation, groups))
         self.rewritten += 1
         out = relax.op.layout_transform(conv, lambda n, cb, h, w, ci: (n, cb * OC_BLOCK + ci, h, w))
-        if packed.shape[0] * OC_BLOCK != out_channels:
+        if _static_shape(conv)[1] * OC_BLOCK != out_channels:
             out = relax.op.strided_slice(self.builder_.emit(out), axes=[1], begin=[0], end=[out_channels])
         return out
 
@@ -332,6 +352,13 @@ class _Int8Rewriter(relax.PyExprMutator):
         if weight_np.ndim != 2 or len(data_shape) < 2:
             return call  # vector-matrix products are rare in quantized graphs; keep the generic op
         depth, cols = weight_np.shape
+        rows = 1
+        for extent in data_shape[:-1]:
+            rows *= extent
+        if self.target is not None and amx.amx_enabled(self.target):
+            what = f"matmul {rows}x{depth} @ {depth}x{cols}"
+            if amx.choose_int8_unit(rows, cols, depth, self.target, what) == "amx":
+                return self._amx_matmul(data, weight_np, data_shape, rows)
         depth_pad = _round_up(depth, IC_QUAD)
         if depth_pad != depth:
             width = [0, 0] * (len(data_shape) - 1) + [0, depth_pad - depth]
@@ -343,6 +370,23 @@ class _Int8Rewriter(relax.PyExprMutator):
         if cols_pad != cols:
             out = relax.op.strided_slice(self.builder_.emit(out), axes=[len(data_shape) - 1], begin=[0], end=[cols])
         return out
+
+    def _amx_matmul(self, data, weight_np, data_shape, rows):
+        depth, cols = weight_np.shape
+        flat = data if len(data_shape) == 2 else self.builder_.emit(relax.op.reshape(data, (rows, depth)))
+        rows_pad, depth_pad = _round_up(rows, amx.TILE_M), _round_up(depth, amx.TILE_K)
+        if (rows_pad, depth_pad) != (rows, depth):
+            flat = self.builder_.emit(relax.op.nn.pad(flat, [0, rows_pad - rows, 0, depth_pad - depth], pad_value=0.0))
+        packed = amx.pack_amx_weight(weight_np)
+        amx.register_amx_intrinsic(depth_pad)
+        self.rewritten += 1
+        self.amx += 1
+        out = self.builder_.call_te(
+            amx.dense_amx_int8, flat, relax.const(packed, "int8"), rows, cols, primfunc_name_hint="dense_int8_amx"
+        )
+        if len(data_shape) == 2:
+            return out
+        return relax.op.reshape(self.builder_.emit(out), (*data_shape[:-1], cols))
 
 
 def _blocked_layout_block(layouts) -> int | None:
@@ -372,10 +416,13 @@ class BlockInt8Conv2d:
     Run before ``LegalizeOps``.
     """
 
+    def __init__(self, target: tvm.target.Target | None = None):
+        self.target = target
+
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _Int8Rewriter(mod, convs=True, dense=False)
+        rewriter = _Int8Rewriter(mod, convs=True, dense=False, target=self.target)
         out = rewriter.transform()
-        logger.debug("BlockInt8Conv2d: rewrote %d conv2d", rewriter.rewritten)
+        logger.debug("BlockInt8Conv2d: rewrote %d conv2d (%d on AMX)", rewriter.rewritten, rewriter.amx)
         return out
 
 
@@ -388,10 +435,13 @@ class PackInt8Dense:
     ``LegalizeOps``.
     """
 
+    def __init__(self, target: tvm.target.Target | None = None):
+        self.target = target
+
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _Int8Rewriter(mod, convs=False, dense=True)
+        rewriter = _Int8Rewriter(mod, convs=False, dense=True, target=self.target)
         out = rewriter.transform()
-        logger.debug("PackInt8Dense: rewrote %d matmul", rewriter.rewritten)
+        logger.debug("PackInt8Dense: rewrote %d matmul (%d on AMX)", rewriter.rewritten, rewriter.amx)
         return out
 
 
@@ -478,8 +528,16 @@ class _GatherLayoutRewriter(relax.PyExprMutator):
             return call
 
 
-def optimize_int8_for_x86(block: int = IC_BLOCK) -> tvm.transform.Pass:
+def optimize_int8_for_x86(block: int = IC_BLOCK, target: tvm.target.Target | None = None) -> tvm.transform.Pass:
     """The graph-level INT8 passes for x86, in order (run before ``LegalizeOps``).
+
+    Parameters
+    ----------
+    block : int
+        Channel block of the blocked layout.
+    target : tvm.target.Target, optional
+        Where it has AMX-INT8, GEMMs large enough for AMX tiles become AMX kernels
+        (:func:`tvmquant.schedules.x86.amx.choose_int8_unit`); without a target every kernel is VNNI-shaped.
 
     Returns
     -------
@@ -495,8 +553,8 @@ def optimize_int8_for_x86(block: int = IC_BLOCK) -> tvm.transform.Pass:
         [
             ExpandClip(),
             ConvertInt8ConvLayout(block),
-            BlockInt8Conv2d(),
-            PackInt8Dense(),
+            BlockInt8Conv2d(target),
+            PackInt8Dense(target),
             SinkLayoutTransform(),
             GatherLayoutTransform(),
             # ConvertLayout's layout_transform of each original weight is dead once the weight is packed.
@@ -526,7 +584,8 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.I
         Relax ``main`` calling fused PrimFuncs (``fused_conv2d_int8_nchwc_add_..._maximum_minimum_astype``).
     """
     target = x86_target() if target is None else target
-    passes = [optimize_int8_for_x86(), *_cpu_backend.library_dispatch_passes(target)]
+    amx.register_schedule_rule()  # before StripUnregisteredScheduleRules, which keeps registered rules only
+    passes = [optimize_int8_for_x86(target=target), *_cpu_backend.library_dispatch_passes(target)]
     passes += [*fusion_passes(), ScheduleDataMovement(int(target.attrs.get("num-cores", 1) or 1))]
     passes += [StripUnregisteredScheduleRules(target)]
     with target, tvm.transform.PassContext(opt_level=3):

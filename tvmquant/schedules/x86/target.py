@@ -42,8 +42,9 @@ def int8_isa(target: tvm.target.Target | None = None) -> Int8Isa:
     Returns
     -------
     {"amx", "vnni", "avx512", "avx2", "generic"}
-        ``"amx"`` means AMX-INT8 *and* AVX512-VNNI (the tuned kernels here use VNNI; TVM 0.27 has no AMX
-        intrinsic), ``"avx512"`` means AVX-512BW without VNNI (``dot_16x4_avx512``).
+        ``"amx"`` means AMX-INT8 *and* AVX512-VNNI (GEMMs large enough for tiles run on AMX,
+        :mod:`tvmquant.schedules.x86.amx`; the others on VNNI), ``"avx512"`` means AVX-512BW without VNNI
+        (``dot_16x4_avx512``).
     """
     target = x86_target() if target is None else target
     if target.kind.name != "llvm":

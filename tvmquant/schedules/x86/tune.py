@@ -15,10 +15,12 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.utils import fork_seed
 
-from ...target import x86_target
+from ...target import target_has_amx, x86_target
+from ...threads import require_amx
 from .. import intrinsics
-from .._ms_worker import build_candidate
+from .._ms_worker import build_candidate, runner_initializer
 from ..common import is_scheduled
+from . import amx
 from .database import _is_tuned, _open_database, records_for_target
 from .measure import XGB_WARMUP_SAMPLES, PooledBuilder, TuningProgress, _report, meta_schedule_logs
 from .passes import prepare
@@ -174,6 +176,8 @@ def tune(
     """
     target = x86_target() if target is None else target
     _warn_if_not_runnable_here(target)
+    if target_has_amx(target):
+        require_amx(f"tuning for {target}")  # measuring AMX candidates needs the tile state here
     start = time.perf_counter()
     intrinsics.register_x86_intrinsics()  # before any TuneContext: its rules look the intrinsic up by name
     database = _open_database(db_dir)
@@ -218,7 +222,9 @@ def tune(
             ms.TuneContext(
                 mod=task.dispatched[0],
                 target=task.target,
-                space_generator="post-order-apply",
+                space_generator=amx.space_generator()
+                if amx.is_amx_kernel(task.dispatched[0]["main"])
+                else "post-order-apply",
                 search_strategy=strategy_obj,
                 task_name=task.task_name,
                 logger=task_logger,
@@ -243,9 +249,10 @@ def tune(
                 num_trials_per_iter=per_iter,
                 builder=builder,
                 runner=ms.runner.LocalRunner(
+                    initializer=runner_initializer,
                     evaluator_config=ms.runner.EvaluatorConfig(
                         number=3, repeat=runner_repeat, min_repeat_ms=50, enable_cpu_cache_flush=False
-                    )
+                    ),
                 ),
                 database=database,
                 cost_model=cost_model,

@@ -1,0 +1,536 @@
+"""AMX-INT8 kernels: u8 x s8 -> s32 GEMMs on Intel's tile unit (Sapphire, Emerald, Granite Rapids).
+
+What is here, in the order a model meets it:
+
+- :func:`choose_int8_unit`: per kernel, AMX or VNNI, from the target and the GEMM's shape (AMX where the
+  GEMM fills whole 32 x 32 tiles with little padding, VNNI for small, depthwise or odd-shaped ones; the
+  choice is logged).
+- The computes: :func:`im2col_int8` (the blocked, pre-padded conv input as a ``[M, K]`` u8 matrix, a
+  data-movement kernel of its own) and :func:`gemm_amx_int8` (``C[M, N] = A[M, K] x W[K, N]`` with the
+  weight packed ``[K/4, N, 4]`` at compile time, :func:`pack_amx_weight`, followed in the same kernel by the
+  gather into the layout the rest of the graph uses: blocked ``[N, K/16, OH, OW, 16]`` for a conv, ``[M, N]``
+  for a dense; the requantize epilogue fuses after it).
+- The intrinsic :func:`register_amx_intrinsic`: one 32 x 32 x K block of tiles (four int32 C tiles stay in
+  tile registers over the whole K loop; ``ldtilecfg`` once per call), written with LLVM's plain AMX
+  intrinsics (``llvm.x86.tileloadd64``, ``llvm.x86.tdpbusd``, ``llvm.x86.tilestored64``: TVM cannot
+  express the ``x86_amx`` type of the ``.internal`` ones). Tile numbers are compile-time constants.
+- Scheduling: the GEMM block is annotated ``schedule_rule = "tvmquant_amx_gemm"``, the custom rule
+  :func:`amx_schedule_rule` (registered for meta-schedule's ``ApplyCustomRule``, which is part of the
+  default x86 rules) tiles it around the intrinsic and samples the outer tiles, so the design space that
+  tuning searches holds the AMX tensorize step; the untuned default path uses :func:`schedule_amx_kernel`
+  (fixed tiles, no search).
+
+Running an AMX kernel needs the process to have asked Linux for the tile state
+(:func:`tvmquant.threads.request_amx_permission`; without it the first tile instruction dies with SIGILL).
+
+:func:`emulated` (tests only) swaps the intrinsic's implementation for plain TIR that performs the same tile
+loads, dot products and stores with the same offsets and strides, so the layouts, packing and tiling are
+checked bit-exact on any CPU; only the instructions themselves need AMX hardware.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+from ...target import target_has_amx
+
+logger = logging.getLogger(__name__)
+
+#: Rows and columns of the block of tiles one intrinsic call computes (2 x 2 tiles of 16 x 16 int32).
+TILE_M = 32
+TILE_N = 32
+#: Bytes of K one ``tdpbusd`` consumes per row (a 16 x 64 u8 A tile times a 16 x 64 s8 B tile).
+TILE_K = 64
+#: Name of the custom meta-schedule rule the GEMM block is annotated with.
+SCHEDULE_RULE = "tvmquant_amx_gemm"
+#: Block names of the computes (the rule and the fixed schedule look them up).
+GEMM_BLOCK = "amx_gemm_int8"
+IM2COL_BLOCK = "im2col_int8"
+#: Below these, a GEMM goes to VNNI: AMX pays a tile configuration per 32 x 32 block and pads M, N, K.
+MIN_M = 32
+MIN_N = 32
+MIN_K = 64
+#: Largest share of padded (wasted) multiply-adds AMX may compute before VNNI is preferred.
+MAX_PADDING = 0.35
+
+_MB, _NB = TILE_M // 16, TILE_N // 16
+_C_TILES = _MB * _NB
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def choose_int8_unit(m: int, n: int, k: int, target, what: str = "kernel") -> str:
+    """``"amx"`` or ``"vnni"`` for a u8 x s8 GEMM of ``m x n x k`` (a conv: pixels x out channels x C*R*S).
+
+    AMX when the target has it, the GEMM is at least ``MIN_M x MIN_N x MIN_K`` and padding M, N to 32 and
+    K to 64 wastes at most ``MAX_PADDING`` of the work. The choice and its reason are logged (INFO).
+    """
+    if not amx_enabled(target):
+        return "vnni"
+    padded = _round_up(m, TILE_M) * _round_up(n, TILE_N) * _round_up(k, TILE_K)
+    waste = 1.0 - (m * n * k) / padded
+    if m < MIN_M or n < MIN_N or k < MIN_K:
+        logger.info("%s (GEMM %dx%dx%d): VNNI, too small for AMX tiles", what, m, n, k)
+        return "vnni"
+    if waste > MAX_PADDING:
+        logger.info("%s (GEMM %dx%dx%d): VNNI, AMX would pad %.0f%% of the work", what, m, n, k, 100 * waste)
+        return "vnni"
+    logger.info("%s (GEMM %dx%dx%d): AMX", what, m, n, k)
+    return "amx"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight packing and computes
+def pack_amx_weight(weight_kn: np.ndarray) -> np.ndarray:
+    """``[K, N]`` int8 -> ``[K/4, N, 4]`` (K padded to 64, N to 32, with zeros): rows of a B tile.
+
+    Examples
+    --------
+    >>> w = np.arange(64 * 32).reshape(64, 32).astype("int8")
+    >>> p = pack_amx_weight(w)
+    >>> p.shape, int(p[3, 5, 2]) == int(w[14, 5])
+    ((16, 32, 4), True)
+    """
+    depth, cols = weight_kn.shape
+    depth_pad, cols_pad = _round_up(depth, TILE_K), _round_up(cols, TILE_N)
+    padded = np.zeros((depth_pad, cols_pad), dtype=np.int8)
+    padded[:depth, :cols] = weight_kn
+    return np.ascontiguousarray(padded.reshape(depth_pad // 4, 4, cols_pad).transpose(0, 2, 1))
+
+
+def conv_weight_as_gemm(weight_oihw: np.ndarray, channels: int) -> np.ndarray:
+    """OIHW ``[K, C, R, S]`` -> ``[R*S*channels, K]``, the order :func:`im2col_int8` lays out (taps outer,
+    channels inner; ``channels >= C``, the extra ones zero)."""
+    out_ch, in_ch, k_h, k_w = weight_oihw.shape
+    padded = np.zeros((out_ch, channels, k_h, k_w), dtype=np.int8)
+    padded[:, :in_ch] = weight_oihw
+    return np.ascontiguousarray(padded.transpose(2, 3, 1, 0).reshape(k_h * k_w * channels, out_ch))
+
+
+def conv_gemm_shape(data_shape, kernel_hw, strides, dilation) -> tuple[int, int, int, int]:
+    """``(M, K, OH, OW)`` of a conv on pre-padded blocked data ``[N, C/cb, H, W, cb]``."""
+    batch, blocks, in_h, in_w, block = (int(v) for v in data_shape)
+    k_h, k_w = kernel_hw
+    out_h = (in_h - (k_h - 1) * dilation[0] - 1) // strides[0] + 1
+    out_w = (in_w - (k_w - 1) * dilation[1] - 1) // strides[1] + 1
+    return batch * out_h * out_w, k_h * k_w * blocks * block, out_h, out_w
+
+
+def im2col_int8(data: te.Tensor, kernel_hw, strides, dilation) -> te.Tensor:
+    """Blocked pre-padded conv input ``[N, C/cb, H, W, cb]`` u8 -> ``[M_pad, K_pad]`` u8.
+
+    Row ``m = (n * OH + oh) * OW + ow`` is one output pixel, column ``k = (r * S + s) * C + c`` one tap and
+    input channel; M is padded to 32 and K to 64 with zeros (rows and columns of no output).
+    """
+    batch, blocks, _, _, block = (int(v) for v in data.shape)
+    k_h, k_w = (int(v) for v in kernel_hw)
+    s_h, s_w = (int(v) for v in strides)
+    d_h, d_w = (int(v) for v in dilation)
+    rows, depth, out_h, out_w = conv_gemm_shape(data.shape, (k_h, k_w), (s_h, s_w), (d_h, d_w))
+    channels = blocks * block
+    rows_pad, depth_pad = _round_up(rows, TILE_M), _round_up(depth, TILE_K)
+    zero = tirx.const(0, "uint8")
+
+    def gather(m, k):
+        n, pix = m // (out_h * out_w), m % (out_h * out_w)
+        oh, ow = pix // out_w, pix % out_w
+        tap, c = k // channels, k % channels
+        r, s = tap // k_w, tap % k_w
+        value = data[n, c // block, oh * s_h + r * d_h, ow * s_w + s * d_w, c % block]
+        if rows_pad == rows and depth_pad == depth:
+            return value
+        return tirx.if_then_else(tirx.all(m < rows, k < depth), value, zero)
+
+    del batch
+    return te.compute((rows_pad, depth_pad), gather, name=IM2COL_BLOCK)
+
+
+def _gemm(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
+    rows, depth = (int(v) for v in data.shape)
+    quads, cols, quad = (int(v) for v in weight.shape)
+    if quads * quad != depth or rows % TILE_M or cols % TILE_N or depth % TILE_K:
+        raise ValueError(
+            f"gemm_amx_int8: data {rows}x{depth} and weight {quads}x{cols}x{quad} do not fill whole AMX tiles "
+            f"(M, N multiples of {TILE_M}, K of {TILE_K}, weight [K/4, N, 4])"
+        )
+    r_quad = te.reduce_axis((0, quads), name="k_outer")
+    r_elem = te.reduce_axis((0, quad), name="k_inner")
+    return te.compute(
+        (rows, cols),
+        lambda i, j: te.sum(
+            data[i, r_quad * quad + r_elem].astype("int32") * weight[r_quad, j, r_elem].astype("int32"),
+            axis=[r_quad, r_elem],
+        ),
+        name=GEMM_BLOCK,
+        attrs={"schedule_rule": SCHEDULE_RULE},
+    )
+
+
+def conv2d_amx_int8(cols: te.Tensor, weight: te.Tensor, out_shape) -> te.Tensor:
+    """The conv as an AMX GEMM on :func:`im2col_int8`'s matrix, gathered into the blocked output.
+
+    Parameters
+    ----------
+    cols : te.Tensor
+        u8 ``[M_pad, K_pad]``.
+    weight : te.Tensor
+        s8 ``[K_pad/4, N_pad, 4]`` (:func:`pack_amx_weight` of :func:`conv_weight_as_gemm`).
+    out_shape : tuple of int
+        ``(N, K/16, OH, OW, 16)``: the layout of the VNNI conv (``conv2d_nchwc_int8``), so either kernel
+        fits the same graph.
+    """
+    gemm = _gemm(cols, weight)
+    batch, blocks, out_h, out_w, block = (int(v) for v in out_shape)
+    del batch, blocks
+    return te.compute(
+        tuple(int(v) for v in out_shape),
+        lambda n, ob, oh, ow, oi: gemm[(n * out_h + oh) * out_w + ow, ob * block + oi],
+        name="amx_unpack",
+    )
+
+
+def dense_amx_int8(data: te.Tensor, weight: te.Tensor, rows: int, cols: int) -> te.Tensor:
+    """u8 ``[M_pad, K_pad]`` x packed s8 ``[K_pad/4, N_pad, 4]`` -> s32 ``[rows, cols]`` (padding dropped)."""
+    gemm = _gemm(data, weight)
+    return te.compute((rows, cols), lambda i, j: gemm[i, j], name="amx_unpack")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The intrinsic
+def intrinsic_name(depth: int) -> str:
+    """Name of the 32 x 32 x ``depth`` intrinsic (``depth`` a multiple of 64)."""
+    return f"tvmquant_amx_u8s8s32_{TILE_M}x{TILE_N}x{depth}"
+
+
+#: Tile configuration (64 bytes as 16 int32 words): palette 1, tiles 0-7 of 16 rows x 64 bytes.
+_CONFIG_WORDS = [1, 0, 0, 0] + [0x00400040] * 4 + [0] * 4 + [0x10101010] * 2 + [0, 0]
+
+
+def _desc(depth: int):
+    quads = depth // 4
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (TILE_M, depth), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (quads, TILE_N, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (TILE_M, TILE_N), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:TILE_M, 0:TILE_N], A[0:TILE_M, 0:depth], B[0:quads, 0:TILE_N, 0:4])
+            T.writes(C[0:TILE_M, 0:TILE_N])
+            for i, j, k4, ki in T.grid(TILE_M, TILE_N, quads, 4):
+                with T.sblock("update"):
+                    vi, vj, vk4, vki = T.axis.remap("SSRR", [i, j, k4, ki])
+                    C[vi, vj] = C[vi, vj] + T.cast(A[vi, vk4 * 4 + vki], "int32") * T.cast(B[vk4, vj, vki], "int32")
+
+    return desc
+
+
+def _impl(depth: int):
+    """The hardware implementation: ``ldtilecfg``, load the C tiles, per 64 bytes of K load 2 A and 2 B
+    tiles and issue 4 ``tdpbusd``, store the C tiles. Tiles 0-3: C, 4-5: A, 6-7: B."""
+    quads = depth // 4
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sa = T.int32()
+        sb = T.int32()
+        sc = T.int32()
+        A = T.match_buffer(a, (TILE_M, depth), "uint8", offset_factor=1, strides=[sa, 1])
+        B = T.match_buffer(b, (quads, TILE_N, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
+        C = T.match_buffer(c, (TILE_M, TILE_N), "int32", offset_factor=1, strides=[sc, 1])
+        with T.sblock("root"):
+            T.reads(C[0:TILE_M, 0:TILE_N], A[0:TILE_M, 0:depth], B[0:quads, 0:TILE_N, 0:4])
+            T.writes(C[0:TILE_M, 0:TILE_N])
+            cfg = T.decl_buffer((16,), "int32", scope="local")
+            for w in T.unroll(16):
+                cfg[w] = T.Select(
+                    w == 0, 1, T.Select(w >= 4 and w < 8, 0x00400040, T.Select(w >= 12 and w < 14, 0x10101010, 0))
+                )
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", cfg.access_ptr("r")))
+            for mb in T.unroll(_MB):
+                for nb in T.unroll(_NB):
+                    T.evaluate(
+                        T.call_llvm_intrin(
+                            "void",
+                            "llvm.x86.tileloadd64",
+                            T.int8(mb * _NB + nb),
+                            C.access_ptr("r", offset=mb * 16 * sc + nb * 16),
+                            T.int64(sc * 4),
+                        )
+                    )
+            for kk in T.serial(depth // TILE_K):
+                for mb in T.unroll(_MB):
+                    T.evaluate(
+                        T.call_llvm_intrin(
+                            "void",
+                            "llvm.x86.tileloadd64",
+                            T.int8(_C_TILES + mb),
+                            A.access_ptr("r", offset=mb * 16 * sa + kk * 64),
+                            T.int64(sa),
+                        )
+                    )
+                for nb in T.unroll(_NB):
+                    T.evaluate(
+                        T.call_llvm_intrin(
+                            "void",
+                            "llvm.x86.tileloadd64",
+                            T.int8(_C_TILES + _MB + nb),
+                            B.access_ptr("r", offset=kk * 16 * sb + nb * 64),
+                            T.int64(sb),
+                        )
+                    )
+                for mb in T.unroll(_MB):
+                    for nb in T.unroll(_NB):
+                        T.evaluate(
+                            T.call_llvm_intrin(
+                                "void",
+                                "llvm.x86.tdpbusd",
+                                T.int8(mb * _NB + nb),
+                                T.int8(_C_TILES + mb),
+                                T.int8(_C_TILES + _MB + nb),
+                            )
+                        )
+            for mb in T.unroll(_MB):
+                for nb in T.unroll(_NB):
+                    T.evaluate(
+                        T.call_llvm_intrin(
+                            "void",
+                            "llvm.x86.tilestored64",
+                            T.int8(mb * _NB + nb),
+                            C.access_ptr("w", offset=mb * 16 * sc + nb * 16),
+                            T.int64(sc * 4),
+                        )
+                    )
+
+    return impl
+
+
+def _emulated_impl(depth: int):
+    """The same instruction stream as :func:`_impl` in plain TIR: tile registers are local arrays, and every
+    ``tileloadd``/``tilestored`` reads or writes 16 rows at the flat offset and row stride the hardware
+    version passes (so a wrong offset or stride gives wrong results here too); ``tdpbusd`` is
+    ``C[m][n] += sum_q sum_i A[m][4q + i] * B[q][4n + i]``, u8 x s8 into int32."""
+    quads = depth // 4
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        sa = T.int32()
+        sb = T.int32()
+        sc = T.int32()
+        A = T.match_buffer(a, (TILE_M, depth), "uint8", offset_factor=1, strides=[sa, 1])
+        B = T.match_buffer(b, (quads, TILE_N, 4), "int8", offset_factor=1, strides=[sb, 4, 1])
+        C = T.match_buffer(c, (TILE_M, TILE_N), "int32", offset_factor=1, strides=[sc, 1])
+        with T.sblock("root"):
+            T.reads(C[0:TILE_M, 0:TILE_N], A[0:TILE_M, 0:depth], B[0:quads, 0:TILE_N, 0:4])
+            T.writes(C[0:TILE_M, 0:TILE_N])
+            a_flat = T.decl_buffer((TILE_M * sa,), "uint8", data=A.data, elem_offset=A.elem_offset)
+            b_flat = T.decl_buffer((quads * sb,), "int8", data=B.data, elem_offset=B.elem_offset)
+            c_flat = T.decl_buffer((TILE_M * sc,), "int32", data=C.data, elem_offset=C.elem_offset)
+            c_tiles = T.decl_buffer((_C_TILES, 16, 16), "int32", scope="local")
+            a_tiles = T.decl_buffer((_MB, 16, 64), "uint8", scope="local")
+            b_tiles = T.decl_buffer((_NB, 16, 64), "int8", scope="local")
+            for mb, nb, row, col in T.grid(_MB, _NB, 16, 16):
+                c_tiles[mb * _NB + nb, row, col] = c_flat[mb * 16 * sc + nb * 16 + row * sc + col]
+            for kk in T.serial(depth // TILE_K):
+                for mb, row, byte in T.grid(_MB, 16, 64):
+                    a_tiles[mb, row, byte] = a_flat[mb * 16 * sa + kk * 64 + row * sa + byte]
+                for nb, row, byte in T.grid(_NB, 16, 64):
+                    b_tiles[nb, row, byte] = b_flat[kk * 16 * sb + nb * 64 + row * sb + byte]
+                for mb, nb, m, n, q, i in T.grid(_MB, _NB, 16, 16, 16, 4):
+                    c_tiles[mb * _NB + nb, m, n] = c_tiles[mb * _NB + nb, m, n] + T.cast(
+                        a_tiles[mb, m, q * 4 + i], "int32"
+                    ) * T.cast(b_tiles[nb, q, n * 4 + i], "int32")
+            for mb, nb, row, col in T.grid(_MB, _NB, 16, 16):
+                c_flat[mb * 16 * sc + nb * 16 + row * sc + col] = c_tiles[mb * _NB + nb, row, col]
+
+    return impl
+
+
+_EMULATE = False
+_REGISTERED: dict[int, bool] = {}  # depth -> registered as emulated
+
+
+def register_amx_intrinsic(depth: int) -> str:
+    """Register (idempotently) the 32 x 32 x ``depth`` AMX intrinsic; returns its name.
+
+    Tuning records store only the intrinsic's name, so it must be registered in every process that designs,
+    tunes or replays an AMX kernel; :func:`tvmquant.schedules.x86.prepare` registers the ones its kernels use.
+    """
+    if depth % TILE_K:
+        raise ValueError(f"AMX intrinsic: K={depth} is not a multiple of {TILE_K}")
+    name = intrinsic_name(depth)
+    if _REGISTERED.get(depth) is not _EMULATE:
+        impl = _emulated_impl(depth) if _EMULATE else _impl(depth)
+        TensorIntrin.register(name, _desc(depth), impl, override=True)
+        _REGISTERED[depth] = _EMULATE
+    return name
+
+
+@contextlib.contextmanager
+def emulated():
+    """For tests on CPUs without AMX: inside the ``with``, every target counts as having AMX and the
+    intrinsics are registered with :func:`_emulated_impl` (plain TIR, runs anywhere). Never use it for a
+    library that is deployed: it is slow and has no AMX instructions."""
+    global _EMULATE
+    saved = _EMULATE
+    _EMULATE = True
+    for depth in list(_REGISTERED):
+        register_amx_intrinsic(depth)
+    try:
+        yield
+    finally:
+        _EMULATE = saved
+        for depth in list(_REGISTERED):
+            register_amx_intrinsic(depth)
+
+
+def amx_enabled(target) -> bool:
+    """Whether kernels for ``target`` may use AMX (the target has it, or :func:`emulated` is in force)."""
+    return _EMULATE or target_has_amx(target)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding and scheduling AMX kernels
+def _gemm_block(sch):
+    try:
+        return sch.get_sblock(GEMM_BLOCK)
+    except Exception:  # noqa: BLE001  (no such block)
+        return None
+
+
+def is_amx_kernel(func) -> bool:
+    """Whether ``func`` (a PrimFunc, scheduled or not) holds the AMX GEMM compute or its tensorized form."""
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    todo = [func.body]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, tvm.s_tir.stmt.SBlock):
+            if str(node.name_hint).startswith(GEMM_BLOCK):
+                return True
+            todo.append(node.body)
+            if node.init is not None:
+                todo.append(node.init)
+        elif isinstance(node, tvm.s_tir.stmt.SBlockRealize):
+            todo.append(node.block)
+        elif isinstance(node, tirx.stmt.SeqStmt):
+            todo.extend(node.seq)
+        elif isinstance(node, tirx.stmt.IfThenElse):
+            todo.extend(n for n in (node.then_case, node.else_case) if n is not None)
+        elif hasattr(node, "body"):
+            todo.append(node.body)
+    return False
+
+
+def _tile_gemm(sch, block, tiles=None):
+    """Tile ``block`` around the intrinsic; ``tiles`` = ``(i_outer, i_inner, j_outer, j_inner)`` factors of
+    the 32-blocks (sampled when None). Returns the blockized block and the two outer loops."""
+    depth = int(np.prod([int(sch.get(loop).extent) for loop in sch.get_loops(block)[-2:]]))
+    name = register_amx_intrinsic(depth)
+    loop = tvm.s_tir.schedule.transform.tile_with_tensor_intrin(sch, block, name)
+    if loop is None:
+        raise ValueError(f"AMX: the GEMM block does not match {name}")
+    outer = sch.blockize(loop)
+    sch.annotate(outer, "meta_schedule.auto_tensorize", name)
+    io, jo = sch.get_loops(outer)[:2]
+    if tiles is None:
+        i_tiles = sch.sample_perfect_tile(io, n=2, max_innermost_factor=4)
+        j_tiles = sch.sample_perfect_tile(jo, n=2, max_innermost_factor=4)
+    else:
+        i_tiles, j_tiles = tiles[:2], tiles[2:]
+    i0, i1 = sch.split(io, i_tiles)
+    j0, j1 = sch.split(jo, j_tiles)
+    sch.reorder(i0, j0, i1, j1)
+    return outer, (i0, j0)
+
+
+def amx_schedule_rule(sch, block):
+    """Meta-schedule custom rule for the ``amx_gemm_int8`` block: tile around the AMX intrinsic (blockize,
+    ``meta_schedule.auto_tensorize``) and sample the outer tiles; meta-schedule's postprocessors tensorize it
+    and parallelize the outer loops. Meta-schedule's ``MultiLevelTilingWithIntrin`` refuses this intrinsic
+    (its applicability check rejects two reduction loops over the same buffers), hence a rule of our own."""
+    sch = sch.copy()
+    try:
+        _tile_gemm(sch, block)
+    except Exception as err:  # noqa: BLE001  (the block does not match the intrinsic: nothing to tile)
+        logger.debug("AMX rule: %s", err)
+        return [sch]
+    return [sch]
+
+
+def register_schedule_rule() -> None:
+    """Register :func:`amx_schedule_rule` as meta-schedule's custom rule ``tvmquant_amx_gemm`` for CPUs."""
+    name = f"s_tir.meta_schedule.cpu.{SCHEDULE_RULE}"
+    if tvm.get_global_func(name, allow_missing=True) is None:
+        tvm.register_global_func(name, amx_schedule_rule)
+
+
+def schedule_amx_kernel(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc | None:
+    """The untuned default schedule of an AMX kernel (None when ``func`` is not one).
+
+    The GEMM in 32 x 32 blocks of tiles (K whole inside the intrinsic), the blocks of M in parallel; the
+    gather into the output layout and the fused epilogue as one loop nest, rows in parallel, the 16 output
+    channels of a block as one vector.
+    """
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    block = _gemm_block(sch)
+    if block is None:
+        return None
+    root = sch.get_sblock("root")
+    outputs = {str(sch.get(b).name_hint) for b in sch.get_output_blocks(root)}
+    for child in sch.get_child_blocks(root):
+        name = str(sch.get(child).name_hint)
+        if name in outputs or name == GEMM_BLOCK:
+            continue
+        with contextlib.suppress(Exception):
+            sch.compute_inline(child)
+    rows = int(sch.get(sch.get_loops(block)[0]).extent) // TILE_M
+    cols = int(sch.get(sch.get_loops(block)[1]).extent) // TILE_N
+    j_inner = max(d for d in (1, 2, 4) if cols % d == 0)
+    outer, (i0, j0) = _tile_gemm(sch, block, (rows, 1, cols // j_inner, j_inner))
+    fused = sch.fuse(i0, j0)
+    if num_cores > 1:
+        sch.parallel(fused)
+    k_loop = sch.get_loops(outer)[-2]  # the (unit) K loops of the block of tiles: init goes above them
+    sch.decompose_reduction(outer, k_loop)
+    sch.tensorize(outer, str(sch.get(outer).annotations["meta_schedule.auto_tensorize"]))
+    sch.unannotate(outer, "meta_schedule.auto_tensorize")
+    # The gather into the output layout with the epilogue inlined: rows in parallel, channels as vectors.
+    for out_name in outputs:
+        out_block = sch.get_sblock(out_name)
+        loops = sch.get_loops(out_block)
+        if num_cores > 1 and len(loops) > 1:
+            sch.parallel(sch.fuse(*loops[:-2]) if len(loops) > 2 else loops[0])
+        sch.vectorize(sch.get_loops(out_block)[-1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def space_generator():
+    """Meta-schedule's design space for AMX kernels: the target's rules (whose ``ApplyCustomRule`` runs
+    :func:`amx_schedule_rule` on the GEMM block) with the x86 postprocessors, tensorizing with
+    ``RewriteTensorize(vectorize_init_loop=False)`` (the block's zero-fill is a 32 x 32 loop nest, which the
+    init vectorizer refuses)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.space_generator.PostOrderApply(
+        sch_rules="from-target",
+        postprocs=[
+            ms.postproc.DisallowDynamicLoop(),
+            ms.postproc.RewriteParallelVectorizeUnroll(),
+            ms.postproc.RewriteReductionBlock(),
+            ms.postproc.RewriteTensorize(vectorize_init_loop=False),
+        ],
+        mutator_probs="from-target",
+    )
+
+
+register_schedule_rule()

@@ -103,15 +103,24 @@ def _bench(qmodel, **model):
     }
 
 
-def test_report_has_every_section_and_figure(quantized, tmp_path):
-    qmodel, calib, folder = quantized
+@pytest.fixture(scope="module")
+def report_page(quantized):
+    """The report of the finetuned artifact with a bench JSON, written by ``tvmquant report``, and its data."""
+    qmodel, _, folder = quantized
     loaded = tvmquant.load(folder / "fmnist_finetuned.tvmq")
-    bench_path = tmp_path / "bench.json"
+    bench_path = folder / "bench.json"
     bench_path.write_text(json.dumps(_bench(loaded)))
-    out = tmp_path / "report.html"
-    result = loaded.report(out, data=calib, bench=bench_path, progress=False)
-    assert result["sections"] == ["layers", "histograms", "weights", "sensitivity", "bench", "finetune"]
+    out = folder / "report.html"
+    argv = ["report", str(folder / "fmnist_finetuned.tvmq"), "--data", str(folder / "calib.npz")]
+    assert cli.main([*argv, "--bench", str(bench_path), "-o", str(out), "-q"]) == 0
+    text = out.read_text(encoding="utf-8")
+    data = json.loads(text.split('<script type="application/json" id="report-data">', 1)[1].split("</script>", 1)[0])
+    return loaded, out, data
 
+
+def test_report_has_every_section_and_figure(report_page):
+    loaded, out, result = report_page
+    assert result["sections"] == ["layers", "histograms", "weights", "sensitivity", "bench", "finetune"]
     page = _parse(out)
     assert page.sections == result["sections"]
     activations = sorted(name for name, params in loaded.table.items() if params.role == Role.ACTIVATION)
@@ -138,16 +147,19 @@ def test_report_has_every_section_and_figure(quantized, tmp_path):
     text = out.read_text()
     assert "http://" not in text and "https://" not in text
     assert "tvmquant_int8" in text and "vs_tvm_fp32" in text
+    # Sensitivity: every quantized layer with tensors of its own, a finite SQNR for each.
+    assert set(result["sensitivity_db"]) <= {layer.name for layer in loaded.layers if layer.quantized}
+    assert len(result["sensitivity_db"]) >= 10
+    assert all(np.isfinite(float(value)) for value in result["sensitivity_db"].values())
 
 
-def test_report_ranges_are_the_calibration_ones(quantized, tmp_path):
+def test_report_ranges_are_the_calibration_ones(report_page):
     """On the data it was quantized with, the report's percentile range (the configured method) is the range the
     model uses, for every activation: the histograms are the calibration's; max is the observed extremes."""
-    qmodel, calib, _ = quantized
-    result = qmodel.report(tmp_path / "r.html", data=calib, progress=False)
-    assert set(result["ranges"]) == {n for n, p in qmodel.table.items() if p.role == Role.ACTIVATION}
+    loaded, _, result = report_page
+    assert set(result["ranges"]) == {n for n, p in loaded.table.items() if p.role == Role.ACTIVATION}
     for name, ranges in result["ranges"].items():
-        params = qmodel.table[name]
+        params = loaded.table[name]
         np.testing.assert_allclose(ranges["percentile"], (float(params.a_min), float(params.a_max)), rtol=1e-6)
         low, high = ranges["max"]
         assert low <= ranges["percentile"][0] and ranges["percentile"][1] <= high
@@ -155,12 +167,9 @@ def test_report_ranges_are_the_calibration_ones(quantized, tmp_path):
             assert low <= ranges[method][0] <= ranges[method][1] <= high
 
 
-def test_report_cli_and_bad_input(quantized, tmp_path, capsys):
+def test_report_bad_input_gets_one_line(quantized, tmp_path, capsys):
     qmodel, _, folder = quantized
     artifact, data = str(folder / "fmnist.tvmq"), str(folder / "calib.npz")
-    out = tmp_path / "report.html"
-    assert cli.main(["report", artifact, "--data", data, "-o", str(out), "-q"]) == 0
-    assert _parse(out).sections == ["layers", "histograms", "weights", "sensitivity"]
 
     def error(argv) -> str:
         assert cli.main(argv) == cli.EXIT_USER_ERROR
@@ -200,21 +209,20 @@ def test_report_refuses_missing_data_in_python(quantized, tmp_path):
 
 
 @pytest.mark.browser
-def test_report_renders_in_headless_chromium(quantized, tmp_path):
-    """Render the page as a person would see it (Debian's chromium) and check the screenshot is not blank."""
+def test_report_renders_in_headless_chromium(report_page, tmp_path):
+    """Render the page as a person would see it (Debian's chromium) and check the screenshot is not blank.
+
+    ``TVMQUANT_KEEP_SCREENSHOT=shot.png python -m pytest -m browser tests/test_report.py`` keeps the screenshot.
+    """
     from PIL import Image
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("headless Chromium is not installed: apt-get install -y chromium")
-    qmodel, calib, folder = quantized
-    page = tmp_path / "report.html"
-    qmodel.report(page, data=calib, bench=_bench(qmodel), progress=False)
+    _, page, _ = report_page
     shot = tmp_path / "report.png"
     command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,3000"]
-    subprocess.run(
-        [*command, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True
-    )
+    subprocess.run([*command, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
     if os.environ.get("TVMQUANT_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["TVMQUANT_KEEP_SCREENSHOT"])
     image = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int32)

@@ -233,8 +233,9 @@ def build_report(
     Returns
     -------
     dict
-        ``path``, ``sections`` (ids, in page order), ``figures`` (kind -> count) and ``ranges`` (activation ->
-        method -> the ``(a_min, a_max)`` it computes from the histogram).
+        ``path``, ``sections`` (ids, in page order), ``figures`` (kind -> count), ``ranges`` (activation ->
+        method -> the ``(a_min, a_max)`` it computes from the histogram) and ``sensitivity_db`` (layer -> dB).
+        The page holds the same (but ``path``) as JSON in ``<script id="report-data">``.
 
     Examples
     --------
@@ -313,12 +314,14 @@ def build_report(
         sections.append(("bench", "Latency", _bench_section(plt, bench_result, figures)))
     if history is not None:
         sections.append(("finetune", "Finetune loss", _loss_section(plt, history, figures)))
-    page = _page(qmodel, summary, sections, seen, sensitivity_batches)
+    ranges = {name: stats.ranges(name) for name, c in stats.collectors.items() if c.num_values}
+    result = {"sections": [key for key, _, _ in sections], "figures": figures, "ranges": ranges}
+    result["sensitivity_db"] = sensitivity
+    page = _page(qmodel, summary, sections, seen, sensitivity_batches, result)
     atomic_write(path, lambda handle: handle.write(page.encode()))
     bar.update()
     bar.close()
-    ranges = {name: stats.ranges(name) for name, c in stats.collectors.items() if c.num_values}
-    return {"path": path, "sections": [key for key, _, _ in sections], "figures": figures, "ranges": ranges}
+    return {"path": path, **result}
 
 
 def _calibration_graph(qmodel, data):
@@ -340,7 +343,8 @@ def _esc(value) -> str:
 
 def _figure(plt, fig, kind: str, figures: dict, caption: str = "", **attrs) -> str:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    # Fixed margins, not bbox_inches="tight" (which draws every figure twice: half the report's time).
+    fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
     figures[kind] = figures.get(kind, 0) + 1
     data = base64.b64encode(buffer.getvalue()).decode()
@@ -435,9 +439,11 @@ def _histogram_section(plt, stats: _ActivationStats, qmodel, figures: dict) -> s
         )
         hist: StreamingHistogram = collector.histogram
         fig, ax = plt.subplots(figsize=(4.6, 2.6))
+        fig.subplots_adjust(left=0.13, right=0.98, top=0.9, bottom=0.17)
         edges, counts = _coarse(hist)
         ax.stairs(np.maximum(counts, 0.8), edges, fill=True, color="#c7d4e8", baseline=0.8)
         ax.set_yscale("log")
+        _few_ticks(ax, log_y=True)
         ax.axvspan(*_shown(chosen, symmetric), color="#ffbf00", alpha=0.12, label="used by the model")
         for method, (low, high) in ranges.items():
             style = {"color": METHOD_COLORS[method], "lw": 2.2 if method == chosen_method else 1.1}
@@ -465,6 +471,16 @@ def _histogram_section(plt, stats: _ActivationStats, qmodel, figures: dict) -> s
     head = "".join(f"<th>{_esc(h)}</th>" for h in ["tensor", *[_method_label(spec, m) for m in METHOD_COLORS], "used"])
     parts.append(f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
     return "".join(parts)
+
+
+def _few_ticks(ax, log_y: bool = False) -> None:
+    """A handful of major ticks and no minor ones: tick labels are most of the drawing time."""
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(6))
+    ax.yaxis.set_major_locator(LogLocator(numticks=5) if log_y else MaxNLocator(5))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_locator(NullLocator())
 
 
 def _range_of(params) -> tuple[float, float]:
@@ -527,12 +543,14 @@ def _weights_section(plt, annotated, layers, figures: dict) -> str:
         with np.errstate(divide="ignore"):
             wasted = np.log2(overall / np.maximum(magnitude, np.finfo(np.float32).tiny))
         fig, ax = plt.subplots(figsize=(4.6, 2.4))
+        fig.subplots_adjust(left=0.14, right=0.98, top=0.9, bottom=0.18)
         channels = np.arange(len(low))
         ax.vlines(channels, low, high, color="#1f77b4", lw=max(0.6, min(4.0, 200 / max(len(low), 1))))
         ax.axhline(overall, color="#d62728", ls="--", lw=1, label="per-tensor range")
         ax.axhline(-overall, color="#d62728", ls="--", lw=1)
         ax.set_title(f"{layer.name} ({layer.weight}, {len(low)} channels)", fontsize=9)
         ax.set_xlabel("output channel", fontsize=8)
+        _few_ticks(ax)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6, loc="upper right")
         parts.append(_figure(plt, fig, "weights", figures, layer=layer.name))
@@ -578,7 +596,9 @@ def _sensitivity_section(plt, sensitivity: dict, layers, qmodel, figures: dict) 
         labels.append(f"{name} (AutoSkip)")
         shown.append(value if np.isfinite(value) else 0.0)
         colors.append("#ff7f0e")
-    fig, ax = plt.subplots(figsize=(7.0, 0.28 * max(len(labels), 3) + 1.0))
+    height = 0.28 * max(len(labels), 3) + 1.0
+    fig, ax = plt.subplots(figsize=(7.0, height))
+    fig.subplots_adjust(left=0.24, right=0.98, top=1 - 0.2 / height, bottom=0.6 / height)
     ax.barh(np.arange(len(labels)), shown, color=colors)
     ax.set_yticks(np.arange(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()
@@ -620,6 +640,7 @@ def _bench_section(plt, bench: dict, figures: dict) -> str:
         cells = "".join(f"<td>{_fmt(ratios.get(t), 3)}x</td>" for t in threads)
         rows.append(f"<tr><td>INT8 speed-up {_esc(name)}</td>{cells}</tr>")
     fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    fig.subplots_adjust(left=0.11, right=0.98, top=0.95, bottom=0.12)
     engines = list(latency)
     width = 0.8 / max(len(engines), 1)
     for index, engine in enumerate(engines):
@@ -640,6 +661,7 @@ def _bench_section(plt, bench: dict, figures: dict) -> str:
 
 def _loss_section(plt, history: list, figures: dict) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 2.8))
+    fig.subplots_adjust(left=0.11, right=0.98, top=0.95, bottom=0.17)
     ax.plot(np.arange(1, len(history) + 1), history, color="#1f77b4")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -651,6 +673,21 @@ def _loss_section(plt, history: list, figures: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+def _json_for_html(data: dict) -> str:
+    """``data`` as JSON safe inside a ``<script>`` element (inf as a string, no ``</`` sequence)."""
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if isinstance(value, float) and not np.isfinite(value):
+            return str(value)
+        return value
+
+    return json.dumps(clean(data)).replace("</", "<\\/")
+
+
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 2em 3em;color:#222}
 h1{margin-bottom:.2em} nav a{margin-right:1em} code{background:#f3f3f3;padding:0 .2em}
@@ -683,7 +720,7 @@ document.querySelectorAll('table.sortable').forEach(function (table) {
 """
 
 
-def _page(qmodel, summary, sections, batches: int, sensitivity_batches: int) -> str:
+def _page(qmodel, summary, sections, batches: int, sensitivity_batches: int, result: dict) -> str:
     from ._compat import versions
 
     name = _model_name(qmodel)
@@ -701,5 +738,6 @@ def _page(qmodel, summary, sections, batches: int, sensitivity_batches: int) -> 
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>tvmquant report: {_esc(name)}</title><style>{_STYLE}</style></head><body>"
         f"<h1>tvmquant report: {_esc(name)}</h1><p class=meta>{_esc(meta)}</p><nav>{nav}</nav>{body}"
+        f'<script type="application/json" id="report-data">{_json_for_html(result)}</script>'
         f"<script>{_SCRIPT}</script></body></html>"
     )

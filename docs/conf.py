@@ -16,6 +16,7 @@ extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.viewcode"
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = False
+napoleon_use_ivar = True
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"  # the numpydoc sections carry the types
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}

@@ -32,7 +32,7 @@ package, db = os.path.join(work, "package"), os.path.join(work, "db")
 
 # Signed int8 activations: NVIDIA's int8 tensor cores take int8 x int8 (the x86 default is uint8 activations).
 calib, _, _ = load_fmnist_example()
-qmodel = tvmquant.quantize(fmnist_model_path(), PRESETS["symmetric_int8"], calib[:32], progress=False)
+qmodel = tvmquant.quantize(fmnist_model_path(), PRESETS["cuda_int8"], calib[:32], progress=False)
 
 # 1. The package: trials // 8 candidates per kernel (2 here; 8 or more give fast kernels).
 #    CLI: tvmquant tune m.tvmq --target nvidia/nvidia-h100 --trials 16 --package package/ --db db/

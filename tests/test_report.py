@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -233,3 +234,35 @@ def test_report_renders_in_headless_chromium(report_page, tmp_path):
     colours = len(np.unique(image.reshape(-1, 3) // 8, axis=0))
     assert colours > 200, colours
     assert not_white[:1500].mean() > 0.02 and not_white[1500:].mean() > 0.02
+
+    # The layer table sorts on a click: click "input SQNR dB" in the page, read the DOM Chromium ends with.
+    clicked = tmp_path / "clicked.html"
+    header = "input SQNR dB"
+    click = (
+        "<script>Array.prototype.find.call(document.querySelectorAll('#layer-table th'),"
+        f" function (th) {{ return th.textContent === '{header}'; }}).click();</script></body>"
+    )
+    clicked.write_text(page.read_text(encoding="utf-8").replace("</body>", click), encoding="utf-8")
+    dom = subprocess.run(
+        [*command, "--dump-dom", clicked.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    column = _header_names(dom).index(header)
+    values = _column(dom, column)
+    numbers = [v for v in values if v == v]
+    assert len(numbers) >= 10 and numbers == sorted(numbers), values
+    in_page = [v for v in _column(page.read_text(encoding="utf-8"), column) if v == v]
+    assert sorted(in_page) == numbers and in_page != numbers  # the click changed the order, and only the order
+
+
+def _layer_table(html: str) -> str:
+    return html.split('id="layer-table"', 1)[1].split("</table>", 1)[0]
+
+
+def _header_names(html: str) -> list:
+    return re.findall(r"<th\b[^>]*>(.*?)</th>", _layer_table(html))
+
+
+def _column(html: str, column: int) -> list:
+    body = _layer_table(html).split("<tbody>", 1)[1]
+    rows = [re.findall(r"<td\b[^>]*>(.*?)</td>", row) for row in body.split("</tr>") if "<td" in row]
+    return [float("nan") if row[column] == "-" else float(row[column]) for row in rows]

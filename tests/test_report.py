@@ -266,3 +266,25 @@ def _column(html: str, column: int) -> list:
     body = _layer_table(html).split("<tbody>", 1)[1]
     rows = [re.findall(r"<td\b[^>]*>(.*?)</td>", row) for row in body.split("</tr>") if "<td" in row]
     return [float("nan") if row[column] == "-" else float(row[column]) for row in rows]
+
+
+def test_sensitivity_section_shows_autoskip_order():
+    """AutoSkip's choices (recorded in the layers' reasons) are listed in the order it chose them, on the chart."""
+    import types
+
+    from tvmquant.config import AutoSkip, QuantConfig
+    from tvmquant.op_table import LayerInfo
+    from tvmquant.report import _require_matplotlib, _sensitivity_section
+
+    layers = [
+        LayerInfo("conv2d_0", "conv2d", False, "auto: most sensitive (alone: 18.5 dB output SQNR)"),
+        LayerInfo("conv2d_1", "conv2d"),
+        LayerInfo("matmul_0", "matmul", False, "auto: most sensitive (alone: 12.0 dB output SQNR)"),
+    ]
+    qmodel = types.SimpleNamespace(sqnr={"output0": 25.0}, config=QuantConfig(auto_skip=AutoSkip(30.0)))
+    figures: dict = {}
+    html = _sensitivity_section(_require_matplotlib(), {"conv2d_1": 40.0}, layers, qmodel, figures)
+    assert figures == {"sensitivity": 1}
+    order = html.split("<ol>", 1)[1].split("</ol>", 1)[0]
+    assert order.index("matmul_0") < order.index("conv2d_0")  # most sensitive first, as AutoSkip chose
+    assert "12.0 dB" in order and "18.5 dB" in order

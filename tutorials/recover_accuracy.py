@@ -1,6 +1,6 @@
 """Tutorial: find where a quantized model loses signal, and get it back.
 
-Run from the repository root: ``python tutorials/recover_accuracy.py`` (about two minutes on 2 cores; the HTML
+Run from the repository root: ``python tutorials/recover_accuracy.py`` (a few minutes on 2 cores; the HTML
 report needs ``pip install "tvmquant[report]"``). The model is the bundled Fashion-MNIST CNN.
 
 The levers, cheapest first: the calibration method (how each activation's range is clipped), per-channel weight

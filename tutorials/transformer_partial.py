@@ -1,6 +1,6 @@
 """Tutorial: a transformer (a small BERT encoder) with partial quantization.
 
-Run from the repository root: ``python tutorials/transformer_partial.py`` (under two minutes on 2 cores; needs
+Run from the repository root: ``python tutorials/transformer_partial.py`` (a few minutes on 2 cores; needs
 ``pip install -c <(echo torch==2.13.0) transformers``). Random weights: the point is where INT8 goes, not accuracy.
 
 In a transformer, tvmquant quantizes the matmuls (the projections, the attention products ``Q K^T`` and

@@ -1,6 +1,6 @@
 """Tutorial: tune INT8 kernels for an NVIDIA GPU from a machine that has none.
 
-Run from the repository root: ``python tutorials/tune_gpu_offline.py`` (under two minutes on 2 cores with this
+Run from the repository root: ``python tutorials/tune_gpu_offline.py`` (a few minutes on 2 cores with this
 small budget; needs ``nvcc`` here, and TVM's runtime plus a GPU on the GPU host). meta-schedule measures
 candidates on the device it tunes for, so the loop is split in three (see ``tvmquant/schedules/offline.py``):
 

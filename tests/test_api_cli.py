@@ -282,6 +282,11 @@ def test_cli_bench_times_int8_fp32_and_onnx_runtime(tmp_path, model_file, calib_
     assert ratio == pytest.approx(result["latency_ms"]["tvm_fp32"]["1"] / result["latency_ms"]["tvmquant_int8"]["1"])
     assert result["machine"]["cores"] >= 1 and "llvm_mcpu" in result["machine"]
     assert result["tuned"] == {"tvmquant_int8": False, "tvm_fp32": False} and "(untuned)" in table
+    # which model it measured: what `tvmquant report --bench` checks
+    from tvmquant.report import model_fingerprint
+
+    assert result["model"] == json.loads(json.dumps(model_fingerprint(tvmquant.load(artifact))))
+    assert result["model"]["name"] == "cnn.tvmq"
     # bad arguments: one line, no output file
     bad = tmp_path / "bad.json"
     assert cli.main(["bench", str(artifact), "--threads", "0", "-o", str(bad), "-q"]) == cli.EXIT_USER_ERROR

@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tvmquant"
 #: The shared vocabulary below the stages (modules directly in tvmquant/).
 BASE = {"quant_math", "config", "_io", "_compat", "_relax", "op_table", "qparams", "target", "threads"}
 #: What the user and the build drive: no stage imports these.
-TOP = {"api", "cli", "compile", "deploy", "export", "benchmark", "library", "tuning"}
+TOP = {"api", "cli", "compile", "deploy", "export", "benchmark", "library", "tuning", "report"}
 EVERYTHING = {path.stem if path.parent == PACKAGE else path.parent.name for path in PACKAGE.rglob("*.py")} - {
     "__init__"
 }

@@ -575,6 +575,23 @@ class QuantizedModel:
             require_amx(f"compile(target={target_json(target)})")  # before minutes of building for nothing
         return CompiledModel(build(mod, target=target, db=db), self.inputs, device, output_names(mod), amx=amx)
 
+    def report(self, path, data=None, bench=None, *, progress: bool = True, sensitivity_batches: int = 8) -> dict:
+        """Write a self-contained HTML report: the per-layer table, activation histograms with the range each
+        calibration method picks, per-channel weight ranges, a sensitivity chart, and, when given, the latency of a
+        ``tvmquant bench`` JSON of this model (``bench``); see :mod:`tvmquant.report`. The twin of
+        ``tvmquant report``.
+
+        ``data`` is the calibration data (any form :func:`quantize` takes): artifacts keep calibrated ranges, not
+        histograms, so the report recomputes them. Needs matplotlib (``pip install "tvmquant[report]"``).
+
+        Examples
+        --------
+        >>> qmodel.report("report.html", data=calib)  # doctest: +SKIP
+        """
+        from .report import build_report
+
+        return build_report(self, path, data, bench, progress=progress, sensitivity_batches=sensitivity_batches)
+
     def export_onnx(self, path, sample: dict | None = None) -> None:
         """Write a standard QDQ ONNX model (QuantizeLinear/DequantizeLinear, per-channel int8 weights, int32
         biases) that ONNX Runtime runs; see :mod:`tvmquant.export`."""

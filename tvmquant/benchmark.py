@@ -203,6 +203,7 @@ def benchmark(
     Returns
     -------
     dict
+        ``model`` (name, inputs, digest of the quantization table: what ``tvmquant report`` checks),
         ``machine``, ``target``, ``threads``, ``tuned`` (per TVM engine), ``latency_ms`` (engine -> {threads:
         ms}), ``speedup`` (INT8 over every other engine, per thread count) and ``skipped`` (engine -> reason).
     """
@@ -220,7 +221,10 @@ def benchmark(
     threads = tuple(int(t) for t in threads)
     if not threads or min(threads) < 1:
         raise ValueError(f"threads must be positive integers, got {threads}")
+    from .report import model_fingerprint
+
     result: dict = {
+        "model": model_fingerprint(qmodel),
         "machine": machine_info(),
         "target": target_json(target),
         "threads": list(threads),

@@ -254,6 +254,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .api import load
+
+    _check_output_path(args.output)
+    qmodel = load(args.artifact)
+    data = _load_npz(args.data, "calibration data") if args.data else None
+    result = qmodel.report(
+        args.output, data=data, bench=args.bench, progress=not args.quiet, sensitivity_batches=args.sensitivity_batches
+    )
+    if not args.quiet:
+        figures = sum(result["figures"].values())
+        print(f"wrote {args.output}: sections {', '.join(result['sections'])}; {figures} figures")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .api import load
 
@@ -407,6 +422,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=cmd_export)
 
+    rp = sub.add_parser("report", help="write a self-contained HTML report: layers, histograms, weights, sensitivity")
+    rp.add_argument("artifact", help="artifact (.tvmq) from `tvmquant quantize`")
+    rp.add_argument(
+        "--data", help=".npz of calibration data (one array per input): the histograms and sensitivity need it"
+    )
+    rp.add_argument("--bench", help="JSON from `tvmquant bench` of this model: latency table and chart")
+    rp.add_argument(
+        "--sensitivity-batches", type=int, default=8, help="batches the sensitivity chart is measured on (default 8)"
+    )
+    rp.add_argument("-o", "--output", required=True, help="HTML file to write")
+    rp.add_argument("-q", "--quiet", action="store_true")
+    rp.set_defaults(func=cmd_report)
+
     d = sub.add_parser("demo", help="quantize the bundled Fashion-MNIST model and print FP32 vs INT8 accuracy")
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
@@ -425,7 +453,7 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "calib_batch"):
+    for flag in ("batch_size", "calib_batch", "sensitivity_batches"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             print(f"tvmquant: error: --{flag.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)

@@ -55,7 +55,7 @@ Granularity = Union[PerTensor, PerChannel]
 # Calibration methods
 @dataclass(frozen=True)
 class Max:
-    """The observed minimum and maximum (max |x| for symmetric schemes)."""
+    """The observed minimum and maximum (max ``|x|`` for symmetric schemes)."""
 
     def to_dict(self) -> dict:
         return {"kind": "max"}
@@ -63,7 +63,7 @@ class Max:
 
 @dataclass(frozen=True)
 class Percentile:
-    """The ``percentile``-th percentile of |x| (symmetric) or of each tail (affine), from a histogram."""
+    """The ``percentile``-th percentile of ``|x|`` (symmetric) or of each tail (affine), from a histogram."""
 
     percentile: float = 99.99
     num_bins: int = 2048

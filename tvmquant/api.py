@@ -174,7 +174,16 @@ def quantize(
                 model, params, annotated, inputs, config, calib_data, calib_batch
             )
             table = calibrate(calib_annotated, calib_data, calib_inputs, config, progress=progress, build=host_build)
+    corrections: dict = {}
+    if config.bias_correction:
+        from .passes.bias_correction import ApplyBiasCorrection, bias_corrections
+
+        corrections = bias_corrections(
+            calib_annotated, table, calib_data, calib_inputs, build=host_build, progress=progress
+        )
+        annotated = ApplyBiasCorrection(corrections)(annotated)
     qmodel = QuantizedModel(fp32, annotated, table, config, inputs, source, source_file=source_file)
+    qmodel.bias_corrections = corrections
     if report_batches:
         import warnings
 
@@ -321,6 +330,8 @@ class QuantizedModel:
         self._source_kind = "onnx" if source is not None else "relax"
         self._artifact: str | None = None
         self._stored_layers: list | None = None
+        #: ``{layer name: per-channel vector}`` added to conv2d/matmul biases (``QuantConfig.bias_correction``).
+        self.bias_corrections: dict = {}
 
     def __repr__(self) -> str:
         layers = self.layers
@@ -349,7 +360,12 @@ class QuantizedModel:
                 annotated = AnnotateQuant(self.config)(self.fp32)
                 # The automatic mode's reasons were recorded with the layers; annotation alone says "skip list".
                 reasons = {layer.name: layer.reason for layer in self._stored_layers or [] if layer.reason}
-                self._annotated = _with_reasons(annotated, reasons) if reasons else annotated
+                annotated = _with_reasons(annotated, reasons) if reasons else annotated
+                if self.bias_corrections:
+                    from .passes.bias_correction import ApplyBiasCorrection
+
+                    annotated = ApplyBiasCorrection(self.bias_corrections)(annotated)
+                self._annotated = annotated
         return self._annotated
 
     @annotated.setter
@@ -432,7 +448,9 @@ class QuantizedModel:
     # -- reports ------------------------------------------------------------------------------------------
     def measure_sqnr(self, calib_data, max_batches: int = 8) -> dict:
         """SQNR (dB) of every quantized tensor and of the outputs, simulated vs FP32, on calibration data."""
-        fp32_vm = compile_vm(self.annotated, build=host_build)
+        # Bias correction changes the biases of ``annotated``: the reference is the model before it.
+        reference_mod = AnnotateQuant(self.config)(self.fp32) if self.bias_corrections else self.annotated
+        fp32_vm = compile_vm(reference_mod, build=host_build)
         sim_vm = compile_vm(BindQuantParams(self.table, observe=True)(self.annotated), build=host_build)
         signal: dict = {}
         noise: dict = {}
@@ -522,9 +540,15 @@ class QuantizedModel:
                 fp32, fp32, self.table, self.config, inputs, source, qdq=fp32, source_file=self.source_file
             )
         annotated = AnnotateQuant(self.config)(fp32)
-        return QuantizedModel(
+        if self.bias_corrections:
+            from .passes.bias_correction import ApplyBiasCorrection
+
+            annotated = ApplyBiasCorrection(self.bias_corrections)(annotated)
+        rebatched = QuantizedModel(
             fp32, annotated, self.table, self.config, inputs, source, dict(self.sqnr), source_file=self.source_file
         )
+        rebatched.bias_corrections = self.bias_corrections
+        return rebatched
 
     def source_model(self):
         """The ONNX ModelProto this model was quantized from (None for Relax sources)."""
@@ -580,6 +604,7 @@ class QuantizedModel:
             "quant_table": {name: params.to_dict() for name, params in self.table.items()},
             "layers": [layer.__dict__ for layer in self.layers],
             "sqnr_db": self.sqnr,
+            "bias_corrections": {name: np.asarray(v, np.float32).tolist() for name, v in self.bias_corrections.items()},
         }
 
     def save(self, path, keep_source: bool = False) -> None:
@@ -675,6 +700,9 @@ def load(path) -> QuantizedModel:
         qmodel._stored_layers = [LayerInfo(**layer) for layer in manifest["layers"]]
         if qdq is None:
             qmodel.__dict__["simulated"] = stored["simulated"]  # the cached_property's value: nothing to derive
+    qmodel.bias_corrections = {
+        name: np.asarray(vector, np.float32) for name, vector in manifest.get("bias_corrections", {}).items()
+    }
     qmodel._artifact = path
     return qmodel
 

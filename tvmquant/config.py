@@ -273,6 +273,15 @@ class QuantConfig:
         Automatic, sensitivity-driven partial quantization (on top of ``skip``).
     quantize_output_ops : tuple of str
         Op types whose outputs are quantized (residual ``add``, ``concat``, pooling) when their producers are.
+    bias_correction : bool
+        After calibration, cancel the mean error quantization adds to each conv2d/matmul output channel on the
+        calibration data, through the layer's bias (one is added where a layer has none); layers are corrected
+        in graph order. See :mod:`tvmquant.passes.bias_correction`. CLI ``--bias-correction``.
+    equalize : bool
+        Before annotation, cross-layer equalization (Nagel et al. 2019): rescale the output channels of a conv
+        and the matching input channels of the conv after it (through ReLU, ReLU6 or nothing) so that their
+        weight ranges match; the FP32 function is unchanged. See :mod:`tvmquant.frontend.equalize`.
+        CLI ``--equalize``.
 
     Examples
     --------
@@ -291,8 +300,13 @@ class QuantConfig:
     skip: tuple = ()
     nan_policy: str = "warn"
     auto_skip: AutoSkip | None = None
+    bias_correction: bool = False
+    equalize: bool = False
 
     def __post_init__(self):
+        for flag in ("bias_correction", "equalize"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.auto_skip is not None and not isinstance(self.auto_skip, AutoSkip):
             raise ConfigError(f"auto_skip must be AutoSkip(...) or None, got {self.auto_skip!r}")
         if not isinstance(self.activation, TensorSpec) or not isinstance(self.weight, TensorSpec):
@@ -320,6 +334,8 @@ class QuantConfig:
             "skip": [s.to_dict() for s in self.skip],
             "nan_policy": self.nan_policy,
             "auto_skip": self.auto_skip.to_dict() if self.auto_skip is not None else None,
+            "bias_correction": self.bias_correction,
+            "equalize": self.equalize,
         }
 
     @staticmethod
@@ -330,7 +346,9 @@ class QuantConfig:
         version = data.pop("version", None)
         if version != CONFIG_VERSION:
             raise ConfigError(f"config version {version!r} is not supported (this tvmquant reads {CONFIG_VERSION})")
-        _reject_unknown(data, {"activation", "weight", "skip", "nan_policy", "auto_skip"}, "config")
+        _reject_unknown(
+            data, {"activation", "weight", "skip", "nan_policy", "auto_skip", "bias_correction", "equalize"}, "config"
+        )
         kwargs: dict[str, Any] = {}
         if "activation" in data:
             kwargs["activation"] = TensorSpec.from_dict(data["activation"], "activation")
@@ -343,6 +361,9 @@ class QuantConfig:
         if data.get("auto_skip") is not None:
             _reject_unknown(data["auto_skip"], {"target_sqnr_db", "max_layers", "batches"}, "config.auto_skip")
             kwargs["auto_skip"] = AutoSkip(**data["auto_skip"])
+        for flag in ("bias_correction", "equalize"):
+            if flag in data:
+                kwargs[flag] = data[flag]
         return QuantConfig(**kwargs)
 
     def to_json(self) -> str:

@@ -62,10 +62,11 @@ def _relax_inputs(mod: tvm.IRModule) -> list:
     return specs
 
 
-def load_model(model, params: dict | None = None, batch_size: int | None = None):
+def load_model(model, params: dict | None = None, batch_size: int | None = None, equalize: bool = False):
     """``(prepared module, input specs, ONNX bytes or None, is_qdq)`` from an ONNX path/ModelProto or an IRModule.
 
-    A pre-quantized (QDQ) model comes back as its simulated QDQ module, integer weights kept.
+    A pre-quantized (QDQ) model comes back as its simulated QDQ module, integer weights kept. ``equalize`` runs
+    :class:`~tvmquant.passes.equalize.EqualizeCrossLayer` on an FP32 model (``QuantConfig.equalize``).
     """
     from .frontend.qdq import is_qdq_module, prepare_qdq
 
@@ -88,6 +89,10 @@ def load_model(model, params: dict | None = None, batch_size: int | None = None)
         mod = prepare_qdq(mod) if is_qdq_module(mod) else prepare(mod)
         source = proto.SerializeToString()
     check_static(mod)
+    if equalize and not is_qdq_module(mod):
+        from .passes.equalize import EqualizeCrossLayer
+
+        mod = EqualizeCrossLayer()(mod)
     return mod, _relax_inputs(mod), source, is_qdq_module(mod)
 
 
@@ -142,7 +147,7 @@ def quantize(
     >>> logits = qmodel.compile()(test_x[:1])
     """
     config = config or QuantConfig()
-    fp32, inputs, source, qdq = load_model(model, params, batch_size)
+    fp32, inputs, source, qdq = load_model(model, params, batch_size, equalize=config.equalize)
     # An artifact keeps the source only on request (save(keep_source=True)); otherwise it records the file.
     source_file = SourceFile.of(model) if isinstance(model, (str, os.PathLike)) else None
     if qdq:
@@ -227,7 +232,7 @@ def _calibration_module(model, params, annotated, inputs, config, calib_data, ca
         )
     if calib_batch == batch:
         return annotated, inputs
-    fp32, calib_inputs, _, _ = load_model(model, params, calib_batch)
+    fp32, calib_inputs, _, _ = load_model(model, params, calib_batch, equalize=config.equalize)
     return AnnotateQuant(config)(fp32), calib_inputs
 
 
@@ -408,7 +413,7 @@ class QuantizedModel:
                 f"{self._where()} keeps no FP32 weights (its model came from a Relax IRModule): FP32 mode needs "
                 "them; re-quantize and save with keep_source=True"
             )
-        fp32, inputs, _, _ = load_model(self.source_model(), batch_size=self.batch_size)
+        fp32, inputs, _, _ = load_model(self.source_model(), batch_size=self.batch_size, equalize=self.config.equalize)
         if [spec.to_dict() for spec in inputs] != [spec.to_dict() for spec in self.inputs]:
             raise ArtifactError(
                 f"{self._where()}: its ONNX source has inputs {[s.to_dict() for s in inputs]}, the quantized model "
@@ -529,7 +534,9 @@ class QuantizedModel:
             return self
         if self.source is None:
             raise ModelError("rebatch needs the ONNX source; for an IRModule, quantize it with the batch you need")
-        fp32, inputs, source, qdq = load_model(self.source_model(), batch_size=batch_size)
+        fp32, inputs, source, qdq = load_model(
+            self.source_model(), batch_size=batch_size, equalize=self.config.equalize
+        )
         if inputs and inputs[0].shape and inputs[0].shape[0] != batch_size:
             raise ModelError(
                 f"input {inputs[0].name!r} has a static batch of {inputs[0].shape[0]} in the ONNX model, so it cannot "

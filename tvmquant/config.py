@@ -280,7 +280,7 @@ class QuantConfig:
     equalize : bool
         Before annotation, cross-layer equalization (Nagel et al. 2019): rescale the output channels of a conv
         and the matching input channels of the conv after it (through ReLU, ReLU6 or nothing) so that their
-        weight ranges match; the FP32 function is unchanged. See :mod:`tvmquant.frontend.equalize`.
+        weight ranges match; the FP32 function is unchanged. See :mod:`tvmquant.passes.equalize`.
         CLI ``--equalize``.
 
     Examples

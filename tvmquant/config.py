@@ -445,6 +445,11 @@ SYMMETRIC_INT8 = QuantConfig(activation=TensorSpec("int8", "symmetric", method=M
 CUDA_INT8 = QuantConfig(activation=TensorSpec("int8", "symmetric", method=Percentile(99.99)))
 #: Per-tensor weights everywhere (for runtimes without per-channel support).
 PER_TENSOR = QuantConfig(weight=TensorSpec("int8", "symmetric", PerTensor()))
+#: 4-bit per-channel symmetric weights (values in [-7, 7]) with the default 8-bit activations, run on the int8
+#: kernels; bias correction on (it recovers most of what 4-bit weights lose, bench/results/accuracy_fmnist_bits.json).
+W4A8 = QuantConfig(weight=TensorSpec("int8", "symmetric", PerChannel(0), bits=4), bias_correction=True)
+#: 4-bit weights and 4-bit uint8 affine activations (values in [0, 15]), on the int8 kernels; bias correction on.
+W4A4 = W4A8.replace(activation=TensorSpec("uint8", "affine", bits=4, method=Percentile(99.99)))
 
 PRESETS = {
     "x86_vnni": X86_VNNI,
@@ -453,5 +458,7 @@ PRESETS = {
     "symmetric_int8": SYMMETRIC_INT8,
     "cuda_int8": CUDA_INT8,
     "per_tensor": PER_TENSOR,
+    "w4a8": W4A8,
+    "w4a4": W4A4,
 }
 DEFAULT = X86_VNNI

@@ -160,14 +160,23 @@ def nncf_predict(model_path, calib, images_sets):
     return outputs, {"nncf": nncf.__version__, "openvino": openvino.__version__}
 
 
-def evaluate_recovery(name, model_path, data):
+def evaluate_recovery(name, model_path, data, selected=None, save=lambda rows: None):
     calib = preprocess(data["calib_u8"], name)
     labelled = preprocess(data["labelled_u8"], name)
     labels = data["labelled_labels"]
     agreement = preprocess(data["agreement_u8"], name)
+    selected = selected or [*RECOVERY, "nncf", "onnxruntime"]
     rows = []
     fp32 = None
+
+    def report(row):
+        rows.append(row)
+        save(rows)
+        print(f"[{name}] {row['name']}: agree {row['agreement_top1_pct']:.1f}% SQNR {row['logit_sqnr_db']:.1f} dB")
+
     for row_name, options in RECOVERY.items():
+        if row_name not in selected and fp32 is not None:
+            continue
         start = time.time()
         qmodel = tvmquant.quantize(model_path, QuantConfig(**options), calib, progress=False, report_batches=0)
         quantize_s = time.time() - start
@@ -175,38 +184,23 @@ def evaluate_recovery(name, model_path, data):
             fp32_model = qmodel.compile(mode="fp32")
             fp32 = {"labelled": run_all(fp32_model, labelled), "agreement": run_all(fp32_model, agreement)}
             rows.append({"name": "fp32", **scores(fp32["labelled"], labels, fp32["labelled"])})
+        if row_name not in selected:
+            continue
         int8 = qmodel.compile(mode="int8")
         row = agreement_row(f"tvmquant {row_name}", run_all(int8, agreement), labels, run_all(int8, labelled), fp32)
         row["fp32_layers"] = [layer.name for layer in qmodel.layers if not layer.quantized]
         row["quantize_seconds"] = round(quantize_s, 1)
-        rows.append(row)
-        print(
-            f"[{name}] {row['name']}: agree {row['agreement_top1_pct']:.1f}% SQNR {row['logit_sqnr_db']:.1f} dB",
-            flush=True,
-        )
-    (nncf_labelled, nncf_agreement), versions = nncf_predict(model_path, calib, [labelled, agreement])
-    row = agreement_row(
-        "nncf.quantize (OpenVINO, default preset, fast bias correction)", nncf_agreement, labels, nncf_labelled, fp32
-    )
-    row["versions"] = versions
-    rows.append(row)
-    print(
-        f"[{name}] {row['name']}: agree {row['agreement_top1_pct']:.1f}% SQNR {row['logit_sqnr_db']:.1f} dB", flush=True
-    )
-    for method in ("minmax", "percentile"):
+        report(row)
+    if "nncf" in selected:
+        (nncf_labelled, nncf_agreement), versions = nncf_predict(model_path, calib, [labelled, agreement])
+        name_nncf = "nncf.quantize (OpenVINO, default preset, fast bias correction)"
+        row = agreement_row(name_nncf, nncf_agreement, labels, nncf_labelled, fp32)
+        row["versions"] = versions
+        report(row)
+    for method in ("minmax", "percentile") if "onnxruntime" in selected else ():
         path = ort_quantize(model_path, calib, method=method)
-        row = agreement_row(
-            f"onnxruntime quantize_static QDQ {method} per-channel",
-            ort_predict(path, agreement),
-            labels,
-            ort_predict(path, labelled),
-            fp32,
-        )
-        rows.append(row)
-        print(
-            f"[{name}] {row['name']}: agree {row['agreement_top1_pct']:.1f}% SQNR {row['logit_sqnr_db']:.1f} dB",
-            flush=True,
-        )
+        name_ort = f"onnxruntime quantize_static QDQ {method} per-channel"
+        report(agreement_row(name_ort, ort_predict(path, agreement), labels, ort_predict(path, labelled), fp32))
     return rows
 
 
@@ -241,6 +235,9 @@ def main():
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "efficientnet_lite0"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--recovery", action="store_true", help="compare bias correction / equalization with NNCF")
+    parser.add_argument(
+        "--rows", nargs="+", default=None, choices=[*RECOVERY, "nncf", "onnxruntime"], help="--recovery rows to run"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     default_out = "accuracy_imagenet_recovery.json" if args.recovery else "accuracy_imagenet.json"
@@ -259,7 +256,13 @@ def main():
     for name in args.models:
         path = os.path.join(ONNX_DIR, f"{name}.onnx")
         if args.recovery:
-            result["models"][name] = evaluate_recovery(name, path, data)
+
+            def save(rows, name=name):
+                result["models"][name] = rows
+                with open(args.out, "w") as handle:
+                    json.dump(result, handle, indent=2)
+
+            result["models"][name] = evaluate_recovery(name, path, data, args.rows, save)
         else:
             result["models"][name] = evaluate(name, path, data, args.methods, report=True)
         with open(args.out, "w") as handle:

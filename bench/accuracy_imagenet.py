@@ -175,7 +175,7 @@ def evaluate_recovery(name, model_path, data, selected=None, save=lambda rows: N
         print(f"[{name}] {row['name']}: agree {row['agreement_top1_pct']:.1f}% SQNR {row['logit_sqnr_db']:.1f} dB")
 
     for row_name, options in RECOVERY.items():
-        if row_name not in selected and fp32 is not None:
+        if row_name not in selected and (fp32 is not None or any(r in selected for r in RECOVERY)):
             continue
         start = time.time()
         qmodel = tvmquant.quantize(model_path, QuantConfig(**options), calib, progress=False, report_batches=0)
@@ -183,7 +183,9 @@ def evaluate_recovery(name, model_path, data, selected=None, save=lambda rows: N
         if fp32 is None:
             fp32_model = qmodel.compile(mode="fp32")
             fp32 = {"labelled": run_all(fp32_model, labelled), "agreement": run_all(fp32_model, agreement)}
-            rows.append({"name": "fp32", **scores(fp32["labelled"], labels, fp32["labelled"])})
+            # The FP32 reference is the FP32 mode of the first row run (equalization leaves it unchanged, to 1e-5).
+            reference = {"name": "fp32", "reference_of": row_name}
+            rows.append({**reference, **scores(fp32["labelled"], labels, fp32["labelled"])})
         if row_name not in selected:
             continue
         int8 = qmodel.compile(mode="int8")

@@ -65,10 +65,11 @@ def _relax_inputs(mod: tvm.IRModule) -> list:
     return specs
 
 
-def load_model(model, params: dict | None = None, batch_size: int | None = None):
+def load_model(model, params: dict | None = None, batch_size: int | None = None, equalize: bool = False):
     """``(prepared module, input specs, ONNX bytes or None, is_qdq)`` from an ONNX path/ModelProto or an IRModule.
 
-    A pre-quantized (QDQ) model comes back as its simulated QDQ module, integer weights kept.
+    A pre-quantized (QDQ) model comes back as its simulated QDQ module, integer weights kept. ``equalize`` runs
+    :class:`~tvmquant.passes.equalize.EqualizeCrossLayer` on an FP32 model (``QuantConfig.equalize``).
     """
     from .frontend.qdq import is_qdq_module, prepare_qdq
 
@@ -91,6 +92,10 @@ def load_model(model, params: dict | None = None, batch_size: int | None = None)
         mod = prepare_qdq(mod) if is_qdq_module(mod) else prepare(mod)
         source = proto.SerializeToString()
     check_static(mod)
+    if equalize and not is_qdq_module(mod):
+        from .passes.equalize import EqualizeCrossLayer
+
+        mod = EqualizeCrossLayer()(mod)
     return mod, _relax_inputs(mod), source, is_qdq_module(mod)
 
 
@@ -145,7 +150,7 @@ def quantize(
     >>> logits = qmodel.compile()(test_x[:1])
     """
     config = config or QuantConfig()
-    fp32, inputs, source, qdq = load_model(model, params, batch_size)
+    fp32, inputs, source, qdq = load_model(model, params, batch_size, equalize=config.equalize)
     # An artifact keeps the source only on request (save(keep_source=True)); otherwise it records the file.
     source_file = SourceFile.of(model) if isinstance(model, (str, os.PathLike)) else None
     if qdq:
@@ -177,7 +182,16 @@ def quantize(
                 model, params, annotated, inputs, config, calib_data, calib_batch
             )
             table = calibrate(calib_annotated, calib_data, calib_inputs, config, progress=progress, build=host_build)
+    corrections: dict = {}
+    if config.bias_correction:
+        from .passes.bias_correction import ApplyBiasCorrection, bias_corrections
+
+        corrections = bias_corrections(
+            calib_annotated, table, calib_data, calib_inputs, build=host_build, progress=progress
+        )
+        annotated = ApplyBiasCorrection(corrections)(annotated)
     qmodel = QuantizedModel(fp32, annotated, table, config, inputs, source, source_file=source_file)
+    qmodel.bias_corrections = corrections
     if report_batches:
         import warnings
 
@@ -221,7 +235,7 @@ def _calibration_module(model, params, annotated, inputs, config, calib_data, ca
         )
     if calib_batch == batch:
         return annotated, inputs
-    fp32, calib_inputs, _, _ = load_model(model, params, calib_batch)
+    fp32, calib_inputs, _, _ = load_model(model, params, calib_batch, equalize=config.equalize)
     return AnnotateQuant(config)(fp32), calib_inputs
 
 
@@ -324,6 +338,8 @@ class QuantizedModel:
         self._source_kind = "onnx" if source is not None else "relax"
         self._artifact: str | None = None
         self._stored_layers: list | None = None
+        #: ``{layer name: per-channel vector}`` added to conv2d/matmul biases (``QuantConfig.bias_correction``).
+        self.bias_corrections: dict = {}
 
     def __repr__(self) -> str:
         layers = self.layers
@@ -352,7 +368,12 @@ class QuantizedModel:
                 annotated = AnnotateQuant(self.config)(self.fp32)
                 # The automatic mode's reasons were recorded with the layers; annotation alone says "skip list".
                 reasons = {layer.name: layer.reason for layer in self._stored_layers or [] if layer.reason}
-                self._annotated = _with_reasons(annotated, reasons) if reasons else annotated
+                annotated = _with_reasons(annotated, reasons) if reasons else annotated
+                if self.bias_corrections:
+                    from .passes.bias_correction import ApplyBiasCorrection
+
+                    annotated = ApplyBiasCorrection(self.bias_corrections)(annotated)
+                self._annotated = annotated
         return self._annotated
 
     @annotated.setter
@@ -395,7 +416,7 @@ class QuantizedModel:
                 f"{self._where()} keeps no FP32 weights (its model came from a Relax IRModule): FP32 mode needs "
                 "them; re-quantize and save with keep_source=True"
             )
-        fp32, inputs, _, _ = load_model(self.source_model(), batch_size=self.batch_size)
+        fp32, inputs, _, _ = load_model(self.source_model(), batch_size=self.batch_size, equalize=self.config.equalize)
         if [spec.to_dict() for spec in inputs] != [spec.to_dict() for spec in self.inputs]:
             raise ArtifactError(
                 f"{self._where()}: its ONNX source has inputs {[s.to_dict() for s in inputs]}, the quantized model "
@@ -436,28 +457,40 @@ class QuantizedModel:
     def measure_sqnr(self, calib_data, max_batches: int = 8, graph: tvm.IRModule | None = None, inputs=None) -> dict:
         """SQNR (dB) of every quantized tensor and of the outputs, simulated vs FP32, on calibration data.
 
-        ``graph`` and ``inputs``: the annotated model at another batch (quantize passes its calibration copy, so
-        the FP32 reference is the VM calibration compiled and ran). ``max_batches`` counts model-sized batches.
-        The simulated values are the fake-quant model's (:class:`BindQuantParams`), computed at the markers;
-        the INT32 rounding of biases is the one difference, well below a quantization step.
+        ``graph`` and ``inputs``: the annotated model (before bias correction) at another batch; quantize passes
+        its calibration copy, so the FP32 reference is the VM calibration compiled and ran. ``max_batches``
+        counts model-sized batches. Without bias corrections the simulated values are computed at the markers
+        of that same VM (what :class:`BindQuantParams` emits, in numpy; the INT32 rounding of biases is the one
+        difference, well below a quantization step); with them, the corrected simulated model runs.
         """
-        graph = graph if graph is not None else self.annotated
+        if graph is None:
+            # Bias correction changes the biases of ``annotated``: the reference is the model before it.
+            graph = AnnotateQuant(self.config)(self.fp32) if self.bias_corrections else self.annotated
         inputs = inputs if inputs is not None else self.inputs
         batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
         own = self.inputs[0].shape[0] if self.inputs and self.inputs[0].shape else 1
         batches = max(1, -(-max_batches * max(own, 1) // max(batch, 1)))
-        # One VM, the one calibration compiled and ran: its markers pass tensors through unchanged for the FP32
-        # reference, then fake-quantize them (the simulated model: what BindQuantParams emits, in numpy).
         vm = compile_vm(graph, build=host_build)
         terms = _SqnrTerms(self.table)
         terms.signal, terms.noise = weight_sqnr_terms(graph, self.table)
+        sim_vm = None
+        if self.bias_corrections:
+            from .passes.bias_correction import ApplyBiasCorrection
+
+            corrected = ApplyBiasCorrection(self.bias_corrections)(graph)
+            sim_vm = compile_vm(BindQuantParams(self.table, observe=True)(corrected), build=host_build)
         for index, batch_data in enumerate(iter_batches(calib_data, inputs)):
             if index >= batches:
                 break
             with observing(terms.keep):
                 reference = flatten_outputs(run_vm(vm, batch_data, inputs))
-            with observing(terms.simulate):
-                approx = flatten_outputs(run_vm(vm, batch_data, inputs))
+            if sim_vm is None:
+                # The same VM, its markers fake-quantizing: the simulated model.
+                with observing(terms.simulate):
+                    approx = flatten_outputs(run_vm(vm, batch_data, inputs))
+            else:
+                with observing(terms.compare):
+                    approx = flatten_outputs(run_vm(sim_vm, batch_data, inputs))
             for i, (ref, app) in enumerate(zip(reference, approx)):
                 terms.add(f"output{i}", ref, app)
         signal, noise = terms.signal, terms.noise
@@ -519,7 +552,9 @@ class QuantizedModel:
             return self
         if self.source is None:
             raise ModelError("rebatch needs the ONNX source; for an IRModule, quantize it with the batch you need")
-        fp32, inputs, source, qdq = load_model(self.source_model(), batch_size=batch_size)
+        fp32, inputs, source, qdq = load_model(
+            self.source_model(), batch_size=batch_size, equalize=self.config.equalize
+        )
         if inputs and inputs[0].shape and inputs[0].shape[0] != batch_size:
             raise ModelError(
                 f"input {inputs[0].name!r} has a static batch of {inputs[0].shape[0]} in the ONNX model, so it cannot "
@@ -530,9 +565,15 @@ class QuantizedModel:
                 fp32, fp32, self.table, self.config, inputs, source, qdq=fp32, source_file=self.source_file
             )
         annotated = AnnotateQuant(self.config)(fp32)
-        return QuantizedModel(
+        if self.bias_corrections:
+            from .passes.bias_correction import ApplyBiasCorrection
+
+            annotated = ApplyBiasCorrection(self.bias_corrections)(annotated)
+        rebatched = QuantizedModel(
             fp32, annotated, self.table, self.config, inputs, source, dict(self.sqnr), source_file=self.source_file
         )
+        rebatched.bias_corrections = self.bias_corrections
+        return rebatched
 
     def source_model(self):
         """The ONNX ModelProto this model was quantized from (None for Relax sources)."""
@@ -608,6 +649,7 @@ class QuantizedModel:
             "quant_table": {name: params.to_dict() for name, params in self.table.items()},
             "layers": [layer.__dict__ for layer in self.layers],
             "sqnr_db": self.sqnr,
+            "bias_corrections": {name: np.asarray(v, np.float32).tolist() for name, v in self.bias_corrections.items()},
         }
 
     def save(self, path, keep_source: bool = False) -> None:
@@ -703,6 +745,9 @@ def load(path) -> QuantizedModel:
         qmodel._stored_layers = [LayerInfo(**layer) for layer in manifest["layers"]]
         if qdq is None:
             qmodel.__dict__["simulated"] = stored["simulated"]  # the cached_property's value: nothing to derive
+    qmodel.bias_corrections = {
+        name: np.asarray(vector, np.float32) for name, vector in manifest.get("bias_corrections", {}).items()
+    }
     qmodel._artifact = path
     return qmodel
 
@@ -793,6 +838,10 @@ class _SqnrTerms:
         if params is None:
             return
         array[...] = fake_quantize(array, params.scale, params.zero_point, params.qmin, params.qmax, params.axis)
+        self.compare(name, array)
+
+    def compare(self, name: str, array: np.ndarray) -> None:
+        """Compare a simulated activation (from a simulated model's observe markers) with the kept one."""
         if name in self.kept:
             self.add(name, self.kept.pop(name), array)
 

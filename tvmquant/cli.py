@@ -60,7 +60,28 @@ def _config_from_args(args):
         from .config import AutoSkip
 
         auto_skip = AutoSkip(target_sqnr_db=args.auto_skip, max_layers=args.auto_skip_max)
-    return config.replace(activation=activation, weight=weight, skip=skip, auto_skip=auto_skip)
+    activation, weight = _with_bits(args, activation, weight)
+    recovery = {
+        flag: getattr(args, flag) for flag in ("bias_correction", "equalize") if getattr(args, flag, None) is not None
+    }
+    return config.replace(activation=activation, weight=weight, skip=skip, auto_skip=auto_skip, **recovery)
+
+
+def _with_bits(args, activation, weight):
+    """Apply ``--weight-bits`` / ``--activation-bits`` (values on the int8 kernels' 2..8-bit ranges)."""
+    import dataclasses
+
+    specs = {"weight": weight, "activation": activation}
+    for role in specs:
+        bits = getattr(args, f"{role}_bits", None)
+        if bits is None:
+            continue
+        if not 2 <= bits <= 8:
+            raise ValueError(
+                f"--{role}-bits {bits}: tvmquant runs 2- to 8-bit values on its int8 kernels; give a value in 2..8"
+            )
+        specs[role] = dataclasses.replace(specs[role], bits=bits)
+    return specs["activation"], specs["weight"]
 
 
 def _split_names(entry: str) -> list:
@@ -329,6 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the most sensitive layers in FP32 until the output SQNR vs FP32 reaches DB (QuantConfig.auto_skip)",
     )
     q.add_argument("--auto-skip-max", type=int, default=8, help="at most this many layers for --auto-skip")
+    q.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cancel each conv/matmul's mean quantization error per channel through its bias (QuantConfig."
+        "bias_correction)",
+    )
+    q.add_argument(
+        "--equalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cross-layer equalization of conv -> (ReLU/ReLU6) -> conv weight ranges (QuantConfig.equalize)",
+    )
+    q.add_argument("--weight-bits", type=int, metavar="N", help="weight bit width, 2..8 (4: W4 on the int8 kernels)")
+    q.add_argument("--activation-bits", type=int, metavar="N", help="activation bit width, 2..8 (A4: 4)")
     q.add_argument("--config", help="QuantConfig JSON file (flags override it)")
     q.add_argument(
         "--preset",

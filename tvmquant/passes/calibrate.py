@@ -67,6 +67,11 @@ _ACTIVE_CALLBACK = [None]
 _PENDING_ERROR = [None]
 
 
+@register_ffi_error
+class StopRun(Exception):
+    """Raised by an observer callback to end the current run early (:func:`run_vm` then returns None)."""
+
+
 @tvm.register_global_func(MARKER, override=True)
 def _observe(tensor, name, role):
     # Return a fresh tensor, never the argument: the VM frees the argument's storage after its last use and
@@ -76,6 +81,8 @@ def _observe(tensor, name, role):
     if callback is not None and _PENDING_ERROR[0] is None:
         try:
             callback(str(name), array)
+        except StopRun:
+            raise  # ends the VM run here; run_vm catches it
         except Exception as err:  # noqa: BLE001 - re-raised unchanged by run_vm, outside TVM's FFI
             _PENDING_ERROR[0] = err
     return to_tensor(array)
@@ -132,10 +139,17 @@ def _stock_build(mod, target):
 
 
 def run_vm(vm, batch: dict, inputs):
-    """Run ``main`` on one batch; an error raised by an observer surfaces here with its own type."""
+    """Run ``main`` on one batch; an error raised by an observer surfaces here with its own type.
+
+    An observer that raises :class:`StopRun` ends the run early: the result is then None.
+    """
     args = [to_tensor(batch[spec.name]) for spec in inputs]
     _PENDING_ERROR[0] = None
-    result = vm["main"](*args)
+    try:
+        result = vm["main"](*args)
+    except StopRun:
+        _PENDING_ERROR[0] = None
+        return None
     error, _PENDING_ERROR[0] = _PENDING_ERROR[0], None
     if error is not None:
         raise error

@@ -21,7 +21,7 @@ from ._io import atomic_write, check_inputs, feed_from_args, flatten_outputs
 from ._relax import output_names
 from .artifact import ARTIFACT_FORMAT, READABLE_FORMATS, ArtifactError, SourceFile, write_zip
 from .compile import host_build
-from .config import QuantConfig
+from .config import DEFAULT, QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
 from .frontend.prepare import ModelError, check_static, prepare
 from .op_table import LayerInfo
@@ -34,7 +34,9 @@ from .passes.calibrate import (
     iter_batches,
     observing,
     run_vm,
+    weight_qparams,
 )
+from .passes.dynamic import RealizeDynamic
 from .passes.realize import RealizeQuant
 from .qparams import QParams
 from .threads import use_physical_cores
@@ -109,8 +111,8 @@ def quantize(
     model : str, os.PathLike, onnx.ModelProto or tvm.IRModule
         The FP32 model. An IRModule needs a Relax ``main`` with static input shapes.
     config : QuantConfig, optional
-        Defaults to :data:`tvmquant.config.DEFAULT` (x86 VNNI: uint8 affine activations, per-channel
-        symmetric int8 weights, max calibration).
+        Defaults to :data:`tvmquant.config.DEFAULT` (x86 VNNI: uint8 affine activations calibrated to the
+        99.99th percentile, matmul inputs to their max, per-channel symmetric int8 weights).
     calib_data
         Iterable of ``{input name: array}`` dicts (or arrays, for one-input models), or one such dict /
         array with samples stacked on axis 0.
@@ -141,7 +143,7 @@ def quantize(
     >>> qmodel = tvmquant.quantize(fmnist_model_path(), calib_data=calib[:32], progress=False)
     >>> logits = qmodel.compile()(test_x[:1])
     """
-    config = config or QuantConfig()
+    config = config or DEFAULT
     fp32, inputs, source, qdq = load_model(model, params, batch_size)
     # An artifact keeps the source only on request (save(keep_source=True)); otherwise it records the file.
     source_file = SourceFile.of(model) if isinstance(model, (str, os.PathLike)) else None
@@ -151,8 +153,19 @@ def quantize(
 
         _, table = describe_qdq(fp32)
         return QuantizedModel(fp32, fp32, table, config, inputs, source, qdq=fp32, source_file=source_file)
+    if config.dynamic:
+        # Dynamic activations: no calibration; only the weights' parameters are computed (from the weights).
+        annotated = AnnotateQuant(config)(fp32)
+        table = weight_qparams(annotated, config)
+        qmodel = QuantizedModel(fp32, annotated, table, config, inputs, source, source_file=source_file)
+        if report_batches and calib_data is not None:
+            qmodel.measure_sqnr(calib_data, report_batches)
+        return qmodel
     if calib_data is None:
-        raise ModelError("calib_data is required: give a few hundred representative input samples")
+        raise ModelError(
+            "calib_data is required: give a few hundred representative input samples, or quantize without data "
+            "with dynamic activations (config=tvmquant.config.DYNAMIC, `tvmquant quantize --dynamic`)"
+        )
     annotated = AnnotateQuant(config)(fp32)
     calib_annotated, calib_inputs = _calibration_module(
         model, params, annotated, inputs, config, calib_data, calib_batch
@@ -412,11 +425,15 @@ class QuantizedModel:
         """Fake-quant FP32 model (quantize/dequantize around every quantized tensor)."""
         if self.qdq is not None:
             return self.qdq
+        if self.config.dynamic:
+            return RealizeDynamic(self.table, simulate=True)(self.annotated)
         return BindQuantParams(self.table)(self.annotated)
 
     @functools.cached_property
     def mod(self) -> tvm.IRModule:
         """The integer model (INT8 inputs, INT32 accumulation)."""
+        if self.config.dynamic:
+            return RealizeDynamic(self.table)(self.annotated)
         return RealizeQuant()(self.simulated)
 
     @property
@@ -431,9 +448,12 @@ class QuantizedModel:
 
     # -- reports ------------------------------------------------------------------------------------------
     def measure_sqnr(self, calib_data, max_batches: int = 8) -> dict:
-        """SQNR (dB) of every quantized tensor and of the outputs, simulated vs FP32, on calibration data."""
+        """SQNR (dB) of every quantized tensor and of the outputs, simulated vs FP32, on calibration data.
+
+        With dynamic activations only the outputs are measured (their tensors have no fixed parameters)."""
         fp32_vm = compile_vm(self.annotated, build=host_build)
-        sim_vm = compile_vm(BindQuantParams(self.table, observe=True)(self.annotated), build=host_build)
+        simulated = self.simulated if self.config.dynamic else BindQuantParams(self.table, observe=True)(self.annotated)
+        sim_vm = compile_vm(simulated, build=host_build)
         signal: dict = {}
         noise: dict = {}
         for index, batch in enumerate(iter_batches(calib_data, self.inputs)):
@@ -472,7 +492,9 @@ class QuantizedModel:
                     "status": "int8" if layer.quantized else "fp32",
                     "reason": layer.reason
                     or (
-                        "inputs on the grid of an earlier tensor"
+                        "dynamic: input ranges computed at run time, per row"
+                        if layer.quantized and self.config.dynamic
+                        else "inputs on the grid of an earlier tensor"
                         if layer.quantized and not inputs and not layer.weight
                         else ""
                     ),
@@ -603,6 +625,9 @@ class QuantizedModel:
         members: dict = {}
         modules: dict = {}
         stored = {"qdq": self.qdq} if self.qdq is not None else {"simulated": self.simulated}
+        if self.qdq is None and self.config.dynamic:
+            # The dynamic integer model is derived from the annotated one, not from the simulated: keep it too.
+            stored["int8"] = self.mod
         if keep_source and self._source_kind == "relax":
             stored["fp32"] = self.fp32
         for key, mod in stored.items():
@@ -675,6 +700,8 @@ def load(path) -> QuantizedModel:
         qmodel._stored_layers = [LayerInfo(**layer) for layer in manifest["layers"]]
         if qdq is None:
             qmodel.__dict__["simulated"] = stored["simulated"]  # the cached_property's value: nothing to derive
+        if "int8" in stored:
+            qmodel.__dict__["mod"] = stored["int8"]
     qmodel._artifact = path
     return qmodel
 

@@ -154,7 +154,9 @@ def calibrate(
     """
     table = weight_qparams(annotated, config)
     activation_names = [name for name, role in marker_names(annotated) if role == Role.ACTIVATION]
-    observers = {name: make_observer(config.activation, name, config.nan_policy) for name in activation_names}
+    op_types = {layer.name: layer.op_type for layer in layers_of(annotated)}
+    specs = {name: config.activation_spec(op_types.get(name.rpartition(".")[0])) for name in activation_names}
+    observers = {name: make_observer(specs[name], name, config.nan_policy) for name in activation_names}
     if not observers:
         return table
     vm = compile_vm(_StripWeightMarkers().transform_module(annotated), build=build)
@@ -177,7 +179,7 @@ def calibrate(
             a_min, a_max = observer.compute()
         except CalibrationError as err:
             raise CalibrationError(f"{err} (after {seen} calibration batches)") from None
-        table[name] = QParams.from_range(name, Role.ACTIVATION, config.activation, a_min, a_max)
+        table[name] = QParams.from_range(name, Role.ACTIVATION, specs[name], a_min, a_max)
     return table
 
 

@@ -23,7 +23,7 @@ from .artifact import ARTIFACT_FORMAT, READABLE_FORMATS, ArtifactError, SourceFi
 from .compile import host_build
 from .config import DEFAULT, QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
-from .frontend.prepare import ModelError, check_static, prepare
+from .frontend.prepare import ModelError, check_index_range, check_static, index_limits, prepare
 from .op_table import LayerInfo
 from .passes.annotate import AnnotateQuant, layers_of
 from .passes.calibrate import (
@@ -166,11 +166,18 @@ def quantize(
             "calib_data is required: give a few hundred representative input samples, or quantize without data "
             "with dynamic activations (config=tvmquant.config.DYNAMIC, `tvmquant quantize --dynamic`)"
         )
+    limits = index_limits(fp32)
+    if isinstance(calib_data, (dict, np.ndarray, list, tuple)) or hasattr(calib_data, "keys"):
+        # Data at hand is checked before anything compiles: a wrong shape or token id fails in a second.
+        for index, batch in enumerate(iter_batches(calib_data, inputs)):
+            check_index_range(batch, limits, f"calibration batch {index}")
     annotated = AnnotateQuant(config)(fp32)
     calib_annotated, calib_inputs = _calibration_module(
         model, params, annotated, inputs, config, calib_data, calib_batch
     )
-    table = calibrate(calib_annotated, calib_data, calib_inputs, config, progress=progress, build=host_build)
+    table = calibrate(
+        calib_annotated, calib_data, calib_inputs, config, progress=progress, build=host_build, index_limits=limits
+    )
     auto_reasons: dict = {}
     if config.auto_skip is not None:
         from .passes.sensitivity import choose_auto_skips
@@ -456,9 +463,11 @@ class QuantizedModel:
         sim_vm = compile_vm(simulated, build=host_build)
         signal: dict = {}
         noise: dict = {}
+        limits = self.index_limits
         for index, batch in enumerate(iter_batches(calib_data, self.inputs)):
             if index >= max_batches:
                 break
+            check_index_range(batch, limits, f"calibration batch {index}")
             captured: dict = {}
             store = captured.__setitem__
             with observing(store):
@@ -514,6 +523,11 @@ class QuantizedModel:
                 index = int(name[len("output") :])
                 outputs[names[index] if index < len(names) else name] = value
         return Summary(rows, outputs)
+
+    @functools.cached_property
+    def index_limits(self) -> dict:
+        """``{input: rows}`` of inputs that index a constant table (token ids): values must be in ``[0, rows)``."""
+        return index_limits(self._graph())
 
     @property
     def output_names(self) -> list:
@@ -584,7 +598,9 @@ class QuantizedModel:
                     "a library with export_library / `tvmquant compile --target ...` and run it on the GPU host"
                 )
             device = tvm.cuda(0)
-        return CompiledModel(build(mod, target=target, db=db), self.inputs, device, output_names(mod))
+        return CompiledModel(
+            build(mod, target=target, db=db), self.inputs, device, output_names(mod), index_limits(mod)
+        )
 
     def export_onnx(self, path, sample: dict | None = None) -> None:
         """Write a standard QDQ ONNX model (QuantizeLinear/DequantizeLinear, per-channel int8 weights, int32
@@ -709,9 +725,12 @@ def load(path) -> QuantizedModel:
 class CompiledModel:
     """A compiled model callable on numpy arrays: ``model(x)`` or ``model({"input": x})``."""
 
-    def __init__(self, executable, inputs, device=None, output_names: list | None = None):
+    def __init__(self, executable, inputs, device=None, output_names: list | None = None, index_limits=None):
         self.executable = executable
         self.inputs = inputs
+        #: ``{input: rows}`` of index inputs (token ids), checked on every call: out of range would read past
+        #: the table (TVM's gather does not check).
+        self.index_limits = dict(index_limits or {})
         #: The model's output names, in the order calls return them.
         self.output_names = list(output_names or [])
         self.device = device or tvm.cpu()
@@ -720,6 +739,8 @@ class CompiledModel:
 
     def __call__(self, *args, **kwargs):
         checked = check_inputs(feed_from_args(args, kwargs, self.inputs), self.inputs)
+        if self.index_limits:
+            check_index_range(checked, self.index_limits, "the call's")
         result = self.vm["main"](*[to_tensor(checked[spec.name], self.device) for spec in self.inputs])
         outputs = flatten_outputs(result)
         return outputs[0] if len(outputs) == 1 else outputs

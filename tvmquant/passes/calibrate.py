@@ -24,6 +24,7 @@ from .._compat import const, const_value, is_const, op_name, register_ffi_error,
 from .._io import CalibrationDataError, iter_batches  # numpy-only, shared with deploy
 from .._relax import BindingRewriter, tvmquant_module_pass
 from ..calibration import CalibrationError, make_observer
+from ..frontend.prepare import check_index_range
 from ..config import PerChannel, QuantConfig, TensorSpec
 from ..qparams import QParams, Role  # QParams: also importable from here, as before it moved
 from ..quant_math import DTYPE_RANGES, quantize
@@ -130,7 +131,13 @@ def _progress(iterable, total, desc, enabled):
 
 
 def calibrate(
-    annotated: tvm.IRModule, calib_data, inputs, config: QuantConfig, progress: bool = True, build=None
+    annotated: tvm.IRModule,
+    calib_data,
+    inputs,
+    config: QuantConfig,
+    progress: bool = True,
+    build=None,
+    index_limits: dict | None = None,
 ) -> dict:
     """Compute quantization parameters for every marked tensor.
 
@@ -147,6 +154,9 @@ def calibrate(
         Show a progress bar.
     build : callable, optional
         ``build(mod, target) -> executable`` for the calibration VM (see :func:`compile_vm`).
+    index_limits : dict, optional
+        ``{input: rows}`` of index inputs (token ids, :func:`tvmquant.frontend.prepare.index_limits`): a value
+        outside ``[0, rows)`` is refused, naming the batch and the input.
 
     Returns
     -------
@@ -170,6 +180,8 @@ def calibrate(
         warnings.simplefilter("always")
         for batch in _progress(batches, count_samples(calib_data, inputs), "calibrating", progress):
             check_finite(batch, seen)
+            if index_limits:
+                check_index_range(batch, index_limits, f"calibration batch {seen}")
             run_vm(vm, batch, inputs)
             seen += 1
     if seen == 0:

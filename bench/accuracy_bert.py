@@ -201,16 +201,23 @@ def main():
         if only and not any(word in name for word in only):
             continue
         start = time.time()
-        qmodel = tvmquant.quantize(path, config, calib_data=None if config.dynamic else calib, progress=False,
-                                   report_batches=0)
+        qmodel = tvmquant.quantize(
+            path, config, calib_data=None if config.dynamic else calib, progress=False, report_batches=0
+        )
         out = run_tvmquant(qmodel, evaluation)
         skipped = [layer.name for layer in qmodel.layers if not layer.quantized and layer.op_type == "matmul"]
-        rows.append({"name": name, "config": config.to_dict(), "fp32_matmuls": skipped, **metrics(reference, out, mask)})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "config"}), f"{time.time() - start:.0f}s",
-              flush=True)
+        rows.append(
+            {"name": name, "config": config.to_dict(), "fp32_matmuls": skipped, **metrics(reference, out, mask)}
+        )
+        print(
+            json.dumps({k: v for k, v in rows[-1].items() if k != "config"}), f"{time.time() - start:.0f}s", flush=True
+        )
     if not only or "ort" in only:
         for name, make in [
-            ("onnxruntime quantize_dynamic (per-channel s8 weights, u8 activations)", lambda: ort_dynamic(path, folder)),
+            (
+                "onnxruntime quantize_dynamic (per-channel s8 weights, u8 activations)",
+                lambda: ort_dynamic(path, folder),
+            ),
             ("onnxruntime quantize_static (QDQ, MinMax, per-channel)", lambda: ort_static(path, calib, folder)),
         ]:
             out = run_ort(make(), evaluation)

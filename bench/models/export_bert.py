@@ -1,8 +1,8 @@
 """Export BERT-class encoders (transformers ``BertModel`` / ``DistilBertModel``) to ONNX with mean pooling.
 
 The exported graph takes int64 ``input_ids``, ``attention_mask`` (and ``token_type_ids`` for BERT), all
-``[batch, seq]``, and returns ``sentence_embedding`` ``[batch, hidden]``: the mask-weighted mean of the last hidden state
-(what sentence-transformers' mean pooling computes).
+``[batch, seq]``, and returns ``sentence_embedding`` ``[batch, hidden]``: the mask-weighted mean of the last
+hidden state (what sentence-transformers' mean pooling computes).
 
 Run: ``python bench/models/export_bert.py --help``. Needs torch and transformers
 (``pip install -c <(echo torch==2.13.0) transformers``).

@@ -24,8 +24,8 @@ from .._compat import const, const_value, is_const, op_name, register_ffi_error,
 from .._io import CalibrationDataError, iter_batches  # numpy-only, shared with deploy
 from .._relax import BindingRewriter, tvmquant_module_pass
 from ..calibration import CalibrationError, make_observer
-from ..frontend.prepare import check_index_range
 from ..config import PerChannel, QuantConfig, TensorSpec
+from ..frontend.prepare import check_index_range
 from ..qparams import QParams, Role  # QParams: also importable from here, as before it moved
 from ..quant_math import DTYPE_RANGES, quantize
 from ..threads import use_physical_cores

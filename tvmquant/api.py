@@ -422,7 +422,7 @@ class QuantizedModel:
 
     def _graph(self) -> tvm.IRModule:
         """A module of this model that is at hand (all keep the layer table and the output names)."""
-        for mod in (self.qdq, self._annotated, self._fp32):
+        for mod in (self.qdq, self._annotated, self._fp32, self.__dict__.get("simulated"), self.__dict__.get("mod")):
             if mod is not None:
                 return mod
         return self.simulated
@@ -607,6 +607,11 @@ class QuantizedModel:
         biases) that ONNX Runtime runs; see :mod:`tvmquant.export`."""
         from .export import export_qdq
 
+        if self.config.dynamic:
+            raise ModelError(
+                "a dynamically quantized model has no fixed activation scales to write as QuantizeLinear nodes; "
+                "quantize it with calibration data (a static config) to export QDQ ONNX"
+            )
         export_qdq(self, path, sample)
 
     def manifest(self) -> dict:
@@ -642,8 +647,9 @@ class QuantizedModel:
         modules: dict = {}
         stored = {"qdq": self.qdq} if self.qdq is not None else {"simulated": self.simulated}
         if self.qdq is None and self.config.dynamic:
-            # The dynamic integer model is derived from the annotated one, not from the simulated: keep it too.
-            stored["int8"] = self.mod
+            # A dynamic model's integer module comes from the annotated one, not from the simulated: keep it instead
+            # (simulated mode rebuilds from the ONNX source on request).
+            stored = {"int8": self.mod}
         if keep_source and self._source_kind == "relax":
             stored["fp32"] = self.fp32
         for key, mod in stored.items():
@@ -714,7 +720,7 @@ def load(path) -> QuantizedModel:
         qmodel = QuantizedModel(fp32, qdq, table, config, inputs, stored.get("source"), sqnr, qdq, source_file)
         qmodel._source_kind = source_info["kind"]
         qmodel._stored_layers = [LayerInfo(**layer) for layer in manifest["layers"]]
-        if qdq is None:
+        if qdq is None and "simulated" in stored:
             qmodel.__dict__["simulated"] = stored["simulated"]  # the cached_property's value: nothing to derive
         if "int8" in stored:
             qmodel.__dict__["mod"] = stored["int8"]

@@ -109,6 +109,9 @@ def test_static_cli_with_int64_npz(tmp_path):
     qmodel = tvmquant.load(str(artifact))
     assert "matmul_0.in0" in qmodel.table and qmodel.config.op_methods
     assert qmodel.sqnr["output0"] > 12.0
+    # Each tensor's own quantization error, beside the end-to-end one: which tensors lose the signal.
+    assert qmodel.sqnr["matmul_0.in0@own"] > 20.0
+    assert "own dB" in str(qmodel.summary())
 
 
 def test_bad_token_inputs(tmp_path):

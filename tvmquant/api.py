@@ -39,6 +39,7 @@ from .passes.calibrate import (
 from .passes.dynamic import RealizeDynamic
 from .passes.realize import RealizeQuant
 from .qparams import QParams
+from .quant_math import fake_quantize
 from .threads import use_physical_cores
 
 
@@ -478,6 +479,14 @@ class QuantizedModel:
                 approx = flatten_outputs(run_vm(sim_vm, batch, self.inputs))
             pairs = [(name, reference_tensors[name], captured[name]) for name in captured if name in reference_tensors]
             pairs += [(f"output{i}", r, a) for i, (r, a) in enumerate(zip(reference, approx))]
+            # A tensor's own error: its FP32 values through its own quantize/dequantize, nothing upstream quantized.
+            # Where the end-to-end SQNR falls, this says whether the tensor itself is the culprit (clipped outlier
+            # channels, a range too wide) or only inherits error from earlier layers.
+            for name, ref in reference_tensors.items():
+                params = self.table.get(name)
+                if params is not None and params.role == "activation" and name in captured:
+                    own = fake_quantize(ref, params.scale, params.zero_point, params.qmin, params.qmax, params.axis)
+                    pairs.append((f"{name}{OWN_SQNR_SUFFIX}", ref, own))
             for name, ref, app in pairs:
                 ref = ref.astype(np.float64)
                 signal[name] = signal.get(name, 0.0) + float(np.sum(ref * ref))
@@ -493,6 +502,7 @@ class QuantizedModel:
             params = [self.table[name] for name in inputs]
             weight = self.table.get(layer.weight) if layer.weight else None
             sqnrs = [self.sqnr[name] for name in inputs if name in self.sqnr]
+            own = [self.sqnr[name + OWN_SQNR_SUFFIX] for name in inputs if name + OWN_SQNR_SUFFIX in self.sqnr]
             rows.append(
                 {
                     "layer": layer.name,
@@ -513,6 +523,7 @@ class QuantizedModel:
                         [float(np.min(weight.scale)), float(np.max(weight.scale))] if weight is not None else None
                     ),
                     "input_sqnr_db": min(sqnrs) if sqnrs else None,
+                    "own_sqnr_db": min(own) if own else None,
                 }
             )
         # sqnr keys the outputs by position (output0, ...); the summary shows the model's own names.
@@ -769,7 +780,7 @@ class Summary:
         source_header = f" {'ONNX node':<{width}}" if width else ""
         header = (
             f"{'layer':<24}{source_header} {'op':<20} {'dtype':<5} {'in scale':>10} {'in zp':>6} "
-            f"{'w scale (min..max)':>22} {'SQNR dB':>8}  note"
+            f"{'w scale (min..max)':>22} {'SQNR dB':>8} {'own dB':>7}  note"
         )
         lines = [header, "-" * len(header)]
         for row, source in zip(self.rows, sources):
@@ -777,19 +788,29 @@ class Summary:
             zero = str(row["input_zero_point"][0]) if row["input_zero_point"] else "-"
             weight = f"{row['weight_scale'][0]:.3g}..{row['weight_scale'][1]:.3g}" if row["weight_scale"] else "-"
             sqnr = f"{row['input_sqnr_db']:.1f}" if row["input_sqnr_db"] is not None else "-"
+            own = f"{row['own_sqnr_db']:.1f}" if row.get("own_sqnr_db") is not None else "-"
             source_cell = f" {source:<{width}}" if width else ""
             lines.append(
                 f"{row['layer']:<24}{source_cell} {row['op']:<20} {row['status']:<5} {scale:>10} {zero:>6} "
-                f"{weight:>22} {sqnr:>8}  {row['reason']}"
+                f"{weight:>22} {sqnr:>8} {own:>7}  {row['reason']}"
             )
         quantized = sum(row["status"] == "int8" for row in self.rows)
         lines.append(f"{quantized} of {len(self.rows)} layers in INT8 (skip lists take either name)")
         for name, value in self.outputs.items():
             lines.append(f"output {name!r} SQNR vs FP32 on calibration data: {value:.1f} dB")
+        if any(row.get("own_sqnr_db") is not None for row in self.rows):
+            lines.append(
+                "SQNR dB: the layer's input in the quantized model vs FP32 (errors of earlier layers included); "
+                "own dB: its quantization alone"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"layers": self.rows, "outputs": self.outputs}
+
+
+#: Key suffix in ``QuantizedModel.sqnr`` of a tensor's own quantization error (see :meth:`measure_sqnr`).
+OWN_SQNR_SUFFIX = "@own"
 
 
 def _db(signal: float, noise: float) -> float:

@@ -139,6 +139,11 @@ def test_bad_token_inputs(tmp_path):
 def test_run_time_token_check_and_length_error():
     qmodel = tvmquant.quantize(LEGACY, DYNAMIC, progress=False, report_batches=0)
     assert qmodel.index_limits == {"input_ids": VOCAB, "token_type_ids": 2}
+    # Dynamic per-row uint8 activations land on the same packed u8 x s8 dense kernels as static ones.
+    from tvmquant.schedules.x86.passes import PackInt8Dense
+
+    packed = PackInt8Dense()(qmodel.mod).script(show_meta=False)
+    assert packed.count("R.call_tir(cls.dense_int8_packed") == 12
     compiled = qmodel.compile()
     data = token_batch(1, seed=5)
     compiled(data)

@@ -80,3 +80,23 @@ def test_configs_are_frozen():
     with pytest.raises(AttributeError):
         cfg.nan_policy = "error"
     assert cfg.replace(nan_policy="error").nan_policy == "error"
+
+
+def test_op_methods_and_dynamic_round_trip_and_errors():
+    cfg = C.QuantConfig(op_methods=(C.OpMethod("matmul", C.Percentile(99.9)), C.OpMethod("conv2d", C.MSE())))
+    assert C.QuantConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.activation_spec("matmul").method == C.Percentile(99.9)
+    assert cfg.activation_spec("add") == cfg.activation
+    assert C.X86_VNNI.activation_spec("matmul").method == C.Max()
+    assert C.QuantConfig().op_methods == ()  # a plain config has no overrides; the default preset has one
+    assert C.QuantConfig.from_dict(C.DYNAMIC.to_dict()).dynamic and not C.X86_VNNI.dynamic
+    with pytest.raises(C.ConfigError, match="op_type must be one of"):
+        C.OpMethod("softmax")
+    with pytest.raises(C.ConfigError, match="names an op type twice"):
+        C.QuantConfig(op_methods=(C.OpMethod("matmul"), C.OpMethod("matmul", C.MSE())))
+    with pytest.raises(C.ConfigError, match="Dynamic\\(\\) applies to activations only"):
+        C.QuantConfig(weight=C.TensorSpec("int8", "symmetric", C.PerChannel(0), method=C.Dynamic()))
+    with pytest.raises(C.ConfigError, match="auto_skip"):
+        C.DYNAMIC.replace(auto_skip=C.AutoSkip())
+    with pytest.raises(C.ConfigError, match="unknown key"):
+        C.QuantConfig.from_dict({**C.X86_VNNI.to_dict(), "op_methods": [{"op_type": "matmul", "methd": {}}]})

@@ -55,16 +55,41 @@ def check_inputs(feed: dict, inputs) -> dict:
                     f"; the model was compiled for batch {spec.shape[0]}: compile it for batch {array.shape[0]} "
                     "(compile(batch_size=...), `tvmquant compile --batch-size`), or feed batches of that size"
                 )
+            hint = hint or _length_hint(array, spec.shape)
             raise ValueError(
                 f"input {spec.name!r} has shape {tuple(array.shape)}, the model expects {tuple(spec.shape)}{hint}"
             )
         if array.dtype != np.dtype(spec.dtype):
-            if np.issubdtype(array.dtype, np.floating) and np.issubdtype(np.dtype(spec.dtype), np.floating):
+            if _exact_float_cast(array, spec.dtype):
                 array = array.astype(spec.dtype)
             else:
                 raise ValueError(f"input {spec.name!r} has dtype {array.dtype}, the model expects {spec.dtype}")
         out[spec.name] = np.ascontiguousarray(array)
     return out
+
+
+def _exact_float_cast(array: np.ndarray, dtype: str) -> bool:
+    """Float data for a float input, or integers a float input holds exactly (a float attention mask fed 0/1)."""
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        return False
+    if np.issubdtype(array.dtype, np.floating):
+        return True
+    return np.issubdtype(array.dtype, np.integer) and (array.size == 0 or int(np.abs(array).max()) < 2**24)
+
+
+def _length_hint(array: np.ndarray, shape: tuple) -> str:
+    """A hint when a non-batch axis differs (a sequence length other than the exported one)."""
+    if array.ndim != len(shape):
+        return ""
+    axes = [axis for axis in range(1, array.ndim) if array.shape[axis] != shape[axis]]
+    if not axes:
+        return ""
+    axis = axes[0]
+    return (
+        f"; axis {axis} is {array.shape[axis]} but the model was exported for {shape[axis]}: pad or truncate the "
+        f"data to {shape[axis]} (for token inputs, a tokenizer's padding to max_length={shape[axis]}), or export "
+        "the model with the length you need"
+    )
 
 
 def _one_input_alias(item: dict, names: list, where: str, notice: bool = True) -> dict:
@@ -156,7 +181,7 @@ def iter_batches(calib_data, inputs, what: str = "calibration data"):
             if array.dtype == object:
                 raise CalibrationDataError(f"{where(index)} input {spec.name!r} holds Python objects, not numbers")
             if array.dtype != np.dtype(spec.dtype):
-                if np.issubdtype(array.dtype, np.floating) and np.issubdtype(np.dtype(spec.dtype), np.floating):
+                if _exact_float_cast(array, spec.dtype):
                     array = array.astype(spec.dtype)
                 else:
                     raise CalibrationDataError(

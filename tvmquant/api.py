@@ -21,9 +21,9 @@ from ._io import atomic_write, check_inputs, feed_from_args, flatten_outputs
 from ._relax import output_names
 from .artifact import ARTIFACT_FORMAT, READABLE_FORMATS, ArtifactError, SourceFile, write_zip
 from .compile import host_build
-from .config import QuantConfig
+from .config import DEFAULT, QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
-from .frontend.prepare import ModelError, check_static, prepare
+from .frontend.prepare import ModelError, check_index_range, check_static, index_limits, prepare
 from .op_table import LayerInfo
 from .passes.annotate import AnnotateQuant, layers_of
 from .passes.calibrate import (
@@ -34,8 +34,10 @@ from .passes.calibrate import (
     iter_batches,
     observing,
     run_vm,
+    weight_qparams,
     weight_sqnr_terms,
 )
+from .passes.dynamic import RealizeDynamic
 from .passes.realize import RealizeQuant
 from .qparams import QParams, Role
 from .quant_math import fake_quantize
@@ -117,8 +119,8 @@ def quantize(
     model : str, os.PathLike, onnx.ModelProto or tvm.IRModule
         The FP32 model. An IRModule needs a Relax ``main`` with static input shapes.
     config : QuantConfig, optional
-        Defaults to :data:`tvmquant.config.DEFAULT` (x86 VNNI: uint8 affine activations, per-channel
-        symmetric int8 weights, max calibration).
+        Defaults to :data:`tvmquant.config.DEFAULT` (x86 VNNI: uint8 affine activations calibrated to the
+        99.99th percentile, matmul inputs to their max, per-channel symmetric int8 weights).
     calib_data
         Iterable of ``{input name: array}`` dicts (or arrays, for one-input models), or one such dict /
         array with samples stacked on axis 0.
@@ -149,7 +151,7 @@ def quantize(
     >>> qmodel = tvmquant.quantize(fmnist_model_path(), calib_data=calib[:32], progress=False)
     >>> logits = qmodel.compile()(test_x[:1])
     """
-    config = config or QuantConfig()
+    config = config or DEFAULT
     fp32, inputs, source, qdq = load_model(model, params, batch_size, equalize=config.equalize)
     # An artifact keeps the source only on request (save(keep_source=True)); otherwise it records the file.
     source_file = SourceFile.of(model) if isinstance(model, (str, os.PathLike)) else None
@@ -159,13 +161,31 @@ def quantize(
 
         _, table = describe_qdq(fp32)
         return QuantizedModel(fp32, fp32, table, config, inputs, source, qdq=fp32, source_file=source_file)
+    if config.dynamic:
+        # Dynamic activations: no calibration; only the weights' parameters are computed (from the weights).
+        annotated = AnnotateQuant(config)(fp32)
+        table = weight_qparams(annotated, config)
+        qmodel = QuantizedModel(fp32, annotated, table, config, inputs, source, source_file=source_file)
+        if report_batches and calib_data is not None:
+            qmodel.measure_sqnr(calib_data, report_batches)
+        return qmodel
     if calib_data is None:
-        raise ModelError("calib_data is required: give a few hundred representative input samples")
+        raise ModelError(
+            "calib_data is required: give a few hundred representative input samples, or quantize without data "
+            "with dynamic activations (config=tvmquant.config.DYNAMIC, `tvmquant quantize --dynamic`)"
+        )
+    limits = index_limits(fp32)
+    if isinstance(calib_data, (dict, np.ndarray, list, tuple)) or hasattr(calib_data, "keys"):
+        # Data at hand is checked before anything compiles: a wrong shape or token id fails in a second.
+        for index, batch in enumerate(iter_batches(calib_data, inputs)):
+            check_index_range(batch, limits, f"calibration batch {index}")
     annotated = AnnotateQuant(config)(fp32)
     calib_annotated, calib_inputs = _calibration_module(
         model, params, annotated, inputs, config, calib_data, calib_batch
     )
-    table = calibrate(calib_annotated, calib_data, calib_inputs, config, progress=progress, build=host_build)
+    table = calibrate(
+        calib_annotated, calib_data, calib_inputs, config, progress=progress, build=host_build, index_limits=limits
+    )
     auto_reasons: dict = {}
     if config.auto_skip is not None:
         from .passes.sensitivity import choose_auto_skips
@@ -426,7 +446,7 @@ class QuantizedModel:
 
     def _graph(self) -> tvm.IRModule:
         """A module of this model that is at hand (all keep the layer table and the output names)."""
-        for mod in (self.qdq, self._annotated, self._fp32):
+        for mod in (self.qdq, self._annotated, self._fp32, self.__dict__.get("simulated"), self.__dict__.get("mod")):
             if mod is not None:
                 return mod
         return self.simulated
@@ -436,11 +456,15 @@ class QuantizedModel:
         """Fake-quant FP32 model (quantize/dequantize around every quantized tensor)."""
         if self.qdq is not None:
             return self.qdq
+        if self.config.dynamic:
+            return RealizeDynamic(self.table, simulate=True)(self.annotated)
         return BindQuantParams(self.table)(self.annotated)
 
     @functools.cached_property
     def mod(self) -> tvm.IRModule:
         """The integer model (INT8 inputs, INT32 accumulation)."""
+        if self.config.dynamic:
+            return RealizeDynamic(self.table)(self.annotated)
         return RealizeQuant()(self.simulated)
 
     @property
@@ -461,9 +485,17 @@ class QuantizedModel:
         its calibration copy, so the FP32 reference is the VM calibration compiled and ran. ``max_batches``
         counts model-sized batches. Without bias corrections the simulated values are computed at the markers
         of that same VM (what :class:`BindQuantParams` emits, in numpy; the INT32 rounding of biases is the one
-        difference, well below a quantization step); with them, the corrected simulated model runs.
+        difference, well below a quantization step); with them, the corrected simulated model runs. With dynamic
+        activations only the outputs are measured (their tensors have no fixed parameters).
+
+        Beside each activation's end-to-end SQNR, ``sqnr[name + OWN_SQNR_SUFFIX]`` is its own error: its FP32
+        values through its own quantize/dequantize, nothing upstream quantized. Where the end-to-end SQNR falls,
+        this says whether the tensor itself is the culprit (clipped outlier channels, a range too wide) or only
+        inherits error from earlier layers.
         """
-        if graph is None:
+        if self.config.dynamic:
+            graph, inputs = self.annotated, self.inputs  # the simulated model exists at the model's own batch
+        elif graph is None:
             # Bias correction changes the biases of ``annotated``: the reference is the model before it.
             graph = AnnotateQuant(self.config)(self.fp32) if self.bias_corrections else self.annotated
         inputs = inputs if inputs is not None else self.inputs
@@ -474,14 +506,18 @@ class QuantizedModel:
         terms = _SqnrTerms(self.table)
         terms.signal, terms.noise = weight_sqnr_terms(graph, self.table)
         sim_vm = None
-        if self.bias_corrections:
+        if self.config.dynamic:
+            sim_vm = compile_vm(self.simulated, build=host_build)
+        elif self.bias_corrections:
             from .passes.bias_correction import ApplyBiasCorrection
 
             corrected = ApplyBiasCorrection(self.bias_corrections)(graph)
             sim_vm = compile_vm(BindQuantParams(self.table, observe=True)(corrected), build=host_build)
+        limits = self.index_limits
         for index, batch_data in enumerate(iter_batches(calib_data, inputs)):
             if index >= batches:
                 break
+            check_index_range(batch_data, limits, f"calibration batch {index}")
             with observing(terms.keep):
                 reference = flatten_outputs(run_vm(vm, batch_data, inputs))
             if sim_vm is None:
@@ -491,6 +527,7 @@ class QuantizedModel:
             else:
                 with observing(terms.compare):
                     approx = flatten_outputs(run_vm(sim_vm, batch_data, inputs))
+            terms.kept.clear()
             for i, (ref, app) in enumerate(zip(reference, approx)):
                 terms.add(f"output{i}", ref, app)
         signal, noise = terms.signal, terms.noise
@@ -505,6 +542,7 @@ class QuantizedModel:
             params = [self.table[name] for name in inputs]
             weight = self.table.get(layer.weight) if layer.weight else None
             sqnrs = [self.sqnr[name] for name in inputs if name in self.sqnr]
+            own = [self.sqnr[name + OWN_SQNR_SUFFIX] for name in inputs if name + OWN_SQNR_SUFFIX in self.sqnr]
             rows.append(
                 {
                     "layer": layer.name,
@@ -513,7 +551,9 @@ class QuantizedModel:
                     "status": "int8" if layer.quantized else "fp32",
                     "reason": layer.reason
                     or (
-                        "inputs on the grid of an earlier tensor"
+                        "dynamic: input ranges computed at run time, per row"
+                        if layer.quantized and self.config.dynamic
+                        else "inputs on the grid of an earlier tensor"
                         if layer.quantized and not inputs and not layer.weight
                         else ""
                     ),
@@ -523,6 +563,7 @@ class QuantizedModel:
                         [float(np.min(weight.scale)), float(np.max(weight.scale))] if weight is not None else None
                     ),
                     "input_sqnr_db": min(sqnrs) if sqnrs else None,
+                    "own_sqnr_db": min(own) if own else None,
                 }
             )
         # sqnr keys the outputs by position (output0, ...); the summary shows the model's own names.
@@ -533,6 +574,11 @@ class QuantizedModel:
                 index = int(name[len("output") :])
                 outputs[names[index] if index < len(names) else name] = value
         return Summary(rows, outputs)
+
+    @functools.cached_property
+    def index_limits(self) -> dict:
+        """``{input: rows}`` of inputs that index a constant table (token ids): values must be in ``[0, rows)``."""
+        return index_limits(self._graph())
 
     @property
     def output_names(self) -> list:
@@ -614,7 +660,9 @@ class QuantizedModel:
         amx = target_has_amx(target)
         if amx:
             require_amx(f"compile(target={target_json(target)})")  # before minutes of building for nothing
-        return CompiledModel(build(mod, target=target, db=db), self.inputs, device, output_names(mod), amx=amx)
+        return CompiledModel(
+            build(mod, target=target, db=db), self.inputs, device, output_names(mod), index_limits(mod), amx=amx
+        )
 
     def report(self, path, data=None, bench=None, *, progress: bool = True, sensitivity_batches: int = 8) -> dict:
         """Write a self-contained HTML report: the per-layer table, activation histograms with the range each
@@ -638,6 +686,11 @@ class QuantizedModel:
         biases) that ONNX Runtime runs; see :mod:`tvmquant.export`."""
         from .export import export_qdq
 
+        if self.config.dynamic:
+            raise ModelError(
+                "a dynamically quantized model has no fixed activation scales to write as QuantizeLinear nodes; "
+                "quantize it with calibration data (a static config) to export QDQ ONNX"
+            )
         export_qdq(self, path, sample)
 
     def manifest(self) -> dict:
@@ -673,6 +726,10 @@ class QuantizedModel:
         members: dict = {}
         modules: dict = {}
         stored = {"qdq": self.qdq} if self.qdq is not None else {"simulated": self.simulated}
+        if self.qdq is None and self.config.dynamic:
+            # A dynamic model's integer module comes from the annotated one, not from the simulated: keep it instead
+            # (simulated mode rebuilds from the ONNX source on request).
+            stored = {"int8": self.mod}
         if keep_source and self._source_kind == "relax":
             stored["fp32"] = self.fp32
         for key, mod in stored.items():
@@ -743,8 +800,10 @@ def load(path) -> QuantizedModel:
         qmodel = QuantizedModel(fp32, qdq, table, config, inputs, stored.get("source"), sqnr, qdq, source_file)
         qmodel._source_kind = source_info["kind"]
         qmodel._stored_layers = [LayerInfo(**layer) for layer in manifest["layers"]]
-        if qdq is None:
+        if qdq is None and "simulated" in stored:
             qmodel.__dict__["simulated"] = stored["simulated"]  # the cached_property's value: nothing to derive
+        if "int8" in stored:
+            qmodel.__dict__["mod"] = stored["int8"]
     qmodel.bias_corrections = {
         name: np.asarray(vector, np.float32) for name, vector in manifest.get("bias_corrections", {}).items()
     }
@@ -755,9 +814,14 @@ def load(path) -> QuantizedModel:
 class CompiledModel:
     """A compiled model callable on numpy arrays: ``model(x)`` or ``model({"input": x})``."""
 
-    def __init__(self, executable, inputs, device=None, output_names: list | None = None, amx: bool = False):
+    def __init__(
+        self, executable, inputs, device=None, output_names: list | None = None, index_limits=None, amx: bool = False
+    ):
         self.executable = executable
         self.inputs = inputs
+        #: ``{input: rows}`` of index inputs (token ids), checked on every call: out of range would read past
+        #: the table (TVM's gather does not check).
+        self.index_limits = dict(index_limits or {})
         #: The model's output names, in the order calls return them.
         self.output_names = list(output_names or [])
         self.device = device or tvm.cpu()
@@ -768,6 +832,8 @@ class CompiledModel:
 
     def __call__(self, *args, **kwargs):
         checked = check_inputs(feed_from_args(args, kwargs, self.inputs), self.inputs)
+        if self.index_limits:
+            check_index_range(checked, self.index_limits, "the call's")
         result = self.vm["main"](*[to_tensor(checked[spec.name], self.device) for spec in self.inputs])
         outputs = flatten_outputs(result)
         return outputs[0] if len(outputs) == 1 else outputs
@@ -790,7 +856,7 @@ class Summary:
         source_header = f" {'ONNX node':<{width}}" if width else ""
         header = (
             f"{'layer':<24}{source_header} {'op':<20} {'dtype':<5} {'in scale':>10} {'in zp':>6} "
-            f"{'w scale (min..max)':>22} {'SQNR dB':>8}  note"
+            f"{'w scale (min..max)':>22} {'SQNR dB':>8} {'own dB':>7}  note"
         )
         lines = [header, "-" * len(header)]
         for row, source in zip(self.rows, sources):
@@ -798,19 +864,29 @@ class Summary:
             zero = str(row["input_zero_point"][0]) if row["input_zero_point"] else "-"
             weight = f"{row['weight_scale'][0]:.3g}..{row['weight_scale'][1]:.3g}" if row["weight_scale"] else "-"
             sqnr = f"{row['input_sqnr_db']:.1f}" if row["input_sqnr_db"] is not None else "-"
+            own = f"{row['own_sqnr_db']:.1f}" if row.get("own_sqnr_db") is not None else "-"
             source_cell = f" {source:<{width}}" if width else ""
             lines.append(
                 f"{row['layer']:<24}{source_cell} {row['op']:<20} {row['status']:<5} {scale:>10} {zero:>6} "
-                f"{weight:>22} {sqnr:>8}  {row['reason']}"
+                f"{weight:>22} {sqnr:>8} {own:>7}  {row['reason']}"
             )
         quantized = sum(row["status"] == "int8" for row in self.rows)
         lines.append(f"{quantized} of {len(self.rows)} layers in INT8 (skip lists take either name)")
         for name, value in self.outputs.items():
             lines.append(f"output {name!r} SQNR vs FP32 on calibration data: {value:.1f} dB")
+        if any(row.get("own_sqnr_db") is not None for row in self.rows):
+            lines.append(
+                "SQNR dB: the layer's input in the quantized model vs FP32 (errors of earlier layers included); "
+                "own dB: its quantization alone"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"layers": self.rows, "outputs": self.outputs}
+
+
+#: Key suffix in ``QuantizedModel.sqnr`` of a tensor's own quantization error (see :meth:`measure_sqnr`).
+OWN_SQNR_SUFFIX = "@own"
 
 
 class _SqnrTerms:
@@ -829,9 +905,12 @@ class _SqnrTerms:
         self.noise[name] = self.noise.get(name, 0.0) + float(np.sum((ref - app) ** 2))
 
     def keep(self, name: str, array: np.ndarray) -> None:
+        """Keep an FP32 activation, and add its own error (its values through its own quantize/dequantize)."""
         params = self.table.get(name)
         if params is not None and params.role == Role.ACTIVATION:
             self.kept[name] = array.copy()
+            own = fake_quantize(array, params.scale, params.zero_point, params.qmin, params.qmax, params.axis)
+            self.add(f"{name}{OWN_SQNR_SUFFIX}", array, own)
 
     def simulate(self, name: str, array: np.ndarray) -> None:
         params = self.table.get(name)

@@ -20,7 +20,7 @@ EXIT_USER_ERROR = 2
 
 
 def _config_from_args(args):
-    from .config import PerTensor, QuantConfig, TensorSpec, method_from_name
+    from .config import DEFAULT, Dynamic, PerTensor, QuantConfig, TensorSpec, method_from_name
 
     if args.config:
         if not os.path.exists(args.config):
@@ -33,7 +33,12 @@ def _config_from_args(args):
     elif args.preset:
         config = PRESETS[args.preset]
     else:
-        config = QuantConfig()
+        config = DEFAULT
+    op_methods = config.op_methods
+    if getattr(args, "dynamic", False):
+        if args.method or args.percentile is not None:
+            raise ValueError("--dynamic computes activation ranges at run time: drop --method/--percentile")
+        config = config.replace(activation=TensorSpec("uint8", "affine", method=Dynamic()), auto_skip=None)
     activation = config.activation
     if args.scheme == "affine":
         activation = TensorSpec("uint8", "affine", activation.granularity, activation.bits, activation.method)
@@ -51,6 +56,7 @@ def _config_from_args(args):
             activation.bits,
             method_from_name(method_name, percentile),
         )
+        op_methods = ()  # a method given on the command line applies to every op
     weight = config.weight
     if args.per_tensor:
         weight = TensorSpec(weight.dtype, weight.scheme, PerTensor(), weight.bits, weight.method)
@@ -64,7 +70,9 @@ def _config_from_args(args):
     recovery = {
         flag: getattr(args, flag) for flag in ("bias_correction", "equalize") if getattr(args, flag, None) is not None
     }
-    return config.replace(activation=activation, weight=weight, skip=skip, auto_skip=auto_skip, **recovery)
+    return config.replace(
+        activation=activation, weight=weight, skip=skip, auto_skip=auto_skip, op_methods=op_methods, **recovery
+    )
 
 
 def _with_bits(args, activation, weight):
@@ -332,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=["max", "entropy", "percentile", "mse"],
         help="activation calibration (default percentile 99.99)",
+    )
+    q.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="dynamic quantization: per-row activation ranges computed at run time, no --calib needed",
     )
     q.add_argument("--percentile", type=float, default=None, help="percentile for --method percentile (default 99.99)")
     q.add_argument("--scheme", choices=["affine", "symmetric"], help="activations: uint8 affine or int8 symmetric")

@@ -118,6 +118,17 @@ def import_onnx(model, batch_size: int | None = None, where: str = "the ONNX mod
                 mod = from_onnx(folded, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
         except Exception as err2:
             raise _import_error(folded, err2, where) from None
+    if _has_match_cast(mod):
+        # Shapes computed from a dynamic batch (the dynamo exporter's attention-mask Range over the batch) import
+        # as run-time shapes; with the batch bound they are constants, which ONNX Runtime's folding computes.
+        folded = _constant_fold(model, specs)
+        if folded is not None:
+            source_names.clear()
+            try:
+                with _naming_layers(source_names):
+                    mod = from_onnx(folded, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+            except Exception as err:
+                raise _import_error(folded, err, where) from None
     # The graph's outputs lose their variable names (the output binding is canonicalized to `gv`): keep the
     # producing node of each output under a positional key.
     producers = {output: node.name for node in model.graph.node for output in node.output}
@@ -129,6 +140,13 @@ def import_onnx(model, batch_size: int | None = None, where: str = "the ONNX mod
     main = mod["main"].with_attr(SOURCE_NAMES_ATTR, json.dumps(source_names))
     mod["main"] = main.with_attr(OUTPUT_NAMES_ATTR, json.dumps([output.name for output in model.graph.output]))
     return mod, specs
+
+
+def _has_match_cast(mod) -> bool:
+    from tvm import relax
+
+    body = mod["main"].body
+    return any(isinstance(b, relax.MatchCast) for block in body.blocks for b in block.bindings)
 
 
 def fold_conv_batchnorm(model):
@@ -271,6 +289,9 @@ def _constant_fold(model, specs):
 
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
+    # Recorded shapes keep the dynamic batch (and the dynamo exporter repeats the outputs there, which ONNX
+    # Runtime refuses as duplicate definitions): let ONNX Runtime infer them again.
+    del fixed.graph.value_info[:]
     by_name = {spec.name: spec for spec in specs}
     for value in fixed.graph.input:
         if value.name in by_name:

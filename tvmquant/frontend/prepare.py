@@ -133,3 +133,61 @@ def check_static(mod: tvm.IRModule) -> None:
                     f"tensor {binding.var.name} (from {op_name(binding.value) or 'a call'}) has a shape only known "
                     "at run time; export the model with static shapes or constant-fold it before quantizing"
                 )
+
+
+def index_limits(mod: tvm.IRModule) -> dict:
+    """``{input name: rows}`` for integer inputs that index a constant table (token ids into an embedding).
+
+    Found as ``take(constant [rows, ...], indices)`` whose indices come from exactly one integer input of
+    ``main`` (through the importer's negative-index ``where``/``add`` and casts). A value outside
+    ``[0, rows)`` would read past the table: calibration and :class:`tvmquant.api.CompiledModel` refuse it,
+    naming the input.
+    """
+    func = mod["main"]
+    params = {param: param.name for param in func.params}
+    values = {}
+    limits: dict = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            values[binding.var] = binding.value
+            value = binding.value
+            if op_name(value) != "relax.take" or not is_const(value.args[0]):
+                continue
+            axis = getattr(value.attrs, "axis", 0)
+            if axis is not None and int(axis) != 0:
+                continue
+            sources = _integer_sources(value.args[1], values, params)
+            if len(sources) == 1:
+                (name,) = sources
+                rows = int(const_value(value.args[0]).shape[0])
+                limits[name] = min(rows, limits.get(name, rows))
+    return limits
+
+
+def _integer_sources(expr, values: dict, params: dict, depth: int = 0) -> set:
+    if expr in params:
+        return {params[expr]} if "int" in str(getattr(expr.ty, "dtype", "")) else set()
+    if depth > 8 or expr not in values or not isinstance(values[expr], relax.Call):
+        return set()
+    found = set()
+    for arg in values[expr].args:
+        if isinstance(arg, relax.Expr) and not is_const(arg):
+            found |= _integer_sources(arg, values, params, depth + 1)
+    return found
+
+
+def check_index_range(batch: dict, limits: dict, where: str) -> None:
+    """Refuse an index input (token ids) outside its table, naming the input, the value and the range."""
+    for name, rows in limits.items():
+        if name not in batch:
+            continue
+        array = np.asarray(batch[name])
+        if array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+            continue
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= rows:
+            bad = low if low < 0 else high
+            raise ModelError(
+                f"{where} input {name!r} holds the index {bad}, but it indexes a table of {rows} rows (an "
+                f"embedding's vocabulary): values must be in [0, {rows}); tokenize with the model's own vocabulary"
+            )

@@ -87,6 +87,7 @@ class AnnotateQuant:
 class _Annotator(BindingRewriter):
     def begin(self, func):
         self.source_of = _source_names(func)
+        self.fp32_only_adds = _adds_without_integer_consumers(func)
 
     def __init__(self, config: QuantConfig):
         super().__init__()
@@ -114,10 +115,13 @@ class _Annotator(BindingRewriter):
             expr = value.args[0]
 
     def _mark(self, expr, name: str, role: str):
-        if expr in self.marked:
-            return self.marked[expr]
+        # Dynamic ranges depend on the consumer (per row of a matmul's data, per column of its second operand):
+        # a tensor gets a marker per consumer position, never one shared with another kind.
+        key = (expr, name.rpartition(".")[2]) if self.config.dynamic else expr
+        if key in self.marked:
+            return self.marked[key]
         var = self.emit(marker(expr, name, role), name.replace(".", "_"))
-        self.marked[expr] = var
+        self.marked[key] = var
         self.marker_names[var] = name
         return var
 
@@ -154,6 +158,12 @@ class _Annotator(BindingRewriter):
             info.weight = f"{info.name}.weight"
             info.weight_axis = rule.weight_channel_axis % len(tensor_shape(args[weight_pos]))
         info.reason = self._skip_reason(info)
+        if not info.reason and self.config.dynamic and rule.realize != op_table.LINEAR:
+            info.reason = "dynamic activations: only matmul and conv2d have a run-time range of their own"
+        if not info.reason and var in self.fp32_only_adds:
+            info.reason = (
+                f"output feeds only FP32 ops ({self.fp32_only_adds[var]}): an INT8 add would only lose accuracy"
+            )
         info.quantized = not info.reason
         if info.quantized:
             for pos in activation_pos:
@@ -178,7 +188,7 @@ class _Annotator(BindingRewriter):
     def _mark_activation(self, expr, tensor_name: str, info: LayerInfo):
         if not self._is_float_tensor(expr) or is_const(expr):
             return expr
-        if self._already_quantized(expr) and expr not in self.marked:
+        if not self.config.dynamic and self._already_quantized(expr) and expr not in self.marked:
             info.inputs.append(f"(on grid of an earlier tensor) {tensor_name}")
             return expr
         marked = self._mark(expr, tensor_name, Role.ACTIVATION)
@@ -202,6 +212,59 @@ class _Annotator(BindingRewriter):
         if name == "relax.concat":
             return isinstance(args[0], relax.Tuple) and all(self._is_float_tensor(a) for a in args[0].fields)
         return self._is_float_tensor(args[0])
+
+
+def _adds_without_integer_consumers(func) -> dict:
+    """``{add variable: its FP32 consumers}`` for the tensor + tensor adds whose results no quantized op uses.
+
+    A quantized residual add pays off when its INT8 result feeds an INT8 op (a CNN's next conv). In a transformer
+    the residual add feeds LayerNorm, and the attention-mask add feeds softmax: both FP32, so quantizing the add
+    would only round its inputs, and the residual stream's outlier channels make that rounding ruinous (a
+    trained MiniLM's embeddings fell to cosine 0.73 vs FP32). Such adds stay FP32 (see the layer's reason).
+    Consumers are followed through ops that carry a quantized value (reshape, transpose, relu); an add counts
+    as an INT8 consumer only if it is itself kept (the bindings are walked from the output up).
+    """
+    bindings = [b for block in func.body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
+    consumers: dict = {}
+    for binding in bindings:
+        for arg in _call_args(binding.value):
+            consumers.setdefault(arg, []).append(binding)
+    fp32_only: dict = {}
+
+    def integer_consumer(var, fp32_ops: set, depth: int = 0) -> bool:
+        for binding in consumers.get(var, []):
+            name = op_name(binding.value)
+            rule = op_table.OP_TABLE.get(name)
+            if rule is None:
+                fp32_ops.add(name.split(".")[-1] if name else "call")
+            elif name == "relax.add":
+                # Only a kept tensor + tensor add takes an INT8 value; a constant (bias) add on it is FP32.
+                if all(not is_const(arg) for arg in binding.value.args) and binding.var not in fp32_only:
+                    return True
+                fp32_ops.add("add")
+            elif rule.is_layer:
+                return True
+            elif depth < 16 and integer_consumer(binding.var, fp32_ops, depth + 1):
+                return True
+        return False
+
+    for binding in reversed(bindings):
+        value = binding.value
+        if op_name(value) != "relax.add" or any(is_const(arg) for arg in value.args):
+            continue
+        fp32_ops: set = set()
+        if not integer_consumer(binding.var, fp32_ops):
+            fp32_only[binding.var] = ", ".join(sorted(fp32_ops)) or "the graph output"
+    return fp32_only
+
+
+def _call_args(value) -> list:
+    if not isinstance(value, relax.Call):
+        return []
+    args = []
+    for arg in value.args:
+        args.extend(arg.fields if isinstance(arg, relax.Tuple) else [arg])
+    return args
 
 
 def _source_names(func) -> dict:

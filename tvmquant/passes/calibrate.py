@@ -25,6 +25,7 @@ from .._io import CalibrationDataError, iter_batches  # numpy-only, shared with 
 from .._relax import BindingRewriter, tvmquant_module_pass
 from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
+from ..frontend.prepare import check_index_range
 from ..qparams import QParams, Role  # QParams: also importable from here, as before it moved
 from ..quant_math import DTYPE_RANGES, fake_quantize, quantize
 from ..threads import request_amx_permission, use_physical_cores
@@ -165,7 +166,13 @@ def _progress(iterable, total, desc, enabled):
 
 
 def calibrate(
-    annotated: tvm.IRModule, calib_data, inputs, config: QuantConfig, progress: bool = True, build=None
+    annotated: tvm.IRModule,
+    calib_data,
+    inputs,
+    config: QuantConfig,
+    progress: bool = True,
+    build=None,
+    index_limits: dict | None = None,
 ) -> dict:
     """Compute quantization parameters for every marked tensor.
 
@@ -182,6 +189,9 @@ def calibrate(
         Show a progress bar.
     build : callable, optional
         ``build(mod, target) -> executable`` for the calibration VM (see :func:`compile_vm`).
+    index_limits : dict, optional
+        ``{input: rows}`` of index inputs (token ids, :func:`tvmquant.frontend.prepare.index_limits`): a value
+        outside ``[0, rows)`` is refused, naming the batch and the input.
 
     Returns
     -------
@@ -189,7 +199,9 @@ def calibrate(
     """
     table = weight_qparams(annotated, config)
     activation_names = [name for name, role in marker_names(annotated) if role == Role.ACTIVATION]
-    observers = {name: make_observer(config.activation, name, config.nan_policy) for name in activation_names}
+    op_types = {layer.name: layer.op_type for layer in layers_of(annotated)}
+    specs = {name: config.activation_spec(op_types.get(name.rpartition(".")[0])) for name in activation_names}
+    observers = {name: make_observer(specs[name], name, config.nan_policy) for name in activation_names}
     if not observers:
         return table
     # The annotated module as it is (weight markers too): the summary's SQNR and AutoSkip run the same graph, so
@@ -207,6 +219,8 @@ def calibrate(
         warnings.simplefilter("always")
         for batch in _progress(batches, count_samples(calib_data, inputs), "calibrating", progress):
             check_finite(batch, seen)
+            if index_limits:
+                check_index_range(batch, index_limits, f"calibration batch {seen}")
             run_vm(vm, batch, inputs)
             seen += 1
     if seen == 0:
@@ -216,7 +230,7 @@ def calibrate(
             a_min, a_max = observer.compute()
         except CalibrationError as err:
             raise CalibrationError(f"{err} (after {seen} calibration batches)") from None
-        table[name] = QParams.from_range(name, Role.ACTIVATION, config.activation, a_min, a_max)
+        table[name] = QParams.from_range(name, Role.ACTIVATION, specs[name], a_min, a_max)
     return table
 
 

@@ -33,7 +33,7 @@ _LAZY = {
     "QuantizedModel": "api",
     "CompiledModel": "api",
     "tune": "tuning",
-    "finetune": "finetune",
+    "finetune": "training",
     "AnnotateQuant": "passes",
     "BindQuantParams": "passes",
     "RealizeQuant": "passes",

@@ -30,7 +30,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .._compat import const, const_value, is_const, op_name, tensor_shape
+from .._compat import TensorType, const, const_value, is_const, op_name, tensor_shape
 from .._relax import BindingRewriter, UnsupportedGraphError
 from ..qparams import QParams, Role
 from .annotate import LAYERS_ATTR, parse_marker
@@ -156,13 +156,15 @@ class _TrainingRewriter(BindingRewriter):
     # -- parameters ---------------------------------------------------------------------------------------
     def _add(self, name, kind, tensor, value, params=None, original_shape=None):
         value = np.ascontiguousarray(value, np.float32)
-        var = relax.Var(name.replace(".", "_"), relax.TensorType(list(value.shape), "float32"))
+        var = relax.Var(name.replace(".", "_"), TensorType(list(value.shape), "float32"))
         self.param_vars[name] = var
         self.parameters.append(Parameter(name, kind, tensor, value, params, original_shape))
 
     def begin(self, func):
         self.marked_weight = {}
         self.accumulator = {}
+        self.accumulator_scale = {}  # conv/matmul var -> its INT32 accumulator's scale expression
+        self.fq_scale = {}  # fake-quantized var -> (scale expression, QParams)
         self.bias_done = set()
         self.marker_ndim = {}
         for block in func.body.blocks:
@@ -192,7 +194,7 @@ class _TrainingRewriter(BindingRewriter):
                 f"fine-tuning needs a model with one output; this one returns {len(ret.fields)}"
             )
         self.output_shape = tuple(int(dim) for dim in ret.shape)
-        self.target = relax.Var("target", relax.TensorType(list(self.output_shape), "float32"))
+        self.target = relax.Var("target", TensorType(list(self.output_shape), "float32"))
         return [self.target] + [self.param_vars[p.name] for p in self.parameters]
 
     # -- graph --------------------------------------------------------------------------------------------
@@ -220,12 +222,16 @@ class _TrainingRewriter(BindingRewriter):
             zero = const(params.zero_point.astype(np.float32).reshape(shape))
         if zero is not None:
             v = self.emit(relax.op.add(v, zero))
+        # Relax's maximum(x, y) passes ties to x, minimum(x, y) to y: v keeps its gradient at qmin and qmax
+        # (the calibrated max weight sits exactly on the bound).
         v = self.emit(relax.op.maximum(v, const(np.float32(params.qmin))))
-        v = self.emit(relax.op.minimum(v, const(np.float32(params.qmax))))
+        v = self.emit(relax.op.minimum(const(np.float32(params.qmax)), v))
         v = self.emit(relax.op.add(v, no_grad(relax.op.subtract(relax.op.round(v), v))))
         if zero is not None:
             v = self.emit(relax.op.subtract(v, zero))
-        return self.emit(relax.op.multiply(v, scale), params.name.replace(".", "_") + "_fq")
+        out = self.emit(relax.op.multiply(v, scale), params.name.replace(".", "_") + "_fq")
+        self.fq_scale[out] = (scale, params)
+        return out
 
     def rewrite(self, var, value):
         parsed = parse_marker(value)
@@ -242,21 +248,43 @@ class _TrainingRewriter(BindingRewriter):
         if name in ("relax.nn.conv2d", "relax.matmul") and value.args[1] in self.marked_weight:
             out = self.emit(value)
             self.accumulator[out] = _layer_of(self.marked_weight[value.args[1]])
+            self._track_accumulator_scale(name, value, out)
             return out
         if name == "relax.add":
             lhs, rhs = value.args
             if is_const(lhs):
                 lhs, rhs = rhs, lhs
             layer = self.accumulator.get(lhs)
-            if (
-                layer is not None
-                and layer + ".bias" in self.param_vars
-                and layer not in self.bias_done
-                and is_const(rhs)
-            ):
-                self.bias_done.add(layer)
-                return relax.op.add(lhs, self.param_vars[layer + ".bias"])
+            if layer is None or layer + ".bias" not in self.param_vars or layer in self.bias_done or not is_const(rhs):
+                return value
+            self.bias_done.add(layer)
+            bias = self.param_vars[layer + ".bias"]
+            scale = self.accumulator_scale.get(lhs)
+            if scale is not None:
+                # As BindQuantParams: the bias on the INT32 accumulator's grid (scale_x * scale_w), rounded
+                # straight-through, so training sees the bias the integer model adds.
+                no_grad = relax.op.grad.no_grad
+                steps = self.emit(relax.op.divide(bias, scale))
+                steps = self.emit(relax.op.add(steps, no_grad(relax.op.subtract(relax.op.round(steps), steps))))
+                bias = self.emit(relax.op.multiply(steps, scale))
+            return relax.op.add(lhs, bias)
         return value
+
+    def _track_accumulator_scale(self, name, value, out):
+        """Record the scale of a quantized conv/matmul's INT32 accumulator in the output's broadcast shape (not when
+        BindQuantParams leaves the bias in FP32: per-channel activations)."""
+        x_entry, w_entry = self.fq_scale.get(value.args[0]), self.fq_scale.get(value.args[1])
+        if x_entry is None or w_entry is None or x_entry[1].axis is not None or w_entry[1].role != Role.WEIGHT:
+            return
+        w_scale, w_params = w_entry
+        ndim = len(tensor_shape(out))
+        channels = w_params.scale.size
+        if channels > 1:
+            axis = 1 if name == "relax.nn.conv2d" else ndim - 1
+            w_scale = self.emit(relax.op.reshape(w_scale, _broadcast_shape(ndim, axis, channels)))
+        elif tensor_shape(w_scale):
+            w_scale = self.emit(relax.op.reshape(w_scale, ()))
+        self.accumulator_scale[out] = self.emit(relax.op.multiply(x_entry[0], w_scale))
 
     def rewrite_output(self, output):
         batch = self.output_shape[0] if self.output_shape else 1

@@ -23,7 +23,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ._compat import to_tensor
+from ._compat import structural_hash, to_tensor
 from .artifact import ArtifactError
 from .frontend.prepare import ModelError
 from .passes.qat import LOSSES, apply_trained, strip_markers, training_module
@@ -32,6 +32,19 @@ from .threads import use_physical_cores
 
 #: Largest default training batch.
 DEFAULT_BATCH = 32
+
+_BUILDS: dict = {}  # structural hash -> executable: a second run on the same graph (another lr, seed) skips the build
+
+
+def _build(mod):
+    from .compile import host_build
+
+    key = structural_hash(mod)
+    if key not in _BUILDS:
+        if len(_BUILDS) >= 8:
+            _BUILDS.pop(next(iter(_BUILDS)))
+        _BUILDS[key] = host_build(mod)
+    return _BUILDS[key]
 
 
 class FinetuneError(ValueError):
@@ -66,6 +79,8 @@ def _check_hyper(epochs, lr, batch_size, loss, labels):
 
 def _as_arrays(data, inputs) -> dict:
     """``{input name: array (N, ...)}``, checked against the model's per-sample shapes."""
+    if hasattr(data, "keys") and len(inputs) == 1 and len(data) == 1 and inputs[0].name not in data:
+        data = next(iter(data.values()))  # one array (np.savez(path, x)) for a one-input model
     if isinstance(data, np.ndarray) or not hasattr(data, "keys"):
         if len(inputs) != 1:
             raise ValueError(f"the model has {len(inputs)} inputs; give data as a dict {{input name: array}}")
@@ -221,14 +236,13 @@ def finetune(
     if labels is not None:
         labels = _check_labels(labels, count, graph.output_shape)
 
-    from .compile import host_build
     from .passes.calibrate import compile_vm, run_vm
 
     names = [spec.name for spec in qmodel.inputs]
     # Teacher: the FP32 model (markers stripped from the annotated graph) at the training batch.
     targets = None
     if labels is None:
-        teacher = compile_vm(strip_markers(annotated), build=host_build)
+        teacher = compile_vm(strip_markers(annotated), build=lambda mod, target: _build(mod))
         outputs = []
         for start in range(0, count - batch + 1, batch):
             feed = {name: arrays[name][start : start + batch] for name in names}
@@ -242,7 +256,7 @@ def finetune(
             shifted = targets - targets.max(axis=-1, keepdims=True)
             targets = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
         del teacher
-    executable = host_build(graph.mod)
+    executable = _build(graph.mod)
     use_physical_cores()
     vm = relax.VirtualMachine(executable, tvm.cpu())
     step_fn = vm["main_adjoint"]

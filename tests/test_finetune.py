@@ -12,9 +12,9 @@ from tvm import relax
 
 import tvmquant
 from tvmquant.config import PerChannel, QuantConfig, TensorSpec
-from tvmquant.training import FinetuneError
 from tvmquant.frontend.prepare import ModelError
 from tvmquant.passes.qat import register_gradients, training_module
+from tvmquant.training import FinetuneError
 
 W4A4 = QuantConfig(
     activation=TensorSpec("uint8", "affine", bits=4), weight=TensorSpec("int8", "symmetric", PerChannel(0), bits=4)
@@ -148,9 +148,9 @@ def test_finetune_lowers_the_distillation_loss_and_realizes_within_one_lsb(tiny_
     qmodel, data = tiny_w4a4
     before_table = {name: p.to_dict() for name, p in qmodel.table.items()}
     before = _distillation_mse(qmodel, qmodel, data[:16])
-    tuned = tvmquant.finetune(qmodel, data, epochs=8, lr=3e-3, batch_size=16, progress=False, report_batches=1)
+    tuned = tvmquant.finetune(qmodel, data, epochs=30, lr=1e-2, batch_size=16, progress=False, report_batches=1)
     after = _distillation_mse(qmodel, tuned, data[:16])
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.6 * before, (before, after)
     assert tuned.finetune_log["loss"][-1] < tuned.finetune_log["loss"][0]
     # the input model is untouched; the new one carries learned scales (what summary and the artifact show)
     assert {name: p.to_dict() for name, p in qmodel.table.items()} == before_table

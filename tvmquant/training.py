@@ -238,6 +238,9 @@ def finetune(
 
     from .passes.calibrate import compile_vm, run_vm
 
+    import time
+
+    timing = {"start": time.perf_counter()}
     names = [spec.name for spec in qmodel.inputs]
     # Teacher: the FP32 model (markers stripped from the annotated graph) at the training batch.
     targets = None
@@ -256,7 +259,9 @@ def finetune(
             shifted = targets - targets.max(axis=-1, keepdims=True)
             targets = np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
         del teacher
+    timing["teacher"] = time.perf_counter()
     executable = _build(graph.mod)
+    timing["build"] = time.perf_counter()
     use_physical_cores()
     vm = relax.VirtualMachine(executable, tvm.cpu())
     step_fn = vm["main_adjoint"]
@@ -270,6 +275,7 @@ def finetune(
     total = steps_per_epoch * int(epochs)
     rng = np.random.default_rng(seed)
     log = {"loss": [], "steps": total, "batch_size": batch, "loss_kind": loss}
+    step_seconds = 0.0
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -289,9 +295,11 @@ def finetune(
                     target[np.arange(batch), labels[rows]] = 1.0
                 else:
                     target = targets[rows]
+                tick = time.perf_counter()
                 result = step_fn(*feed, to_tensor(np.ascontiguousarray(target)), *[to_tensor(v) for v in params])
                 value = float(result[0].numpy())
                 grads = [g.numpy() for g in result[1]]
+                step_seconds += time.perf_counter() - tick
                 if not math.isfinite(value) or not all(np.all(np.isfinite(g)) for g in grads):
                     good = _result(qmodel, graph, previous, log, arrays, 0)
                     raise FinetuneError(
@@ -320,6 +328,15 @@ def finetune(
                     bar.update(1)
                     bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{value:.4g}")
             log["loss"].append(float(np.mean(epoch_losses)))
+        # Where the time went: the FP32 teacher's outputs, compiling the training graph, TVM's forward+backward
+        # steps, and the host's optimizer updates (the rest of the loop).
+        loop = time.perf_counter() - timing["build"]
+        log["seconds"] = {
+            "teacher": round(timing["teacher"] - timing["start"], 2),
+            "build": round(timing["build"] - timing["teacher"], 2),
+            "tvm_steps": round(step_seconds, 2),
+            "host_updates": round(loop - step_seconds, 2),
+        }
     finally:
         if bar is not None:
             bar.close()

@@ -56,7 +56,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--loss", choices=["kl", "mse"], default="kl")
     parser.add_argument("--labels", action="store_true", help="train with cross-entropy on the labels")
-    parser.add_argument("--bits", default="8/8,4/8,4/4", help="W/A bit widths, comma-separated")
+    parser.add_argument("--bits", default="4/4,4/8,8/8", help="W/A bit widths, comma-separated")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "finetune_fmnist.json"))
     args = parser.parse_args(argv)
 
@@ -70,6 +70,24 @@ def main(argv=None):
     fp32_acc, fp32_pred = evaluate(first, test_x, test_y, mode="fp32")
     print(f"FP32 accuracy {fp32_acc:.2f}%", flush=True)
     rows = []
+    result = {
+        "model": "tvmquant/examples/fmnist_cnn.onnx",
+        "test_images": int(len(test_y)),
+        "train_images": int(len(train_x)),
+        "calibration_images": int(len(calib)),
+        "epochs": args.epochs,
+        "batch": args.batch,
+        "lr": args.lr,
+        "loss": "cross_entropy (labels)" if args.labels else f"{args.loss} distillation from FP32",
+        "fp32_accuracy": fp32_acc,
+        "rows": rows,
+        "command": "python bench/finetune_fmnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {**machine_info(), "note": "shared, loaded 2-core machine: timings are upper bounds"},
+    }
+
+    def write():  # after every row: a long run that stops early keeps what it measured
+        with open(args.output, "w") as handle:
+            json.dump(result, handle, indent=2)
 
     def record(name, qmodel, extra):
         acc, pred = evaluate(qmodel, test_x, test_y)
@@ -82,6 +100,7 @@ def main(argv=None):
         }
         rows.append(row)
         print(f"{name:<22} {acc:6.2f}% ({row['delta']:+.2f})  agree {row['agreement']:.2f}%  {extra}", flush=True)
+        write()
 
     for bits in args.bits.split(","):
         weight_bits, activation_bits = (int(b) for b in bits.split("/"))
@@ -113,24 +132,10 @@ def main(argv=None):
                     "finetune_seconds": round(seconds, 1),
                     "steps": tuned.finetune_log["steps"],
                     "loss_per_epoch": [round(v, 5) for v in tuned.finetune_log["loss"]],
+                    "seconds_by_part": tuned.finetune_log["seconds"],
                 },
             )
-    result = {
-        "model": "tvmquant/examples/fmnist_cnn.onnx",
-        "test_images": int(len(test_y)),
-        "train_images": int(len(train_x)),
-        "calibration_images": int(len(calib)),
-        "epochs": args.epochs,
-        "batch": args.batch,
-        "lr": args.lr,
-        "loss": "cross_entropy (labels)" if args.labels else f"{args.loss} distillation from FP32",
-        "fp32_accuracy": fp32_acc,
-        "rows": rows,
-        "command": "python bench/finetune_fmnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {**machine_info(), "note": "shared, loaded 2-core machine: timings are upper bounds"},
-    }
-    with open(args.output, "w") as handle:
-        json.dump(result, handle, indent=2)
+    write()
     print(f"wrote {args.output}")
 
 

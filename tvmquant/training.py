@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 import tvm
@@ -237,8 +238,6 @@ def finetune(
         labels = _check_labels(labels, count, graph.output_shape)
 
     from .passes.calibrate import compile_vm, run_vm
-
-    import time
 
     timing = {"start": time.perf_counter()}
     names = [spec.name for spec in qmodel.inputs]

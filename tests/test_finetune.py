@@ -259,7 +259,7 @@ def test_cli_finetune_and_its_bad_input(tiny_w4a4, tmp_path, capsys):
 @pytest.mark.slow
 def test_w4a4_fashion_mnist_qat_lsq_recovers_accuracy():
     """W4A4 on the bundled Fashion-MNIST CNN: QAT + LSQ by distillation on 12,800 training images (one epoch)
-    recovers most of what 4-bit PTQ loses, on the full 10k test set (bench/finetune_fmnist.py has the table)."""
+    comes within 1 point of FP32 on the full 10k test set, where PTQ loses 2.1 (bench/finetune_fmnist.py)."""
     from tvmquant.examples import fmnist_model_path, load_fashion_mnist, load_fmnist_example
 
     if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
@@ -282,4 +282,4 @@ def test_w4a4_fashion_mnist_qat_lsq_recovers_accuracy():
     tuned = tvmquant.finetune(ptq, train_x, epochs=1, lr=3e-3, batch_size=64, loss="kl", progress=False)
     after = accuracy(tuned.rebatch(100))
     assert after > before + 1.0, (fp32, before, after)
-    assert after >= fp32 - 1.5, (fp32, before, after)
+    assert after >= fp32 - 1.0, (fp32, before, after)  # the goal; bench: 91.06% vs FP32 91.45%

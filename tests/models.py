@@ -197,3 +197,25 @@ def dynamic_pad_conv() -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def tiny_cnn(seed: int = 0, channels: int = 8, size: int = 8, classes: int = 5) -> onnx.ModelProto:
+    """Conv+ReLU, conv+ReLU6 (Clip), global average pool, Gemm; a symbolic batch axis: for fine-tuning tests."""
+    g = _Graph(seed)
+    h = g.node("Relu", [g.conv("input", 3, channels)])
+    lo, hi = g.const(np.array(0.0, np.float32)), g.const(np.array(6.0, np.float32))
+    h = g.node("Clip", [g.conv(h, channels, channels), lo, hi])
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [h])])
+    out = g.gemm(h, channels, classes)
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])]
+    outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", classes])]
+    return g.model(inputs, outputs)
+
+
+def tiny_linear(seed: int = 0, features: int = 6, outputs: int = 4) -> onnx.ModelProto:
+    """One Gemm layer with a static batch of 8: the smallest quantized graph, for gradient tests."""
+    g = _Graph(seed)
+    out = g.gemm("input", features, outputs)
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [8, features])]
+    outs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, [8, outputs])]
+    return g.model(inputs, outs)

@@ -33,6 +33,7 @@ _LAZY = {
     "QuantizedModel": "api",
     "CompiledModel": "api",
     "tune": "tuning",
+    "finetune": "training",
     "AnnotateQuant": "passes",
     "BindQuantParams": "passes",
     "RealizeQuant": "passes",
@@ -53,6 +54,7 @@ def __getattr__(name):
 __all__ = [
     "quantize",
     "tune",
+    "finetune",
     "pipeline",
     "load",
     "QuantizedModel",

@@ -309,6 +309,45 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _load_labels(path: str) -> np.ndarray:
+    labels = _load_npz(path, "labels")
+    if isinstance(labels, dict):
+        if len(labels) == 1:
+            return next(iter(labels.values()))
+        if "labels" not in labels:
+            raise ValueError(f"labels file {path!r} holds {sorted(labels)}; save one array (np.savez(path, labels=y))")
+        return labels["labels"]
+    return labels
+
+
+def cmd_finetune(args) -> int:
+    from .api import load
+    from .training import finetune
+
+    _check_output_path(args.output)
+    qmodel = load(args.model)
+    data = _load_npz(args.data, "training data")
+    labels = _load_labels(args.labels) if args.labels else None
+    tuned = finetune(
+        qmodel,
+        data,
+        labels,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch,
+        learn_scales=args.learn_scales,
+        loss=args.loss,
+        progress=not args.quiet,
+    )
+    tuned.save(args.output, keep_source=True)  # the trained FP32 weights live only in this artifact
+    if not args.quiet:
+        losses = ", ".join(f"{value:.4g}" for value in tuned.finetune_log["loss"])
+        print(tuned.summary())
+        print(f"loss per epoch: {losses}")
+        print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Quantize the bundled Fashion-MNIST CNN and print FP32 vs INT8 accuracy."""
     from . import quantize
@@ -487,6 +526,24 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="quantize the bundled Fashion-MNIST model and print FP32 vs INT8 accuracy")
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    f = sub.add_parser("finetune", help="fine-tune a quantized artifact with fake quantization (QAT, LSQ scales)")
+    f.add_argument("model", help="a quantized artifact (.tvmq)")
+    f.add_argument("--data", required=True, help=".npz/.npy of training inputs, samples on axis 0")
+    f.add_argument("--labels", help=".npz/.npy of integer class labels (else: distil from the FP32 model)")
+    f.add_argument("--epochs", type=int, default=1)
+    f.add_argument("--lr", type=float, default=1e-3, help="relative learning rate (Adam, cosine decay)")
+    f.add_argument("--batch", type=int, help="samples per step (default: min(32, N))")
+    f.add_argument(
+        "--learn-scales",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="learn step sizes (LSQ) and affine zero points (LSQ+); --no-learn-scales keeps the calibrated ones",
+    )
+    f.add_argument("--loss", choices=["mse", "kl"], help="distillation loss without labels (default mse)")
+    f.add_argument("-o", "--output", required=True)
+    f.add_argument("-q", "--quiet", action="store_true")
+    f.set_defaults(func=cmd_finetune)
 
     return parser
 

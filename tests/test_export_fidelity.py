@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from models import calibration_images, residual_cnn, resnet_style, transformer_block
+from onnx import numpy_helper
 
 import tvmquant
 from tvmquant.testing.ort import ort_session
@@ -39,7 +40,14 @@ def _export_and_compare(qmodel, path, inputs, fused_adds=False) -> list:
 
 
 def _small_resnet():
-    return resnet_style(stages=((2, 4),), size=16)  # a projection and an identity shortcut
+    """A projection and an identity shortcut; the stem conv has a dead (all-zero) output channel, as BatchNorm
+    folding leaves in EfficientNet-Lite0."""
+    model = resnet_style(stages=((2, 4),), size=16)
+    stem = next(init for init in model.graph.initializer if init.name == model.graph.node[0].input[1])
+    weight = numpy_helper.to_array(stem).copy()
+    weight[0] = 0
+    stem.CopyFrom(numpy_helper.from_array(weight, stem.name))
+    return model
 
 
 @pytest.mark.parametrize(
@@ -66,6 +74,10 @@ def test_ort_runs_the_export_as_tvmquant_computes_it(tmp_path, build):
     assert ops.count("Sum") == adds  # residual adds as Sum, which ONNX Runtime runs as defined
     if build is _small_resnet:
         assert adds == 2 and "Add" not in ops
+        # the dead channel gets the widest scale of its weight (not 1e-8), so the stem's bias fits INT32
+        scale = np.asarray(qmodel.table["conv2d_0.weight"].scale)
+        assert scale[0] == scale.max()
+        assert "b2_int8" in {init.name for init in onnx.load(tmp_path / "qdq.onnx").graph.initializer}
         qmodel.export_onnx(tmp_path / "fused.onnx", fused_adds=True)
         fused = [node.op_type for node in onnx.load(tmp_path / "fused.onnx").graph.node]
         assert fused.count("Add") == adds and "Sum" not in fused

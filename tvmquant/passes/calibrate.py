@@ -264,8 +264,26 @@ def weight_qparams(annotated: tvm.IRModule, config: QuantConfig) -> dict:
                 observer = make_observer(spec, name, config.nan_policy)
             observer.collect(value)
             a_min, a_max = observer.compute()
+            if axis is not None:
+                a_min, a_max = _widen_zero_channels(a_min, a_max)
             table[name] = QParams.from_range(name, Role.WEIGHT, spec, a_min, a_max, axis)
     return table
+
+
+def _widen_zero_channels(a_min, a_max):
+    """Give a per-channel weight's all-zero channels the widest range of the other channels.
+
+    Zero stays exact at any scale, but the smallest scale (``MIN_SCALE``) of a zero-width range makes the
+    channel's INT32 bias ``bias / (scale_x * 1e-8)`` overflow, which kept the whole layer's bias in FP32 (and
+    ONNX Runtime, quantizing that bias itself, overflowed: EfficientNet-Lite0's dead channels, 8-14 dB).
+    """
+    a_min, a_max = np.asarray(a_min, np.float64), np.asarray(a_max, np.float64)
+    zero = (a_min == 0) & (a_max == 0)
+    if a_min.ndim == 0 or not zero.any() or zero.all():
+        return a_min, a_max
+    a_min, a_max = a_min.copy(), a_max.copy()
+    a_min[zero], a_max[zero] = a_min[~zero].min(), a_max[~zero].max()
+    return a_min, a_max
 
 
 # ----------------------------------------------------------------------------------------------------------

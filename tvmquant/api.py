@@ -669,7 +669,7 @@ def _load(path: str) -> QuantizedModel:
                 stored = read_format1(archive)
             else:
                 modules = manifest["modules"]
-                stored = {key: read_module(archive, entry, path) for key, entry in modules.items()}
+                stored = {key: read_module(archive, entry, repr(path)) for key, entry in modules.items()}
                 if manifest["source"]["kind"] == "onnx" and manifest["source"]["kept"]:
                     stored["source"] = archive.read("source.onnx")
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as err:

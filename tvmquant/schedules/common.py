@@ -41,7 +41,14 @@ def open_json_database(db_dir: str, create: bool = True):
     if create:
         os.makedirs(db_dir, exist_ok=True)
     repair_json_database(db_dir)
-    return ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+    try:
+        return ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+    except Exception as err:  # TVM reads each line into objects: a line of valid JSON that is no record
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        detail = lines[-1][:300] if lines else type(err).__name__
+        raise DatabaseError(
+            f"tuning database {db_dir!r} does not load ({detail}); remove it (and re-tune) or restore it"
+        ) from None
 
 
 def repair_json_database(db_dir: str) -> list:

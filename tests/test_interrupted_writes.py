@@ -102,7 +102,15 @@ def _no_temporaries_visible(folder) -> None:
     assert all(name.startswith(".tvmquant-") for name in os.listdir(folder) if name.startswith("."))
 
 
-@pytest.mark.parametrize("mode,count", [("bytes", 1), ("bytes", 3000), ("replace", 1), ("replace", 99)])
+@pytest.mark.parametrize(
+    "mode,count",
+    [
+        ("bytes", 3000),
+        ("replace", 1),
+        pytest.param("bytes", 1, marks=pytest.mark.slow),
+        pytest.param("replace", 99, marks=pytest.mark.slow),  # never killed: the new complete file
+    ],
+)
 def test_killed_quantize_leaves_old_or_complete_artifact(files, tmp_path, mode, count):
     folder, model, calib, old = files
     out = tmp_path / "m.tvmq"
@@ -114,7 +122,7 @@ def test_killed_quantize_leaves_old_or_complete_artifact(files, tmp_path, mode, 
     _no_temporaries_visible(tmp_path)
 
 
-@pytest.mark.parametrize("mode,count", [("bytes", 100), ("replace", 1)])
+@pytest.mark.parametrize("mode,count", [("bytes", 100), pytest.param("replace", 1, marks=pytest.mark.slow)])
 def test_killed_export_leaves_old_or_complete_onnx(files, tmp_path, mode, count):
     folder, _, _, old = files
     out = tmp_path / "q.onnx"

@@ -117,6 +117,21 @@ def input_specs(model, batch_size: int | None = None) -> list:
     return specs
 
 
+def _two_input_sums_as_adds(model):
+    """``Sum`` of two inputs as ``Add`` (the same operator), on a copy: tvmquant's QDQ export writes residual adds
+    as ``Sum`` (see :mod:`tvmquant.export`), and TVM's importer lowers ``Sum`` to a form its layout passes reject."""
+    if not any(node.op_type == "Sum" and len(node.input) == 2 for node in model.graph.node):
+        return model
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.op_type == "Sum" and len(node.input) == 2:
+            node.op_type = "Add"
+    return copy
+
+
 def import_onnx(model, batch_size: int | None = None, where: str = "the ONNX model"):
     """Import ONNX into Relax with weights as constants.
 
@@ -136,7 +151,7 @@ def import_onnx(model, batch_size: int | None = None, where: str = "the ONNX mod
         )
     specs = input_specs(model, batch_size)
     check_qdq_nodes(model, where)
-    model = fold_conv_batchnorm(model)
+    model = _two_input_sums_as_adds(fold_conv_batchnorm(model))
     from tvm.relax.frontend.onnx import from_onnx
 
     shape_dict = {spec.name: list(spec.shape) for spec in specs}

@@ -681,9 +681,10 @@ class QuantizedModel:
 
         return build_report(self, path, data, bench, progress=progress, sensitivity_batches=sensitivity_batches)
 
-    def export_onnx(self, path, sample: dict | None = None) -> None:
+    def export_onnx(self, path, sample: dict | None = None, fused_adds: bool = False) -> None:
         """Write a standard QDQ ONNX model (QuantizeLinear/DequantizeLinear, per-channel int8 weights, int32
-        biases) that ONNX Runtime runs; see :mod:`tvmquant.export`."""
+        biases) that ONNX Runtime runs and that computes this model's integer outputs; see :mod:`tvmquant.export`
+        (``fused_adds=True``: residual adds as ``Add``, which ONNX Runtime runs approximately as ``QLinearAdd``)."""
         from .export import export_qdq
 
         if self.config.dynamic:
@@ -691,7 +692,7 @@ class QuantizedModel:
                 "a dynamically quantized model has no fixed activation scales to write as QuantizeLinear nodes; "
                 "quantize it with calibration data (a static config) to export QDQ ONNX"
             )
-        export_qdq(self, path, sample)
+        export_qdq(self, path, sample, fused_adds=fused_adds)
 
     def manifest(self) -> dict:
         return {
@@ -753,13 +754,27 @@ def load(path) -> QuantizedModel:
     Reads format 2 and the older format 1. Only the simulated module is read; the integer model is derived
     from it on first use, and the FP32 modules from the ONNX source when a request needs them.
     """
-    from .artifact import read_format1, read_module
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ArtifactError(f"artifact {path!r} does not exist")
     try:
+        return _load(path)
+    except ArtifactError:
+        raise
+    except Exception as err:  # zlib, zipfile, JSON, TVM's JSON loader, a manifest missing fields: all one error
+        detail = str(err).strip().splitlines()
+        detail = f"{type(err).__name__}: {detail[-1] if detail else ''}"
+        raise ArtifactError(
+            f"{path!r} is damaged or not a tvmquant artifact ({detail[:300]}); write one with `tvmquant quantize -o`"
+        ) from None
+
+
+def _load(path: str) -> QuantizedModel:
+    from .artifact import check_archive, read_format1, read_module
+
+    try:
         with zipfile.ZipFile(path) as archive:
+            check_archive(archive, repr(path))
             manifest = json.loads(archive.read("manifest.json"))
             artifact_format = manifest.get("format")
             if artifact_format not in READABLE_FORMATS:
@@ -774,12 +789,12 @@ def load(path) -> QuantizedModel:
                 stored = read_format1(archive)
             else:
                 modules = manifest["modules"]
-                stored = {key: read_module(archive, entry, path) for key, entry in modules.items()}
+                stored = {key: read_module(archive, entry, repr(path)) for key, entry in modules.items()}
                 if manifest["source"]["kind"] == "onnx" and manifest["source"]["kept"]:
                     stored["source"] = archive.read("source.onnx")
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as err:
         raise ArtifactError(
-            f"{path!r} is not a tvmquant artifact ({err}); write one with `tvmquant quantize -o`"
+            f"{path!r} is damaged or not a tvmquant artifact ({err}); write one with `tvmquant quantize -o`"
         ) from None
     try:
         table = {name: QParams.from_dict(data) for name, data in manifest["quant_table"].items()}

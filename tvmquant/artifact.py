@@ -153,8 +153,12 @@ def unpack_arrays(blob: bytes, index: list, where: str) -> dict:
     """The arrays :func:`pack_arrays` packed (views into ``blob``)."""
     arrays = {}
     for name, dtype, shape, offset in index:
-        count = int(np.prod(shape, dtype=np.int64))
         dtype = np.dtype(dtype)
+        if dtype.kind not in "biuf" or dtype.hasobject:
+            raise ArtifactError(f"{where}: constant {name!r} has dtype {dtype.str!r}; only raw numbers are read")
+        if any(int(d) < 0 for d in shape) or int(offset) < 0:
+            raise ArtifactError(f"{where}: constant {name!r} has a negative shape or offset; the file is damaged")
+        count = int(np.prod(shape, dtype=np.int64))
         if offset + count * dtype.itemsize > len(blob):
             raise ArtifactError(f"{where}: constant {name!r} runs past the end of its data; the file is truncated")
         arrays[name] = np.frombuffer(blob, dtype, count, offset).reshape(shape)
@@ -190,6 +194,30 @@ def write_zip(handle, members: dict) -> None:
             info.compress_type = zipfile.ZIP_DEFLATED if name.endswith(".json") else zipfile.ZIP_STORED
             info.external_attr = 0o644 << 16
             archive.writestr(info, data)
+
+
+#: A member larger than this (uncompressed) is refused, and so is one that expands more than ``_MAX_RATIO`` times
+#: beyond ``_RATIO_FLOOR``: tvmquant stores constants uncompressed and deflates only JSON, so an artifact's members
+#: expand a few times at most; a zip bomb expands thousands of times.
+_MAX_MEMBER = 16 << 30
+_MAX_RATIO = 200
+_RATIO_FLOOR = 64 << 20
+
+
+def check_archive(archive: zipfile.ZipFile, where: str) -> None:
+    """Refuse a zip whose member names leave the archive (``../``, absolute) or whose sizes are implausible, from
+    the central directory alone (before reading any member)."""
+    for info in archive.infolist():
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
+            raise ArtifactError(f"{where} has a member with an unsafe path {name!r}; it is not a tvmquant artifact")
+        expands = info.file_size > _RATIO_FLOOR and info.file_size > _MAX_RATIO * max(info.compress_size, 1)
+        if info.file_size > _MAX_MEMBER or expands:
+            raise ArtifactError(
+                f"{where}: member {name!r} would decompress to {info.file_size} bytes from {info.compress_size}; "
+                "refusing it (a damaged or hostile file, not a tvmquant artifact)"
+            )
 
 
 def read_format1(archive: zipfile.ZipFile) -> dict:
@@ -252,6 +280,7 @@ __all__ = [
     "unpack_arrays",
     "write_zip",
     "read_format1",
+    "check_archive",
     "module_members",
     "read_module",
 ]

@@ -37,7 +37,7 @@ _LIBRARY_TIMER = """
 import json, sys, time, numpy as np
 from tvmquant.deploy import load_library
 model = load_library(sys.argv[1])
-feed = dict(np.load(sys.argv[2]))
+feed = dict(np.load(sys.argv[2], allow_pickle=False))
 for _ in range(5): model(feed)
 times, deadline = [], time.time() + float(sys.argv[3])
 while time.time() < deadline or len(times) < 10:
@@ -49,7 +49,7 @@ _ONNX_TIMER = """
 import json, sys, time, numpy as np, onnxruntime as ort
 options = ort.SessionOptions(); options.intra_op_num_threads = int(sys.argv[3]); options.inter_op_num_threads = 1
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-feed = dict(np.load(sys.argv[2]))
+feed = dict(np.load(sys.argv[2], allow_pickle=False))
 for _ in range(5): session.run(None, feed)
 times, deadline = [], time.time() + float(sys.argv[4])
 while time.time() < deadline or len(times) < 10:

@@ -303,7 +303,7 @@ def cmd_export(args) -> int:
 
     _check_output_path(args.output)
     qmodel = load(args.artifact)
-    qmodel.export_onnx(args.output)
+    qmodel.export_onnx(args.output, fused_adds=args.fused_adds)
     if not args.quiet:
         print(f"wrote {args.output} ({args.format})")
     return 0
@@ -507,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("artifact")
     e.add_argument("--format", choices=["onnx-qdq"], default="onnx-qdq", help="QDQ ONNX (ONNX Runtime, TensorRT)")
     e.add_argument("-o", "--output", required=True)
+    e.add_argument(
+        "--fused-adds",
+        action="store_true",
+        help="write residual adds as Add, which ONNX Runtime fuses into its approximate QLinearAdd (faster there; "
+        "outputs then differ from tvmquant's by a few steps); default: Sum, which ONNX Runtime runs exactly",
+    )
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=cmd_export)
 

@@ -32,6 +32,17 @@ def metadata_path(library_path) -> str:
     return os.fspath(library_path) + ".json"
 
 
+def file_sha256(path) -> str:
+    """The SHA-256 of a file, hex (recorded in a library's metadata and checked on load)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def export_library(qmodel, path, target=None, db=None, mode: str = "int8") -> dict:
     """Compile and write a library: :func:`tvmquant.library.export_library` (build side, imported on call)."""
     from .library import export_library as export
@@ -52,13 +63,33 @@ class LoadedModel:
             raise FileNotFoundError(f"library {path!r} does not exist")
         if not os.path.exists(meta_file):
             raise FileNotFoundError(f"metadata {meta_file!r} is missing: keep it next to the library")
-        with open(meta_file) as handle:
-            self.metadata = json.load(handle)
+        try:
+            with open(meta_file, "rb") as handle:
+                self.metadata = json.loads(handle.read())
+            if not isinstance(self.metadata, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(
+                f"metadata {meta_file!r} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                "rebuild the library (tvmquant compile) or copy both files again"
+            ) from None
         if self.metadata.get("format") != METADATA_FORMAT:
             raise ValueError(f"{meta_file!r} has metadata format {self.metadata.get('format')!r}; expected 1")
-        self.inputs = [InputSpec.from_dict(d) for d in self.metadata["inputs"]]
-        #: Output names, shapes and dtypes (the source model's names, e.g. ONNX's ``logits``).
-        self.outputs = [InputSpec.from_dict(d) for d in self.metadata.get("outputs", [])]
+        recorded = self.metadata.get("library_sha256")
+        if recorded is not None and recorded != file_sha256(path):
+            raise ValueError(
+                f"metadata {meta_file!r} does not describe library {path!r} (the library's SHA-256 differs from the "
+                "one recorded): they come from different builds, or a write was interrupted; rebuild or copy both "
+                "files together"
+            )
+        try:
+            self.inputs = [InputSpec.from_dict(d) for d in self.metadata["inputs"]]
+            #: Output names, shapes and dtypes (the source model's names, e.g. ONNX's ``logits``).
+            self.outputs = [InputSpec.from_dict(d) for d in self.metadata.get("outputs", [])]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"metadata {meta_file!r} lacks valid inputs/outputs ({err!r}); rebuild the library"
+            ) from None
         self.output_names = [spec.name for spec in self.outputs]
         use_physical_cores()  # TVM's default is half the CPUs on x86: one thread on a 2-core VM
         if self.metadata.get("amx_int8"):

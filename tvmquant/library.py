@@ -10,7 +10,7 @@ import os
 
 from ._compat import versions
 from ._io import _umask, atomic_write
-from .deploy import METADATA_FORMAT, metadata_path
+from .deploy import METADATA_FORMAT, file_sha256, metadata_path
 from .target import as_target, target_has_amx, target_json
 
 
@@ -72,6 +72,9 @@ def write_library(executable, mod, path, inputs, target, extra: dict | None = No
     try:
         executable.export_library(tmp_library)
         os.chmod(tmp_library, 0o777 & ~_umask())
+        # The pair is renamed into place one file after the other: the hash lets the loader tell a library from
+        # another build (or a write interrupted between the two renames) instead of running it with wrong metadata.
+        metadata["library_sha256"] = file_sha256(tmp_library)
         if target.kind.name == "cuda":
             # The compiler stores CUDA source; compile it now, so that the GPU host needs no nvcc.
             from . import cuda_binaries

@@ -130,7 +130,7 @@ def load_fmnist_example() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     >>> calib.shape, test_x.shape, test_labels.shape
     ((256, 1, 28, 28), (1000, 1, 28, 28), (1000,))
     """
-    with np.load(_EXAMPLES_DIR / "fmnist_data.npz") as data:
+    with np.load(_EXAMPLES_DIR / "fmnist_data.npz", allow_pickle=False) as data:
         calib = normalize_fmnist(data["calib_u8"])
         test_x = normalize_fmnist(data["test_u8"])
         test_labels = data["test_labels"].astype(np.int64)

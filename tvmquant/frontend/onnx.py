@@ -33,9 +33,46 @@ def load_onnx_model(model):
     if not os.path.exists(path):
         raise ModelError(f"ONNX file {path!r} does not exist")
     try:
-        return onnx.load(path)
+        model = onnx.load(path, load_external_data=False)
     except Exception as err:  # onnx raises DecodeError and others
         raise ModelError(f"{path!r} is not a valid ONNX file ({type(err).__name__}: {err}); re-export it") from None
+    _check_external_data(model, path)
+    try:
+        onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    except Exception as err:
+        raise ModelError(f"{path!r}: its external tensor data does not load ({type(err).__name__}: {err})") from None
+    return model
+
+
+def _check_external_data(model, path: str) -> None:
+    """Every external-data file of ``model`` exists beside ``path``, inside its folder, and is long enough."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    folder = os.path.dirname(os.path.abspath(path))
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors.extend(attr.t for attr in node.attribute if attr.HasField("t"))
+    for tensor in tensors:
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        location = os.path.normpath(os.path.join(folder, info.location))
+        if os.path.isabs(info.location) or not location.startswith(folder + os.sep):
+            raise ModelError(
+                f"{path!r}: tensor {tensor.name!r} points at external data {info.location!r} outside the model's "
+                "folder; refusing it"
+            )
+        if not os.path.isfile(location):
+            raise ModelError(
+                f"{path!r}: tensor {tensor.name!r} keeps its data in {info.location!r}, which is missing; put that "
+                f"file next to the model (in {folder!r}) or re-export with the weights inside the .onnx"
+            )
+        end = (info.offset or 0) + (info.length or 0)
+        if info.length and os.path.getsize(location) < end:
+            raise ModelError(
+                f"{path!r}: external data file {info.location!r} is {os.path.getsize(location)} bytes, tensor "
+                f"{tensor.name!r} needs bytes up to {end}: the file is truncated; copy it again"
+            )
 
 
 class BatchNotice(UserWarning):
@@ -80,6 +117,21 @@ def input_specs(model, batch_size: int | None = None) -> list:
     return specs
 
 
+def _two_input_sums_as_adds(model):
+    """``Sum`` of two inputs as ``Add`` (the same operator), on a copy: tvmquant's QDQ export writes residual adds
+    as ``Sum`` (see :mod:`tvmquant.export`), and TVM's importer lowers ``Sum`` to a form its layout passes reject."""
+    if not any(node.op_type == "Sum" and len(node.input) == 2 for node in model.graph.node):
+        return model
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.op_type == "Sum" and len(node.input) == 2:
+            node.op_type = "Add"
+    return copy
+
+
 def import_onnx(model, batch_size: int | None = None, where: str = "the ONNX model"):
     """Import ONNX into Relax with weights as constants.
 
@@ -99,7 +151,7 @@ def import_onnx(model, batch_size: int | None = None, where: str = "the ONNX mod
         )
     specs = input_specs(model, batch_size)
     check_qdq_nodes(model, where)
-    model = fold_conv_batchnorm(model)
+    model = _two_input_sums_as_adds(fold_conv_batchnorm(model))
     from tvm.relax.frontend.onnx import from_onnx
 
     shape_dict = {spec.name: list(spec.shape) for spec in specs}

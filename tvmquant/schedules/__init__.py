@@ -56,5 +56,7 @@ def build_with_database(mod, target, db: str | os.PathLike | None = None):
 
     if db_dir is None:
         return tvm.compile(mod, target=target)
-    database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+    from .common import open_json_database
+
+    database = open_json_database(db_dir, create=False)
     return ms.relax_integration.compile_relax(database, mod, target, params=None)

@@ -313,7 +313,9 @@ def import_measurements(
     target = tvm.target.Target(manifest["target"])
     db_dir = os.fspath(db_dir)
     os.makedirs(db_dir, exist_ok=True)
-    database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+    from .common import open_json_database
+
+    database = open_json_database(db_dir)
     counts = {"committed": 0, "correct": 0, "wrong": 0, "failed": 0, "unmeasured": 0}
     tuned = set()
     workloads = {}

@@ -4,7 +4,6 @@ and run nvcc on the CUDA source."""
 from __future__ import annotations
 
 import tvm
-from tvm.s_tir import meta_schedule as ms
 
 from ..common import is_scheduled
 from .passes import prepare
@@ -123,7 +122,9 @@ def apply_database(prepared: tvm.IRModule, target: tvm.target.Target, db_dir: st
         return prepared
     from tvm.s_tir.tensor_intrin import cuda as _wmma  # noqa: F401  records replay tensorize() by name
 
-    database = ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+    from ..common import open_json_database
+
+    database = open_json_database(db_dir, create=False)
     with target, database, tvm.transform.PassContext(opt_level=3):
         return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
 

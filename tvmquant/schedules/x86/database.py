@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import tvm
 
@@ -14,8 +13,9 @@ logger = logging.getLogger(__name__)
 
 
 def _open_database(db_dir: str) -> ms.database.JSONDatabase:
-    os.makedirs(db_dir, exist_ok=True)
-    return ms.database.JSONDatabase(work_dir=db_dir, module_equality="structural")
+    from ..common import open_json_database
+
+    return open_json_database(db_dir)
 
 
 def _mcpu(target) -> str:

@@ -112,7 +112,7 @@ def test_the_models_own_names_are_kept(files, tmp_path, capsys):
 
 def test_run_errors_name_the_input_file_not_calibration(files, tmp_path, capsys):
     bad = tmp_path / "ints.npz"
-    np.savez(bad, input=np.zeros((2, 3, 16, 16), np.int64))
+    np.savez(bad, input=np.full((2, 3, 16, 16), 2**40, np.int64))  # not exactly float32
     assert cli.main(["run", files["artifact"], "--input", str(bad), "-o", str(tmp_path / "y.npz"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "input file" in err and "ints.npz" in err and "'input' has dtype int64" in err

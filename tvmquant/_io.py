@@ -191,6 +191,7 @@ def iter_batches(calib_data, inputs, what: str = "calibration data"):
                 raise CalibrationDataError(
                     f"{where(index)} input {spec.name!r} has shape {tuple(array.shape)}; the model takes samples "
                     f"of shape {tuple(spec.shape[1:])}, any number of them stacked on axis 0"
+                    + _length_hint(array, spec.shape)
                 )
             if count is not None and array.shape[0] != count:
                 raise CalibrationDataError(f"{where(index)}: inputs hold different numbers of samples")

@@ -177,8 +177,14 @@ def quantize(
     limits = index_limits(fp32)
     if isinstance(calib_data, (dict, np.ndarray, list, tuple)) or hasattr(calib_data, "keys"):
         # Data at hand is checked before anything compiles: a wrong shape or token id fails in a second.
-        for index, batch in enumerate(iter_batches(calib_data, inputs)):
-            check_index_range(batch, limits, f"calibration batch {index}")
+        import warnings
+
+        from ._io import InputNameNotice
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InputNameNotice)  # calibration says it, once
+            for index, batch in enumerate(iter_batches(calib_data, inputs)):
+                check_index_range(batch, limits, f"calibration batch {index}")
     annotated = AnnotateQuant(config)(fp32)
     calib_annotated, calib_inputs = _calibration_module(
         model, params, annotated, inputs, config, calib_data, calib_batch

@@ -39,6 +39,7 @@ def test_build_without_database_is_vnni_tensorized(qmodel):
     assert asm.count("vpdpbusd") >= convs, "untuned convs are not tensorized with VNNI"
 
 
+@pytest.mark.slow  # ~25-45 s; kept out of the default suite's 15-minute budget
 def test_with_and_without_database_give_the_same_outputs(qmodel, tmp_path):
     target = x86.x86_target(num_cores=2)
     tasks = x86.extract_tasks(qmodel.mod, target)
@@ -54,6 +55,7 @@ def test_with_and_without_database_give_the_same_outputs(qmodel, tmp_path):
         assert "vpdpbusd" in assembly(untuned.executable)
 
 
+@pytest.mark.slow  # ~25-45 s; kept out of the default suite's 15-minute budget
 @pytest.mark.skipif(not cuda.have_nvcc(), reason="nvcc is not on PATH")
 def test_cuda_build_without_database_uses_tensor_cores_or_dp4a(tmp_path):
     path = tmp_path / "cnn.onnx"

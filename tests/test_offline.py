@@ -148,6 +148,7 @@ def test_compare_tolerates_rare_off_by_one_only():
 
 # ----------------------------------------------------------------------------------------------------------
 # A real CUDA package (nvcc), fake measurements, import, build
+@pytest.mark.slow  # ~25-45 s; kept out of the default suite's 15-minute budget
 @needs_nvcc
 def test_package_import_and_build(cnn, tmp_path):
     from tvmquant import cli

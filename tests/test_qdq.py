@@ -181,6 +181,7 @@ def test_cli_export_round_trips_through_qdq_import(tmp_path, cnn_path):
     np.testing.assert_allclose(reimported.compile()(x), qmodel.compile()(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~25-45 s; kept out of the default suite's 15-minute budget
 def test_export_fmnist_model_matches_simulate_within_one_output_step(tmp_path):
     from tvmquant.examples import fmnist_model_path, load_fmnist_example
 

@@ -210,6 +210,7 @@ STUB = "\n".join(
 )
 
 
+@pytest.mark.slow  # 30-50 s; realize == simulate and load paths are covered by faster tests
 @needs_nvcc
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds the stub libcuda")
 def test_precompiled_binaries_are_used_at_load(tmp_path):

@@ -317,6 +317,7 @@ def test_accuracy_of_default_config_on_residual_cnn():
     assert agree >= 0.8
 
 
+@pytest.mark.slow  # 30-50 s; realize == simulate and load paths are covered by faster tests
 def test_fmnist_model_realized_equals_simulated_and_keeps_accuracy():
     from tvmquant.examples import fmnist_model_path, load_fmnist_example
 

@@ -19,11 +19,9 @@ from onnx import numpy_helper
 import tvmquant
 from tvmquant.testing.ort import ort_session
 
-BENCH = "/work/main/bench"
-for candidate in (os.path.join(os.path.dirname(__file__), "..", "bench"), BENCH):
-    if os.path.isfile(os.path.join(candidate, "models", "onnx", "mobilenet_v2.onnx")):
-        BENCH = candidate
-        break
+# The ImageNet exports are git-ignored (bench/models/export_imagenet.py writes them); TVMQUANT_BENCH may name
+# another checkout's bench/ that has them.
+BENCH = os.environ.get("TVMQUANT_BENCH", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 
 
 def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:

@@ -77,58 +77,9 @@ def measure_amx_peak(cores: int, folder: str) -> dict:
 
 def resnet50_style(seed: int = 0):
     """ResNet-50 (3-4-6-3 bottleneck blocks, 224x224, BatchNorm folded), random He-initialised weights."""
-    from onnx import TensorProto, helper, numpy_helper
+    from tvmquant.testing.models import RESNET50_STAGES, resnet_style
 
-    rng = np.random.default_rng(seed)
-    nodes, inits = [], []
-    counter = [0]
-
-    def name(prefix):
-        counter[0] += 1
-        return f"{prefix}{counter[0]}"
-
-    def conv(x, cin, cout, k, stride=1, relu=True):
-        w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32)
-        b = (rng.standard_normal(cout) * 0.01).astype(np.float32)
-        wn, bn, out = name("w"), name("b"), name("conv")
-        inits.extend([numpy_helper.from_array(w, wn), numpy_helper.from_array(b, bn)])
-        nodes.append(helper.make_node("Conv", [x, wn, bn], [out], pads=[k // 2] * 4, strides=[stride] * 2))
-        if relu:
-            nodes.append(helper.make_node("Relu", [out], [out + "_relu"]))
-            return out + "_relu"
-        return out
-
-    x = conv("input", 3, 64, 7, 2)
-    pooled = name("pool")
-    nodes.append(helper.make_node("MaxPool", [x], [pooled], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
-    x, cin = pooled, 64
-    for stage, (blocks, width) in enumerate([(3, 64), (4, 128), (6, 256), (3, 512)]):
-        for block in range(blocks):
-            stride = 2 if block == 0 and stage > 0 else 1
-            h = conv(x, cin, width, 1)
-            h = conv(h, width, width, 3, stride)
-            h = conv(h, width, width * 4, 1, relu=False)
-            shortcut = conv(x, cin, width * 4, 1, stride, relu=False) if block == 0 else x
-            added = name("add")
-            nodes.append(helper.make_node("Add", [h, shortcut], [added]))
-            nodes.append(helper.make_node("Relu", [added], [added + "_relu"]))
-            x, cin = added + "_relu", width * 4
-    gap, flat = name("gap"), name("flat")
-    nodes.append(helper.make_node("GlobalAveragePool", [x], [gap]))
-    nodes.append(helper.make_node("Flatten", [gap], [flat]))
-    w = (rng.standard_normal((1000, 2048)) * np.sqrt(1.0 / 2048)).astype(np.float32)
-    inits.extend([numpy_helper.from_array(w, "fc_w"), numpy_helper.from_array(np.zeros(1000, np.float32), "fc_b")])
-    nodes.append(helper.make_node("Gemm", [flat, "fc_w", "fc_b"], ["logits"], transB=1))
-    graph = helper.make_graph(
-        nodes,
-        "resnet50_style",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return resnet_style(seed, RESNET50_STAGES, size=224, classes=1000, graph_name="resnet50_style")
 
 
 def model_and_data(name: str, folder: str):

@@ -256,20 +256,30 @@ def benchmark(
     return result
 
 
+def _source_onnx(qmodel, folder) -> str | None:
+    """The FP32 ONNX source written once into ``folder`` (ONNX Runtime and OpenVINO both read it), or None for a
+    model quantized from a Relax module."""
+    path = os.path.join(folder, "fp32.onnx")
+    if not os.path.exists(path):
+        source = qmodel.source_model()
+        if source is None:
+            return None
+        import onnx
+
+        onnx.save(source, path)
+    return path
+
+
 def _time_onnx_runtime(qmodel, folder, inputs_npz, threads, seconds, result, say) -> None:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         result["skipped"]["onnxruntime"] = "onnxruntime is not installed (pip install onnxruntime)"
         return
-    source = qmodel.source_model()
-    if source is None:
+    fp32_path = _source_onnx(qmodel, folder)
+    if fp32_path is None:
         result["skipped"]["onnxruntime"] = "the model was quantized from a Relax module, not ONNX"
         return
-    import onnx
-
-    fp32_path = os.path.join(folder, "fp32.onnx")
-    onnx.save(source, fp32_path)
     engines = [("ort_fp32", fp32_path)]
     qdq_path = os.path.join(folder, "int8_qdq.onnx")
     try:
@@ -291,14 +301,10 @@ def _time_openvino(qmodel, folder, inputs_npz, threads, seconds, calib_data, res
     except ImportError:
         result["skipped"]["openvino"] = "openvino/nncf are not installed (pip install openvino nncf)"
         return
-    source = qmodel.source_model()
-    if source is None:
+    onnx_path = _source_onnx(qmodel, folder)
+    if onnx_path is None:
         result["skipped"]["openvino"] = "the model was quantized from a Relax module, not ONNX"
         return
-    import onnx
-
-    onnx_path = os.path.join(folder, "openvino_source.onnx")
-    onnx.save(source, onnx_path)
     if isinstance(calib_data, np.ndarray):  # one array (an .npy) for a one-input model
         calib_data = {qmodel.inputs[0].name: calib_data}
     if calib_data is None:

@@ -352,3 +352,63 @@ def test_automatic_sensitivity_driven_partial_quantization():
     assert skipped[0].name == min(sensitivity, key=sensitivity.get)  # the most sensitive goes first
     assert auto.sqnr["output0"] > full.sqnr["output0"]
     assert QuantConfig.from_json(config.to_json()) == config
+
+
+def test_numpy_constant_folding_equals_tvms():
+    from tvmquant._compat import const_value, is_const
+    from tvmquant.frontend.prepare import FoldConstantNumpy
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 3, 4)).astype("float32")
+    b = rng.standard_normal((3, 4)).astype("float32") + 3
+    ints = rng.integers(-5, 5, (2, 3, 4)).astype("int32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 3, 4), "float32"))
+    ca, cb, ci = relax.const(a), relax.const(b), relax.const(ints)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            terms = [
+                relax.op.reshape(ca, (6, 4)),
+                relax.op.permute_dims(ca, [2, 0, 1]),
+                relax.op.permute_dims(ca),
+                relax.op.expand_dims(cb, 0),
+                relax.op.squeeze(relax.op.expand_dims(cb, 1), [1]),
+                relax.op.broadcast_to(cb, (2, 3, 4)),
+                relax.op.where(relax.op.isnan(ca), cb, ca),
+                relax.op.add(ca, cb),
+                relax.op.subtract(ca, cb),
+                relax.op.multiply(ca, cb),
+                relax.op.divide(ca, cb),
+                relax.op.sqrt(cb),
+                relax.op.negative(ca),
+                relax.op.maximum(ca, cb),
+                relax.op.minimum(ca, cb),
+                relax.op.concat([ca, ca], axis=1),
+                relax.op.astype(ci, "float32"),
+                relax.op.astype(ca, "int32"),  # left to TVM (float -> int)
+                relax.op.divide(ci, relax.const(np.int32(2))),  # left to TVM (integer division)
+            ]
+            outs = [bb.emit(term) for term in terms]
+            out = bb.emit_output(relax.Tuple([x, *outs]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    ours = FoldConstantNumpy()(mod)
+    bindings = [binding.value for block in ours["main"].body.blocks for binding in block.bindings]
+    left = [value.op.name for value in bindings if isinstance(value, relax.Call)]
+    assert left == ["relax.astype", "relax.divide"]  # every other constant expression is folded
+    ours_then_tvm = relax.transform.FoldConstant()(ours)
+    tvms = relax.transform.FoldConstant()(mod)
+
+    def constants(module):
+        fields = module["main"].body.body.fields if isinstance(module["main"].body.body, relax.Tuple) else None
+        if fields is None:
+            var = module["main"].body.body
+            value = {b.var: b.value for blk in module["main"].body.blocks for b in blk.bindings}[var]
+            fields = value.fields
+        return [const_value(field) for field in fields[1:] if is_const(field)]
+
+    expected, got = constants(tvms), constants(ours_then_tvm)
+    assert len(expected) == len(terms) == len(got)
+    for want, have in zip(expected, got):
+        assert want.dtype == have.dtype and want.shape == have.shape
+        np.testing.assert_array_equal(have, want)

@@ -751,3 +751,14 @@ def test_depthwise_between_blocked_convs_gets_the_fixed_vector_schedule():
     assert x86.is_scheduled(func)  # not left to the tuner
     assert "T.vectorized" in func.script() and "T.parallel" in func.script()
     assert depthwise[0] not in [task.task_name for task in x86.extract_tasks(mod, x86.x86_target(num_cores=2))]
+
+
+def test_pad_after_a_conv_is_written_whole():
+    # TF-style "SAME" padding of a stride-2 depthwise conv (bottom/right only, as in EfficientNet-Lite0): fused
+    # as the epilogue of the conv before it, meta-schedule's tiling never wrote the padding border.
+    rng = np.random.default_rng(3)
+    layers = [(32, 1, 1, 0, 1), (32, 3, 2, (0, 0, 1, 1), 32), (32, 1, 1, 0, 1)]
+    mod, _, _ = conv_module((1, 16, 14, 14), layers, rng, requantize=True)
+    data = rng.integers(0, 256, (1, 16, 14, 14)).astype("uint8")
+    expected = stock_reference(mod, data)
+    np.testing.assert_array_equal(run(x86.build(mod, x86.x86_target(num_cores=2)), data), expected)

@@ -11,7 +11,16 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .._compat import TensorType, const_value, is_const, op_name, register_ffi_error, to_tensor
+from .._compat import (
+    TensorType,
+    const_value,
+    is_const,
+    op_name,
+    register_ffi_error,
+    tensor_dtype,
+    tensor_shape,
+    to_tensor,
+)
 from .._relax import BindingRewriter, UnsupportedGraphError, tvmquant_module_pass
 
 
@@ -74,6 +83,79 @@ class _ClipRewriter(BindingRewriter):
         return relax.op.minimum(data, relax.const(np.float32(bound), "float32"))
 
 
+def _same_shape(values, shape, dtype):
+    return values.shape == tuple(shape) and str(values.dtype) == dtype
+
+
+def _float(*arrays) -> bool:
+    return all(a.dtype.kind == "f" for a in arrays)
+
+
+#: Ops :class:`FoldConstantNumpy` evaluates, each exactly as TVM does (layout moves, selections, and IEEE
+#: operations that are correctly rounded in both): ``fn(args, attrs, out_shape, out_dtype) -> ndarray or None``.
+_NUMPY_FOLDS = {
+    "relax.reshape": lambda a, attrs, shape, dtype: a[0].reshape(shape),
+    "relax.expand_dims": lambda a, attrs, shape, dtype: a[0].reshape(shape),
+    "relax.squeeze": lambda a, attrs, shape, dtype: a[0].reshape(shape),
+    "relax.flatten": lambda a, attrs, shape, dtype: a[0].reshape(shape),
+    "relax.permute_dims": lambda a, attrs, shape, dtype: np.transpose(
+        a[0], None if attrs.axes is None else [int(x) for x in attrs.axes]
+    ),
+    "relax.broadcast_to": lambda a, attrs, shape, dtype: np.broadcast_to(a[0], shape).copy(),
+    "relax.isnan": lambda a, attrs, shape, dtype: np.isnan(a[0]),
+    "relax.where": lambda a, attrs, shape, dtype: np.where(a[0], a[1], a[2]),
+    "relax.add": lambda a, attrs, shape, dtype: a[0] + a[1],
+    "relax.subtract": lambda a, attrs, shape, dtype: a[0] - a[1],
+    "relax.multiply": lambda a, attrs, shape, dtype: a[0] * a[1],
+    "relax.divide": lambda a, attrs, shape, dtype: a[0] / a[1] if _float(*a) else None,
+    "relax.sqrt": lambda a, attrs, shape, dtype: np.sqrt(a[0]) if _float(*a) else None,
+    "relax.negative": lambda a, attrs, shape, dtype: -a[0],
+    "relax.maximum": lambda a, attrs, shape, dtype: np.maximum(a[0], a[1]),
+    "relax.minimum": lambda a, attrs, shape, dtype: np.minimum(a[0], a[1]),
+    "relax.concat": lambda a, attrs, shape, dtype: np.concatenate(a, axis=int(attrs.axis)),
+    "relax.astype": lambda a, attrs, shape, dtype: (
+        a[0].astype(dtype) if a[0].dtype.kind in "iub" or np.dtype(dtype).kind == "f" else None
+    ),  # float -> int casts are left to TVM (NaN and overflow are target-defined)
+}
+
+
+@tvmquant_module_pass("FoldConstantNumpy")
+class FoldConstantNumpy:
+    """Fold the constant expressions of ``main`` that are layout moves, selections or exact arithmetic
+    (:data:`_NUMPY_FOLDS`) in numpy; the rest is left to ``relax.transform.FoldConstant``.
+
+    TVM's ``FoldConstant`` compiles every foldable call with LLVM: ~190 compiles, 4-10 s, for the reshapes of
+    the biases and the ``where(isnan(bound))`` of the clips in an ONNX MobileNetV2. The results are identical;
+    a call whose numpy result does not have the shape and dtype TVM infers is left alone.
+    """
+
+    def transform_module(self, mod, ctx):
+        return _NumpyFolder().transform_module(mod)
+
+
+class _NumpyFolder(BindingRewriter):
+    def rewrite(self, var, value):
+        fold = _NUMPY_FOLDS.get(op_name(value))
+        if fold is None:
+            return value
+        args = list(value.args)
+        if value.op.name in ("relax.concat",) and len(args) == 1 and isinstance(args[0], relax.Tuple):
+            args = list(args[0].fields)
+        elif value.op.name in ("relax.reshape", "relax.broadcast_to"):
+            args = args[:1]  # the target shape is the binding's type
+        shape, dtype = tensor_shape(var), tensor_dtype(var)
+        if shape is None or any(dim is None for dim in shape) or dtype is None or not all(map(is_const, args)):
+            return value
+        with np.errstate(all="ignore"):
+            folded = fold([const_value(arg) for arg in args], value.attrs, shape, dtype)
+        if folded is None:
+            return value
+        folded = np.asarray(folded)
+        if not _same_shape(folded, shape, dtype):
+            return value
+        return relax.const(np.array(folded, order="C"), dtype)  # (ascontiguousarray makes 0-d arrays 1-d)
+
+
 def prepare(mod: tvm.IRModule, params: dict | None = None) -> tvm.IRModule:
     """Canonicalize an FP32 Relax module for quantization.
 
@@ -104,8 +186,10 @@ def prepare(mod: tvm.IRModule, params: dict | None = None) -> tvm.IRModule:
             relax.transform.Normalize(),
             relax.transform.FoldBatchnormToConv2D(),
             relax.transform.DecomposeOpsForInference(),
+            FoldConstantNumpy(),
             relax.transform.FoldConstant(),
             CanonicalizeClip(),
+            FoldConstantNumpy(),
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(["main"]),
             relax.transform.CanonicalizeBindings(),

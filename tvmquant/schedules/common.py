@@ -17,11 +17,63 @@ def fusion_passes() -> list:
     return [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
+        KeepGrowingOpsUnfused(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
         relax.transform.DeadCodeElimination(),
     ]
+
+
+#: ``op_pattern`` of a PrimFunc that ``FuseOps`` fuses with nothing (TVM's ``kOpaque``).
+_OPAQUE = 8
+#: Patterns ``FuseOps`` would fuse a growing op by: element-wise, broadcast, injective.
+_FUSABLE = (0, 1, 2)
+
+
+def _elements(buffer) -> int | None:
+    total = 1
+    for dim in buffer.shape:
+        if not hasattr(dim, "value"):
+            return None
+        total *= int(dim.value)
+    return total
+
+
+def _grows(func) -> bool:
+    """Whether ``func`` (one input buffer, one output) writes more elements than it reads: a pad."""
+    params = list(func.params)
+    if len(params) != 2 or not all(hasattr(p, "shape") for p in params):
+        return False
+    size_in, size_out = _elements(params[0]), _elements(params[1])
+    return size_in is not None and size_out is not None and size_out > size_in
+
+
+def _keep_growing_ops_unfused(mod, _ctx):
+    """Mark pads (and any other one-input injective kernel whose output is larger than its input) opaque, so
+    that ``FuseOps`` never makes them the epilogue of a conv or matmul.
+
+    Fused as an epilogue, meta-schedule's tiling moves the pad into the conv's output tile with
+    ``reverse_compute_at``, whose loops cover only the elements read from the conv: the padding border is never
+    written (the EfficientNet-Lite0 kernels with TF-style bottom/right padding left 1.7-6.7% of their output as
+    garbage). On its own, a pad is a copy of one activation.
+    """
+    from tvm import tirx
+
+    mod = mod.clone()
+    for gvar, func in list(mod.functions.items()):
+        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or "op_pattern" not in func.attrs:
+            continue
+        if int(func.attrs["op_pattern"]) in _FUSABLE and _grows(func):
+            mod[gvar] = func.with_attr("op_pattern", _OPAQUE)
+    return mod
+
+
+def KeepGrowingOpsUnfused():  # noqa: N802  (a pass constructor, named as TVM's are)
+    """The module pass of :func:`_keep_growing_ops_unfused`; run after ``AnnotateTIROpPattern``."""
+    import tvm
+
+    return tvm.transform.module_pass(_keep_growing_ops_unfused, opt_level=0, name="KeepGrowingOpsUnfused")
 
 
 #: The files of a meta-schedule JSON database: one JSON value per line, appended as tuning goes.

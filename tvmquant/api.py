@@ -921,9 +921,12 @@ class _SqnrTerms:
         self.noise: dict = {}
 
     def add(self, name: str, ref, app) -> None:
-        ref = np.asarray(ref, np.float64)
-        self.signal[name] = self.signal.get(name, 0.0) + float(np.sum(ref * ref))
-        self.noise[name] = self.noise.get(name, 0.0) + float(np.sum((ref - app) ** 2))
+        # float32 dot products (BLAS: blocked sums, relative error ~1e-6 here, far below what a dB shows), five
+        # times faster than float64 squares and sums of activations of tens of MB
+        ref = np.asarray(ref, np.float32).reshape(-1)
+        diff = np.subtract(ref, np.asarray(app, np.float32).reshape(-1), dtype=np.float32)
+        self.signal[name] = self.signal.get(name, 0.0) + float(np.dot(ref, ref))
+        self.noise[name] = self.noise.get(name, 0.0) + float(np.dot(diff, diff))
 
     def keep(self, name: str, array: np.ndarray) -> None:
         """Keep an FP32 activation, and add its own error (its values through its own quantize/dequantize)."""

@@ -86,7 +86,7 @@ def _relax_marked_tensors(qmodel, feed: dict) -> dict:
     from .compile import host_build
 
     vm = compile_vm(qmodel.annotated, build=host_build)
-    with observing(lambda name, array: captured.__setitem__(name, array)):
+    with observing(lambda name, array: captured.__setitem__(name, array.copy())):  # views valid in the call only
         run_vm(vm, feed, qmodel.inputs)
     return captured
 

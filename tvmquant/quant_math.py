@@ -134,8 +134,14 @@ def fake_quantize(x, scale, zero_point, qmin: int, qmax: int, axis: int | None =
     x = np.asarray(x, dtype=np.float32)
     scale_b = _broadcast_param(np.asarray(scale, dtype=np.float32), x.ndim, axis)
     zp_b = _broadcast_param(np.asarray(zero_point, dtype=np.float32), x.ndim, axis)
-    q = np.clip(np.rint(x / scale_b) + zp_b, qmin, qmax)
-    return ((q - zp_b) * scale_b).astype(np.float32)
+    # The same float32 operations in the same order as written out, on one buffer (no temporaries).
+    q = np.divide(x, scale_b, dtype=np.float32)
+    np.rint(q, out=q)
+    q += zp_b
+    np.clip(q, qmin, qmax, out=q)
+    q -= zp_b
+    q *= scale_b
+    return q
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .._compat import const, const_value, is_const, op_name, register_ffi_error, tensor_shape, to_tensor
+from .._compat import StringImm, const, const_value, is_const, op_name, register_ffi_error, tensor_shape, to_tensor
 from .._io import CalibrationDataError, iter_batches  # numpy-only, shared with deploy
 from .._relax import BindingRewriter, tvmquant_module_pass
 from ..calibration import CalibrationError, make_observer
@@ -89,6 +89,45 @@ def _observe(tensor, name, role):
     return to_tensor(array)
 
 
+#: The destination-passing form of the marker that :func:`compile_vm` compiles (see :func:`_observe_into`).
+MARKER_INTO = MARKER + "_into"
+
+
+@tvm.register_global_func(MARKER_INTO, override=True)
+def _observe_into(tensor, name, role, out):
+    # The VM allocated ``out`` (planned memory, as for any op): the marker copies its input there in C and shows
+    # the callback a numpy view of it, no allocation and no copy through Python. What the callback writes into
+    # the view is what flows on (the simulating callbacks fake-quantize in place). The view is valid only during
+    # the call: a callback that keeps values copies them.
+    out.copyfrom(tensor)
+    callback = _ACTIVE_CALLBACK[0]
+    if callback is not None and _PENDING_ERROR[0] is None:
+        try:
+            callback(str(name), np.from_dlpack(out))
+        except StopRun:
+            raise
+        except Exception as err:  # noqa: BLE001 - re-raised unchanged by run_vm, outside TVM's FFI
+            _PENDING_ERROR[0] = err
+
+
+class _DestinationMarkers(BindingRewriter):
+    """Markers as ``call_dps_packed`` of :data:`MARKER_INTO`: the VM plans their outputs."""
+
+    def rewrite(self, var, value):
+        parsed = parse_marker(value)
+        if parsed is None:
+            return value
+        tensor, name, role = parsed
+        return relax.call_dps_packed(MARKER_INTO, [tensor, StringImm(name), StringImm(role)], var.ty)
+
+
+def destination_markers(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with its markers in destination-passing form (what :func:`compile_vm` compiles)."""
+    if not any(parse_marker(b.value) for block in mod["main"].body.blocks for b in block.bindings):
+        return mod
+    return _DestinationMarkers().transform_module(mod)
+
+
 @contextlib.contextmanager
 def observing(callback):
     """Within the block, every executed marker calls ``callback(name, numpy array)``."""
@@ -126,7 +165,7 @@ def compile_vm(mod, target=None, build=None):
             _VM_CACHE.append(_VM_CACHE.pop(index))
             use_physical_cores()
             return vm
-    executable = build(mod, target)
+    executable = build(destination_markers(mod), target)
     use_physical_cores()
     request_amx_permission()  # a no-op without AMX; with it, kernels built for this CPU may use tiles
     vm = relax.VirtualMachine(executable, tvm.cpu())

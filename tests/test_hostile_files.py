@@ -231,3 +231,23 @@ def test_not_a_zip_and_empty_files_are_refused(tmp_path):
         out.writestr("manifest.json", b"[1, 2]")
     (tmp_path / "list.tvmq").write_bytes(buffer.getvalue())
     _refused(tmp_path / "list.tvmq")
+
+
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path, capsys):
+    from onnx import numpy_helper
+
+    model = residual_cnn(channels=4, size=8)
+    conv = next(node for node in model.graph.node if node.op_type == "Conv" and node.name)
+    weight = next(init for init in model.graph.initializer if init.name == conv.input[1])
+    values = numpy_helper.to_array(weight).copy()
+    values.flat[3], values.flat[7] = np.nan, np.inf
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    path = tmp_path / "nan_weight.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ModelError, match=rf"has 1 NaN and 1 Inf values.*node {conv.name!r}|node {conv.name!r}.*1 NaN"):
+        tvmquant.quantize(str(path), calib_data=calibration_images(2, size=8), progress=False)
+    np.savez(tmp_path / "calib.npz", calibration_images(2, size=8))
+    code = cli.main(["quantize", str(path), "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "m.tvmq")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and "NaN" in err[-1] and conv.name in err[-1]
+    assert not (tmp_path / "m.tvmq").exists()

@@ -25,7 +25,7 @@ from .._io import CalibrationDataError, iter_batches  # numpy-only, shared with 
 from .._relax import BindingRewriter, tvmquant_module_pass
 from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
-from ..frontend.prepare import check_index_range
+from ..frontend.prepare import ModelError, check_index_range
 from ..qparams import QParams, Role  # QParams: also importable from here, as before it moved
 from ..quant_math import DTYPE_RANGES, fake_quantize, quantize
 from ..threads import request_amx_permission, use_physical_cores
@@ -384,7 +384,9 @@ def weight_sqnr_terms(annotated: tvm.IRModule, table: dict) -> tuple[dict, dict]
 
 def weight_qparams(annotated: tvm.IRModule, config: QuantConfig) -> dict:
     """Parameters of every marked weight, computed from the constants themselves."""
-    axes = {layer.weight: layer.weight_axis for layer in layers_of(annotated) if layer.weight}
+    layers = [layer for layer in layers_of(annotated) if layer.weight]
+    axes = {layer.weight: layer.weight_axis for layer in layers}
+    sources = {layer.weight: layer.source for layer in layers}
     table = {}
     spec = config.weight
     for block in annotated["main"].body.blocks:
@@ -394,6 +396,7 @@ def weight_qparams(annotated: tvm.IRModule, config: QuantConfig) -> dict:
                 continue
             tensor, name, _ = parsed
             value = const_value(tensor)
+            _check_finite_weight(value, name, sources.get(name))
             if isinstance(spec.granularity, PerChannel):
                 axis = axes.get(name, spec.granularity.axis)
                 axis_spec = TensorSpec(spec.dtype, spec.scheme, PerChannel(axis), spec.bits, spec.method)
@@ -407,6 +410,20 @@ def weight_qparams(annotated: tvm.IRModule, config: QuantConfig) -> dict:
                 a_min, a_max = _widen_zero_channels(a_min, a_max)
             table[name] = QParams.from_range(name, Role.WEIGHT, spec, a_min, a_max, axis)
     return table
+
+
+def _check_finite_weight(value: np.ndarray, name: str, source: str | None) -> None:
+    """Refuse a weight with NaN or Inf values, naming it (and its ONNX node): it would quantize to garbage."""
+    bad = ~np.isfinite(value)
+    if not bad.any():
+        return
+    num_nan = int(np.isnan(value).sum())
+    where = f" (ONNX node {source!r})" if source else ""
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ModelError(
+        f"weight {name}{where} has {num_nan} NaN and {int(bad.sum()) - num_nan} Inf values (the first at index "
+        f"{first}); a model's weights must be finite: fix or re-export the model"
+    )
 
 
 def _widen_zero_channels(a_min, a_max):

@@ -173,6 +173,12 @@ def test_finetuned_model_saves_loads_and_exports_learned_scales(tiny_w4a4, tmp_p
     tuned.save(path, keep_source=True)
     loaded = tvmquant.load(path)
     assert {n: p.to_dict() for n, p in loaded.table.items()} == {n: p.to_dict() for n, p in tuned.table.items()}
+    # the loss of every step travels with the artifact: the report draws it
+    from tvmquant.report import _loss_history
+
+    assert len(tuned.finetune_log["loss_history"]) == 2  # 32 samples, batch 16, one epoch
+    assert loaded.finetune_log["loss_history"] == tuned.finetune_log["loss_history"]
+    assert _loss_history(loaded, {}) == tuned.finetune_log["loss_history"]
     np.testing.assert_array_equal(loaded.compile()(data[:16]), tuned.compile()(data[:16]))
     # the FP32 weights are the trained ones (ONNX source updated), and the QDQ export writes the learned scales
     np.testing.assert_allclose(loaded.compile(mode="fp32")(data[:16]), tuned.compile(mode="fp32")(data[:16]), atol=1e-5)

@@ -73,14 +73,15 @@ def quantized(tmp_path_factory):
     qmodel = tvmquant.quantize(fmnist_model_path(), calib_data=calib, progress=False, report_batches=2)
     artifact = folder / "fmnist.tvmq"
     qmodel.save(artifact)
-    # The finetune helper records its loss curve in the manifest: the report draws it when it is there.
+    # tvmquant.finetune records its loss per step in the manifest ("finetune": {"loss_history": ...}; its own test
+    # checks that): the report draws it when it is there.
     with_loss = folder / "fmnist_finetuned.tvmq"
     with zipfile.ZipFile(artifact) as source, zipfile.ZipFile(with_loss, "w") as target:
         for info in source.infolist():
             data = source.read(info)
             if info.filename == "manifest.json":
                 manifest = json.loads(data)
-                manifest["loss_history"] = [1.0 / (1 + step) for step in range(20)]
+                manifest["finetune"] = {"loss_history": [1.0 / (1 + step) for step in range(20)]}
                 data = json.dumps(manifest).encode()
             target.writestr(info, data)
     np.savez(folder / "calib.npz", input=calib)

@@ -366,6 +366,8 @@ class QuantizedModel:
         self._stored_layers: list | None = None
         #: ``{layer name: per-channel vector}`` added to conv2d/matmul biases (``QuantConfig.bias_correction``).
         self.bias_corrections: dict = {}
+        #: What :func:`tvmquant.finetune` recorded (losses per epoch and per step, timings); None if not fine-tuned.
+        self.finetune_log: dict | None = None
 
     def __repr__(self) -> str:
         layers = self.layers
@@ -710,6 +712,7 @@ class QuantizedModel:
             "layers": [layer.__dict__ for layer in self.layers],
             "sqnr_db": self.sqnr,
             "bias_corrections": {name: np.asarray(v, np.float32).tolist() for name, v in self.bias_corrections.items()},
+            **({"finetune": self.finetune_log} if self.finetune_log else {}),
         }
 
     def save(self, path, keep_source: bool = False) -> None:
@@ -828,6 +831,8 @@ def _load(path: str) -> QuantizedModel:
     qmodel.bias_corrections = {
         name: np.asarray(vector, np.float32) for name, vector in manifest.get("bias_corrections", {}).items()
     }
+    finetune_log = manifest.get("finetune")
+    qmodel.finetune_log = dict(finetune_log) if isinstance(finetune_log, dict) else None
     qmodel._artifact = path
     return qmodel
 

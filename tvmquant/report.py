@@ -128,6 +128,7 @@ def _manifest(qmodel) -> dict:
 def _loss_history(qmodel, manifest: dict) -> list | None:
     """The finetune loss curve, where the model or its artifact records one (``loss_history``)."""
     candidates = [
+        (getattr(qmodel, "finetune_log", None) or {}).get("loss_history"),
         getattr(qmodel, "loss_history", None),
         manifest.get("loss_history"),
         (manifest.get("finetune") or {}).get("loss_history") if isinstance(manifest.get("finetune"), dict) else None,

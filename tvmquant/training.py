@@ -209,7 +209,7 @@ def finetune(
     -------
     QuantizedModel
         A new model: trained FP32 weights, learned scales and zero points in its table (what the artifact,
-        ``summary()`` and the QDQ export show). ``finetune_log`` holds the loss per epoch.
+        ``summary()`` and the QDQ export show). ``finetune_log`` holds the loss per epoch (``loss``) and per step (``loss_history``); the artifact keeps it.
 
     Raises
     ------
@@ -273,7 +273,7 @@ def finetune(
     steps_per_epoch = count // batch
     total = steps_per_epoch * int(epochs)
     rng = np.random.default_rng(seed)
-    log = {"loss": [], "steps": total, "batch_size": batch, "loss_kind": loss}
+    log = {"loss": [], "loss_history": [], "steps": total, "batch_size": batch, "loss_kind": loss}
     step_seconds = 0.0
     bar = None
     if progress:
@@ -312,6 +312,7 @@ def finetune(
                     probs = target
                     value += float(np.sum(probs * np.log(np.maximum(probs, 1e-30))) / batch)
                 epoch_losses.append(value)
+                log["loss_history"].append(value)  # per step: the report's loss curve
                 previous = [v.copy() for v in params]
                 rate = lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
                 t = step + 1

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 
@@ -301,7 +302,10 @@ def _naming_layers(source_names: dict):
 
     importer._convert_operator = convert_and_name
     try:
-        yield
+        # TVM's importer prints "Error converting operator ..." with the whole graph's metadata before it raises;
+        # tvmquant retries on a folded graph or raises its own one-line ModelError instead.
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         importer._convert_operator = convert
 

@@ -209,7 +209,8 @@ def finetune(
     -------
     QuantizedModel
         A new model: trained FP32 weights, learned scales and zero points in its table (what the artifact,
-        ``summary()`` and the QDQ export show). ``finetune_log`` holds the loss per epoch (``loss``) and per step (``loss_history``); the artifact keeps it.
+        ``summary()`` and the QDQ export show). ``finetune_log`` holds the loss per epoch (``loss``) and per
+        step (``loss_history``); the artifact keeps it, and the report draws it.
 
     Raises
     ------

@@ -101,3 +101,17 @@ def test_a_list_of_single_samples_calibrates_in_batches():
     for name, params in whole.table.items():
         np.testing.assert_array_equal(params.zero_point, qmodel.table[name].zero_point, err_msg=name)
         np.testing.assert_allclose(params.scale, qmodel.table[name].scale, rtol=1e-6, err_msg=name)
+
+
+def test_a_generator_streams_and_the_passes_that_read_again_see_its_samples():
+    # A generator is read once: calibration streams it; the summary's SQNR and bias correction read it again, from
+    # the samples kept as they went by (they used to find it exhausted: no SQNR at all, silently).
+    images = calibration_images(16, size=8, seed=3)
+    model = residual_cnn_dynamic_batch(channels=4, size=8)
+    config = tvmquant.QuantConfig(bias_correction=True)
+    listed = tvmquant.quantize(model, config, calib_data=list(images[:, None]), progress=False, report_batches=2)
+    streamed = tvmquant.quantize(model, config, calib_data=(x[None] for x in images), progress=False, report_batches=2)
+    assert {n: p.to_dict() for n, p in streamed.table.items()} == {n: p.to_dict() for n, p in listed.table.items()}
+    assert streamed.sqnr == listed.sqnr and "output0" in streamed.sqnr
+    for name, vector in listed.bias_corrections.items():
+        np.testing.assert_array_equal(streamed.bias_corrections[name], vector, err_msg=name)

@@ -175,6 +175,14 @@ def quantize(
             "with dynamic activations (config=tvmquant.config.DYNAMIC, `tvmquant quantize --dynamic`)"
         )
     limits = index_limits(fp32)
+    if iter(calib_data) is calib_data:  # a generator or iterator: read once, kept for the passes that read again
+        model_batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
+        run = max(model_batch, calib_batch or DEFAULT_CALIB_BATCH)  # the summary reads whole calibration batches
+        calib_data = _ReadOnce(
+            calib_data,
+            keep_all=config.bias_correction or config.auto_skip is not None,
+            keep_samples=-(-report_batches * model_batch // run) * run if report_batches else 0,
+        )
     if isinstance(calib_data, (dict, np.ndarray, list, tuple)) or hasattr(calib_data, "keys"):
         # Data at hand is checked before anything compiles: a wrong shape or token id fails in a second.
         import warnings
@@ -227,6 +235,31 @@ def quantize(
             warnings.simplefilter("ignore", InputNameNotice)  # calibration already said so
             qmodel.measure_sqnr(calib_data, report_batches, graph=calib_annotated, inputs=calib_inputs)
     return qmodel
+
+
+class _ReadOnce:
+    """Calibration data from a generator or iterator: calibration streams it, and the items later passes read
+    again are kept as they go by (the first ``keep_samples`` samples for the summary's SQNR; all of them when
+    AutoSkip or bias correction runs, which read the data again in full). Read a second time, it replays them."""
+
+    def __init__(self, source, keep_all: bool, keep_samples: int):
+        self.source, self.keep_all, self.keep_samples = source, keep_all, keep_samples
+        self.kept: list = []
+        self.kept_samples = 0
+        self.done = False
+
+    def __iter__(self):
+        if self.done:
+            yield from self.kept
+            return
+        for item in self.source:
+            if self.keep_all or self.kept_samples < self.keep_samples:
+                self.kept.append(item)
+                first = next(iter(item.values()), None) if hasattr(item, "keys") else item
+                shape = getattr(first, "shape", None)
+                self.kept_samples += int(shape[0]) if shape else 1
+            yield item
+        self.done = True
 
 
 #: Largest default calibration batch; a quarter of the free memory bounds it too.

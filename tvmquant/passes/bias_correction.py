@@ -31,6 +31,7 @@ from tvm import relax
 
 from .._compat import const, const_value, is_const, op_name, tensor_shape
 from .._relax import BindingRewriter, tvmquant_module_pass
+from ..qparams import Role
 from ..quant_math import fake_quantize
 from .annotate import marker, parse_marker
 from .calibrate import StopRun, compile_vm, iter_batches, observing, run_vm
@@ -174,6 +175,7 @@ def bias_corrections(
 
     corrections: dict = {}
     target = [None]
+    weights: dict = {}
 
     def simulated(name, array):
         if name.endswith(".out"):
@@ -185,7 +187,15 @@ def bias_corrections(
                 raise StopRun(layer)
             return
         params = table.get(name)
-        if params is not None:
+        if params is None:
+            return
+        if params.role == Role.WEIGHT:  # the same constant every run: fake-quantized once
+            if name not in weights:
+                weights[name] = fake_quantize(
+                    array, params.scale, params.zero_point, params.qmin, params.qmax, params.axis
+                )
+            array[...] = weights[name]
+        else:
             array[...] = fake_quantize(array, params.scale, params.zero_point, params.qmin, params.qmax, params.axis)
 
     iterator = layers

@@ -104,6 +104,11 @@ def tune(
     if kind not in ("llvm", "cuda"):
         raise ValueError(f"tune: target {kind!r} is not supported (llvm or cuda)")
     mod, name = _module_to_tune(model, batch_size)
+    if kind == "cuda" and fleet is not None:
+        raise ValueError(
+            "tune: measuring CUDA candidates on RPC servers is not supported yet (--rpc-tracker works for llvm "
+            "targets); tune for a GPU with --package DIR and `python -m tvmquant.remote measure DIR` on the GPU host"
+        )
     if kind == "cuda":
         from .schedules import offline
 
@@ -139,7 +144,9 @@ def _fleet(tracker, key, parallel):
             raise ValueError("rpc_parallel (--rpc-parallel) needs rpc_tracker and rpc_key (--rpc-tracker, --rpc-key)")
         return None
     if not tracker or not key:
-        raise ValueError("measuring on RPC servers needs both rpc_tracker=HOST:PORT and rpc_key=KEY (--rpc-tracker, --rpc-key)")
+        raise ValueError(
+            "measuring on RPC servers needs both rpc_tracker=HOST:PORT and rpc_key=KEY (--rpc-tracker, --rpc-key)"
+        )
     if parallel is not None and (not isinstance(parallel, int) or parallel < 1):
         raise ValueError(f"rpc_parallel must be at least 1, got {parallel!r}")
     from .schedules.rpc import Fleet, parse_tracker

@@ -67,7 +67,9 @@ def target_mismatch(info: dict, expect: dict) -> str | None:
         want = "".join(ch for ch in expect["arch"].removeprefix("sm_") if ch.isdigit())
         have = info["cuda"][0].replace(".", "")
         if want and have != want:
-            return f"{host}: its GPU is sm_{have}, the target is {expect['arch']} (use a key of {expect['arch']} servers)"
+            return (
+                f"{host}: its GPU is sm_{have}, the target is {expect['arch']} (use a key of {expect['arch']} servers)"
+            )
         return None
     mcpu = expect.get("mcpu") or ""
     if mcpu and not info.get("mcpu"):
@@ -75,7 +77,7 @@ def target_mismatch(info: dict, expect: dict) -> str | None:
     if mcpu and info["mcpu"] != mcpu:
         return (
             f"{host}: its CPU is {info['mcpu']!r}, the target's mcpu is {mcpu!r} (tune with --target "
-            f"'{{\"kind\": \"llvm\", \"mcpu\": \"{info['mcpu']}\"}}' or use a key of {mcpu} servers)"
+            f'\'{{"kind": "llvm", "mcpu": "{info["mcpu"]}"}}\' or use a key of {mcpu} servers)'
         )
     if expect.get("amx") and not info.get("amx"):
         how = "a stock tvm.exec.rpc_server cannot request it: start python -m tvmquant.rpc_server"

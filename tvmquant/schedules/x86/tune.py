@@ -224,7 +224,9 @@ def tune(
     log_dir = os.path.join(db_dir, "logs")
     num_threads = int(target.attrs.get("num-cores", 0)) or "physical"
     num_workers = max(1, int(target.attrs.get("num-cores", 1) or 1))
-    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=runner_repeat, min_repeat_ms=50, enable_cpu_cache_flush=False)
+    evaluator = ms.runner.EvaluatorConfig(
+        number=3, repeat=runner_repeat, min_repeat_ms=50, enable_cpu_cache_flush=False
+    )
     if fleet is not None:
         say(
             logging.INFO,

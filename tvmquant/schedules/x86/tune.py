@@ -231,7 +231,8 @@ def tune(
         say(
             logging.INFO,
             f"[tune] measuring on {fleet['servers']} RPC servers under key {rpc.key!r} at {rpc.tracker}, "
-            f"{fleet['parallel']} at a time (probed: {fleet['probe'].get('host')}, mcpu {fleet['probe'].get('mcpu')!r})",
+            f"{fleet['parallel']} at a time (probed: {fleet['probe'].get('host')}, "
+            f"mcpu {fleet['probe'].get('mcpu')!r})",
         )
         runner = FleetRunner(rpc, target, fleet["parallel"], evaluator)
         num_workers = default_num_threads()  # builds run here (on this machine's cores), measurements there

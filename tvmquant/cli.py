@@ -227,6 +227,9 @@ def cmd_tune(args) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
         verbose=args.verbose,
+        rpc_tracker=args.rpc_tracker,
+        rpc_key=args.rpc_key,
+        rpc_parallel=args.rpc_parallel,
     )
     if args.quiet:
         return 0
@@ -480,6 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None, help="static batch size")
     t.add_argument("--package", default=None, help="CUDA: write a measurement package here (no GPU needed)")
     t.add_argument("--import", dest="import_package", default=None, help="CUDA: import a measured package into --db")
+    t.add_argument(
+        "--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on the RPC servers of this tracker"
+    )
+    t.add_argument(
+        "--rpc-key", default=None, help="device key of those servers (`python -m tvmquant.rpc_server --key`)"
+    )
+    t.add_argument(
+        "--rpc-parallel", type=int, default=None, help="measurements at once (default: servers under the key)"
+    )
     t.add_argument("-q", "--quiet", action="store_true")
     t.add_argument("--verbose", action="store_true", help="also print meta-schedule's own log (always in DB/logs)")
     t.set_defaults(func=cmd_tune)

@@ -42,6 +42,9 @@ def tune(
     batch_size: int | None = None,
     progress: bool = True,
     verbose: bool = False,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    rpc_parallel: int | None = None,
 ) -> TuneResult:
     """Tune the kernels of ``model`` for ``target`` into the database ``db``; a second call reuses it.
 
@@ -66,6 +69,12 @@ def tune(
         Progress lines.
     verbose : bool
         Also print meta-schedule's own log (it always goes to ``DB/logs/``).
+    rpc_tracker, rpc_key : str, optional
+        Measure on a tuning farm: the ``HOST:PORT`` of a ``python -m tvm.exec.rpc_tracker`` and the key its
+        servers (``python -m tvmquant.rpc_server --tracker HOST:PORT --key KEY``) registered under. Candidates
+        build here and are measured there; the database is the same.
+    rpc_parallel : int, optional
+        Measurements at once on the farm; default the number of servers under the key.
 
     Returns
     -------
@@ -89,11 +98,17 @@ def tune(
         from .schedules import offline
 
         return TuneResult("imported", db, offline.import_measurements(os.fspath(import_package), db))
+    fleet = _fleet(rpc_tracker, rpc_key, rpc_parallel)
     target = as_target(target)
     kind = target.kind.name
     if kind not in ("llvm", "cuda"):
         raise ValueError(f"tune: target {kind!r} is not supported (llvm or cuda)")
     mod, name = _module_to_tune(model, batch_size)
+    if kind == "cuda" and fleet is not None:
+        raise ValueError(
+            "tune: measuring CUDA candidates on RPC servers is not supported yet (--rpc-tracker works for llvm "
+            "targets); tune for a GPU with --package DIR and `python -m tvmquant.remote measure DIR` on the GPU host"
+        )
     if kind == "cuda":
         from .schedules import offline
 
@@ -109,8 +124,35 @@ def tune(
         return TuneResult("packaged", db, details)
     from .schedules import x86
 
-    x86.tune(mod, target, trials=trials, db_dir=db, trials_per_task=trials_per_task, progress=progress, verbose=verbose)
-    return TuneResult("tuned", db)
+    x86.tune(
+        mod,
+        target,
+        trials=trials,
+        db_dir=db,
+        trials_per_task=trials_per_task,
+        progress=progress,
+        verbose=verbose,
+        rpc=fleet,
+    )
+    return TuneResult("tuned", db, {"rpc": rpc_tracker} if fleet else {})
+
+
+def _fleet(tracker, key, parallel):
+    """The :class:`~tvmquant.schedules.rpc.Fleet` of the ``rpc_*`` arguments, or None (measure here)."""
+    if tracker is None and key is None:
+        if parallel is not None:
+            raise ValueError("rpc_parallel (--rpc-parallel) needs rpc_tracker and rpc_key (--rpc-tracker, --rpc-key)")
+        return None
+    if not tracker or not key:
+        raise ValueError(
+            "measuring on RPC servers needs both rpc_tracker=HOST:PORT and rpc_key=KEY (--rpc-tracker, --rpc-key)"
+        )
+    if parallel is not None and (not isinstance(parallel, int) or parallel < 1):
+        raise ValueError(f"rpc_parallel must be at least 1, got {parallel!r}")
+    from .schedules.rpc import Fleet, parse_tracker
+
+    parse_tracker(tracker)
+    return Fleet(tracker=tracker, key=key, parallel=parallel)
 
 
 def _module_to_tune(model, batch_size):

@@ -16,10 +16,11 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.utils import fork_seed
 
 from ...target import target_has_amx, x86_target
-from ...threads import require_amx
+from ...threads import default_num_threads, require_amx
 from .. import intrinsics
 from .._ms_worker import build_candidate, runner_initializer
 from ..common import is_scheduled
+from ..rpc import Fleet, FleetRunner, check_fleet
 from . import amx
 from .database import _is_tuned, _open_database, records_for_target
 from .measure import XGB_WARMUP_SAMPLES, PooledBuilder, TuningProgress, _report, meta_schedule_logs
@@ -118,6 +119,7 @@ def tune(
     seed: int | None = None,
     progress: bool = True,
     verbose: bool = False,
+    rpc: Fleet | None = None,
 ) -> ms.Database:
     """Tune the INT8 kernels of a Relax module with meta-schedule; records go to a JSON database.
 
@@ -162,6 +164,10 @@ def tune(
     verbose : bool
         Also print meta-schedule's own log (task tables, builder and runner messages) to stderr. Either way
         it is written to ``db_dir/logs`` (:func:`meta_schedule_logs`).
+    rpc : tvmquant.schedules.rpc.Fleet, optional
+        Measure on the RPC servers registered with a tracker under a key instead of here (candidates still
+        build here). Checked before anything else (:func:`tvmquant.schedules.rpc.check_fleet`): an unreachable
+        tracker, a key without servers or a server of another CPU fail in seconds.
 
     Returns
     -------
@@ -175,9 +181,13 @@ def tune(
     >>> ex = build(mod, target, db_dir="tuning")  # doctest: +SKIP
     """
     target = x86_target() if target is None else target
-    _warn_if_not_runnable_here(target)
-    if target_has_amx(target):
-        require_amx(f"tuning for {target}")  # measuring AMX candidates needs the tile state here
+    fleet = None
+    if rpc is not None:
+        fleet = check_fleet(rpc, target)  # the servers request AMX and set threads in each measuring session
+    else:
+        _warn_if_not_runnable_here(target)
+        if target_has_amx(target):
+            require_amx(f"tuning for {target}")  # measuring AMX candidates needs the tile state here
     start = time.perf_counter()
     intrinsics.register_x86_intrinsics()  # before any TuneContext: its rules look the intrinsic up by name
     database = _open_database(db_dir)
@@ -214,6 +224,20 @@ def tune(
     log_dir = os.path.join(db_dir, "logs")
     num_threads = int(target.attrs.get("num-cores", 0)) or "physical"
     num_workers = max(1, int(target.attrs.get("num-cores", 1) or 1))
+    evaluator = ms.runner.EvaluatorConfig(
+        number=3, repeat=runner_repeat, min_repeat_ms=50, enable_cpu_cache_flush=False
+    )
+    if fleet is not None:
+        say(
+            logging.INFO,
+            f"[tune] measuring on {fleet['servers']} RPC servers under key {rpc.key!r} at {rpc.tracker}, "
+            f"{fleet['parallel']} at a time (probed: {fleet['probe'].get('host')}, "
+            f"mcpu {fleet['probe'].get('mcpu')!r})",
+        )
+        runner = FleetRunner(rpc, target, fleet["parallel"], evaluator)
+        num_workers = default_num_threads()  # builds run here (on this machine's cores), measurements there
+    else:
+        runner = ms.runner.LocalRunner(initializer=runner_initializer, evaluator_config=evaluator)
     with meta_schedule_logs(log_dir, [task.task_name for task in todo], verbose) as task_loggers:
         # What ms.relax_integration.extracted_tasks_to_tune_contexts does, with our loggers instead of the
         # ones from its get_loggers_from_work_dir (see meta_schedule_logs for why).
@@ -239,7 +263,7 @@ def tune(
         # Measure with as many threads as the target has cores (see tvmquant.threads): left to TVM, the runner's
         # pool would take half the logical CPUs on x86 (1 on a 2-core VM) and the search would favour schedules
         # that are fast on one thread.
-        with _environment(TVM_NUM_THREADS=str(num_workers)), contextlib.closing(builder):
+        with _environment(TVM_NUM_THREADS=str(num_workers)), contextlib.closing(builder), _closing(runner):
             ms.tune.tune_tasks(
                 tasks=contexts,
                 task_weights=[task.weight for task in todo],
@@ -248,12 +272,7 @@ def tune(
                 max_trials_per_task=per_task,
                 num_trials_per_iter=per_iter,
                 builder=builder,
-                runner=ms.runner.LocalRunner(
-                    initializer=runner_initializer,
-                    evaluator_config=ms.runner.EvaluatorConfig(
-                        number=3, repeat=runner_repeat, min_repeat_ms=50, enable_cpu_cache_flush=False
-                    ),
-                ),
+                runner=runner,
                 database=database,
                 cost_model=cost_model,
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
@@ -290,6 +309,16 @@ def search_strategy(strategy: str, trials_per_task: int):
     return ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(50, population // 4)
     )
+
+
+@contextlib.contextmanager
+def _closing(runner):
+    """Stop a :class:`FleetRunner`'s worker processes after the ``with`` body (LocalRunner has no close)."""
+    try:
+        yield runner
+    finally:
+        if hasattr(runner, "close"):
+            runner.close()
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -350,6 +350,8 @@ def check_ort_qdq(description, per_channel, activation_type, tmp_path):
     qdq_path = ort_quantize(
         str(source), calib, "minmax", per_channel=per_channel, activation_type=activation_type, out_dir=str(tmp_path)
     )
+    # ORT quantizes nothing in a graph of activations and pools alone (no Q/DQ): then there is nothing to import
+    assume(any(node.op_type == "QuantizeLinear" for node in onnx.load(qdq_path).graph.node))
     qmodel = tvmquant.quantize(qdq_path, progress=False)
     run, session = qmodel.compile(), ort_session(qdq_path)
     step = output_step(qdq_path)
@@ -361,8 +363,13 @@ def check_ort_qdq(description, per_channel, activation_type, tmp_path):
 # Default suite: a few derandomized examples (reproducible in CI), plus the regressions hypothesis found.
 
 
+# An input read by a quantized concat and by a skipped (FP32) conv: the export fed the conv the Q/DQ'd input.
+SKIPPED_CONV_BESIDE_CONCAT = ((2097151, (2, 9, 6), (("concat", 6, False),), ("none", 12, False)), ("int8-affine", "per-channel", 0))
+
+
 @settings(**FAST)
 @given(description=graphs(), choice=configs())
+@example(*SKIPPED_CONV_BESIDE_CONCAT)
 def test_integer_model_matches_simulation_and_export(tmp_path_factory, description, choice):
     check_integer_model(description, choice, tmp_path_factory.mktemp("prop"))
 

@@ -318,10 +318,35 @@ def output_step(path) -> float:
     return 0.0
 
 
-def assert_within_one_step(expected, got, step, what):
-    diff = float(np.max(np.abs(expected.astype(np.float64) - got)))
-    tol = step * 1.01 + 1e-5 * max(1.0, float(np.max(np.abs(expected))))
-    assert diff <= tol, f"{what}: max |diff| {diff:.6g} > one output step {step:.6g} (+ FP32 rounding)"
+def sqnr_db(reference, other) -> float:
+    noise = float(np.sum((reference.astype(np.float64) - other) ** 2))
+    return np.inf if noise == 0 else 10 * np.log10(max(float(np.sum(reference.astype(np.float64) ** 2)), 1e-30) / noise)
+
+
+def assert_matches_ort(path, x, got, what):
+    """``got`` is what ONNX Runtime computes from the QDQ file ``path`` on ``x``, within one output step.
+
+    End to end, one value that rounds the other way at a tie inside the model moves the output by more than a step
+    where a later layer amplifies it (a 1x1 conv with weight * in_scale / out_scale = 3 turns 1 LSB into 3 output
+    steps). Such a tie is not an error: ONNX Runtime's fused kernels (QLinearAveragePool, QLinearAdd) and its
+    reference kernels (the graph as written) disagree with each other in exactly this way. So the tolerance is one
+    step beyond the distance between those two ORT runs, or the issue-17 bound (>= 40 dB), with at most 2 elements (2%)
+    more than a step off: a tie, not a wrong layer (which moves most of its output).
+    """
+    fused = ort_session(str(path)).run(None, {"input": x})[0]
+    reference = ort_session(str(path), optimize=False).run(None, {"input": x})[0]
+    step = output_step(path)
+    rounding = 1e-5 * max(1.0, float(np.max(np.abs(fused))))
+    ort_self = float(np.max(np.abs(fused.astype(np.float64) - reference)))
+    diff = min(float(np.max(np.abs(got.astype(np.float64) - ort))) for ort in (fused, reference))
+    if diff <= max(step * 1.01, ort_self + step * 1.01) + rounding:
+        return
+    off = int(np.sum(np.abs(got.astype(np.float64) - fused) > step * 1.01 + rounding))
+    sqnr = sqnr_db(fused, got)
+    assert sqnr >= 40 and off <= max(2, got.size // 50), (
+        f"{what}: max |diff| {diff:.6g} = {diff / max(step, 1e-30):.2f} output steps (step {step:.6g}; ORT fused vs "
+        f"reference kernels: {ort_self:.6g}); {off} of {got.size} elements more than a step off; SQNR {sqnr:.1f} dB"
+    )
 
 
 def check_integer_model(description, choice, tmp_path):
@@ -335,10 +360,9 @@ def check_integer_model(description, choice, tmp_path):
     path = tmp_path / "export.onnx"
     qmodel.export_onnx(path)
     onnx.checker.check_model(onnx.load(str(path)))
-    integer, session = qmodel.compile(), ort_session(str(path))
-    step = output_step(path)
+    integer = qmodel.compile()
     for x in evaluation:
-        assert_within_one_step(integer(x[None]), session.run(None, {"input": x[None]})[0], step, "export vs ORT")
+        assert_matches_ort(path, x[None], integer(x[None]), "export run by ORT vs tvmquant's integer model")
 
 
 def check_ort_qdq(description, per_channel, activation_type, tmp_path):
@@ -353,10 +377,9 @@ def check_ort_qdq(description, per_channel, activation_type, tmp_path):
     # ORT quantizes nothing in a graph of activations and pools alone (no Q/DQ): then there is nothing to import
     assume(any(node.op_type == "QuantizeLinear" for node in onnx.load(qdq_path).graph.node))
     qmodel = tvmquant.quantize(qdq_path, progress=False)
-    run, session = qmodel.compile(), ort_session(qdq_path)
-    step = output_step(qdq_path)
+    run = qmodel.compile()
     for x in evaluation:
-        assert_within_one_step(session.run(None, {"input": x[None]})[0], run(x[None]), step, "ORT QDQ vs tvmquant")
+        assert_matches_ort(qdq_path, x[None], run(x[None]), "ORT's QDQ model run by tvmquant vs ORT")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,18 +387,37 @@ def check_ort_qdq(description, per_channel, activation_type, tmp_path):
 
 
 # An input read by a quantized concat and by a skipped (FP32) conv: the export fed the conv the Q/DQ'd input.
-SKIPPED_CONV_BESIDE_CONCAT = ((2097151, (2, 9, 6), (("concat", 6, False),), ("none", 12, False)), ("int8-affine", "per-channel", 0))
+SKIPPED_CONV_BESIDE_CONCAT = dict(
+    description=(2097151, (2, 9, 6), (("concat", 6, False),), ("none", 12, False)),
+    choice=("int8-affine", "per-channel", 0),
+)
 
 
 @settings(**FAST)
 @given(description=graphs(), choice=configs())
-@example(*SKIPPED_CONV_BESIDE_CONCAT)
+@example(**SKIPPED_CONV_BESIDE_CONCAT)
 def test_integer_model_matches_simulation_and_export(tmp_path_factory, description, choice):
     check_integer_model(description, choice, tmp_path_factory.mktemp("prop"))
 
 
+# A tie, not a bug: conv 1x1 -> ReLU -> AveragePool 3x3 (pad 1) -> Add(conv 1x1, itself). One pooled value rounds the
+# other way in tvmquant's integer model (teacher-forced: 1 LSB), or in ORT's FP32 reference kernels, and the 1x1
+# conv after it multiplies that LSB into 3 output steps; ORT's fused and reference kernels differ by as much.
+AMPLIFIED_TIE = dict(
+    description=(
+        1,
+        (1, 6, 6),
+        (("conv", 1, 1, 1, 1, (0, 0, 0, 0), False), ("act", "relu"), ("pool", "avg", 3, 1, 1), ("add", 1, 1, False)),
+        ("none", 1, False),
+    ),
+    per_channel=False,
+)
+
+
 @settings(**FAST)
 @given(description=graphs(), per_channel=st.booleans(), activation_type=st.sampled_from(["uint8", "int8"]))
+@example(**AMPLIFIED_TIE, activation_type="uint8")
+@example(**AMPLIFIED_TIE, activation_type="int8")
 def test_ort_qdq_model_imports_and_matches_ort(tmp_path_factory, description, per_channel, activation_type):
     check_ort_qdq(description, per_channel, activation_type, tmp_path_factory.mktemp("prop"))
 

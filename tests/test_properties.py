@@ -32,7 +32,7 @@ import tvmquant
 from tvmquant import QuantConfig
 from tvmquant._compat import to_tensor
 from tvmquant.api import load_model
-from tvmquant.config import Max, PerChannel, Percentile, PerTensor, TensorSpec
+from tvmquant.config import Max, Percentile, PerChannel, PerTensor, TensorSpec
 from tvmquant.passes import AnnotateQuant, ExposeQuantizedTensors, RealizeQuant
 from tvmquant.passes.annotate import layers_of
 from tvmquant.passes.calibrate import compile_vm, run_vm

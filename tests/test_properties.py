@@ -39,6 +39,7 @@ from tvmquant.passes.calibrate import compile_vm, run_vm
 from tvmquant.testing.forcing import teacher_forced
 from tvmquant.testing.ort import ort_quantize, ort_session
 
+# Default suite: each integer-model example builds 4 modules (~8 s on 2 loaded cores), an ORT QDQ example 1 (~1.5 s).
 FAST = dict(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
 SLOW = dict(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -339,14 +340,17 @@ def assert_matches_ort(path, x, got, what):
     rounding = 1e-5 * max(1.0, float(np.max(np.abs(fused))))
     ort_self = float(np.max(np.abs(fused.astype(np.float64) - reference)))
     diff = min(float(np.max(np.abs(got.astype(np.float64) - ort))) for ort in (fused, reference))
-    if diff <= max(step * 1.01, ort_self + step * 1.01) + rounding:
-        return
+    if diff <= step * 1.01 + rounding:
+        return "within one step"
+    if diff <= ort_self + step * 1.01 + rounding:
+        return "within ORT's own spread"
     off = int(np.sum(np.abs(got.astype(np.float64) - fused) > step * 1.01 + rounding))
     sqnr = sqnr_db(fused, got)
     assert sqnr >= 40 and off <= max(2, got.size // 50), (
         f"{what}: max |diff| {diff:.6g} = {diff / max(step, 1e-30):.2f} output steps (step {step:.6g}; ORT fused vs "
         f"reference kernels: {ort_self:.6g}); {off} of {got.size} elements more than a step off; SQNR {sqnr:.1f} dB"
     )
+    return "a tie (>= 40 dB)"
 
 
 def check_integer_model(description, choice, tmp_path):
@@ -361,8 +365,7 @@ def check_integer_model(description, choice, tmp_path):
     qmodel.export_onnx(path)
     onnx.checker.check_model(onnx.load(str(path)))
     integer = qmodel.compile()
-    for x in evaluation:
-        assert_matches_ort(path, x[None], integer(x[None]), "export run by ORT vs tvmquant's integer model")
+    return [assert_matches_ort(path, x[None], integer(x[None]), "export run by ORT vs tvmquant") for x in evaluation]
 
 
 def check_ort_qdq(description, per_channel, activation_type, tmp_path):
@@ -378,8 +381,9 @@ def check_ort_qdq(description, per_channel, activation_type, tmp_path):
     assume(any(node.op_type == "QuantizeLinear" for node in onnx.load(qdq_path).graph.node))
     qmodel = tvmquant.quantize(qdq_path, progress=False)
     run = qmodel.compile()
-    for x in evaluation:
-        assert_matches_ort(qdq_path, x[None], run(x[None]), "ORT's QDQ model run by tvmquant vs ORT")
+    return [
+        assert_matches_ort(qdq_path, x[None], run(x[None]), "ORT's QDQ model in tvmquant vs ORT") for x in evaluation
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,7 +397,7 @@ SKIPPED_CONV_BESIDE_CONCAT = dict(
 )
 
 
-@settings(**FAST)
+@settings(**{**FAST, "max_examples": 2})
 @given(description=graphs(), choice=configs())
 @example(**SKIPPED_CONV_BESIDE_CONCAT)
 def test_integer_model_matches_simulation_and_export(tmp_path_factory, description, choice):

@@ -41,7 +41,7 @@ from tvmquant.testing.ort import ort_quantize, ort_session
 
 # Default suite: each integer-model example builds 4 modules (~8 s on 2 loaded cores), an ORT QDQ example 1 (~1.5 s).
 FAST = dict(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
-SLOW = dict(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+SLOW = dict(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

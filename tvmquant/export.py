@@ -176,6 +176,10 @@ def _build_qdq(qmodel, sample, fused_adds: bool = False):
         tensor = max(candidates)[2]
         quantized_tensor[tensor] = params
 
+    # A tensor read by a quantized layer and by a layer kept in FP32 (skip list): only the quantized one reads
+    # the Q/DQ pair; the FP32 layer reads the FP32 tensor, as in tvmquant's model.
+    fp32_nodes = {layer.source for layer in qmodel.layers if not layer.quantized and layer.source}
+    fp32_nodes -= {layer.source for layer in qmodel.layers if layer.quantized and layer.source}
     for tensor, params in quantized_tensor.items():
         zero_dtype = np.uint8 if params.dtype == "uint8" else np.int8
         scale_name, zero_name = f"{tensor}_qdq_scale", f"{tensor}_qdq_zero_point"
@@ -197,7 +201,7 @@ def _build_qdq(qmodel, sample, fused_adds: bool = False):
             ),
         ]
         for node, position in consumers.get(tensor, []):
-            if node.op_type in _QUANTIZABLE:
+            if node.op_type in _QUANTIZABLE and node.name not in fp32_nodes:
                 rewired[(id(node), position)] = f"{tensor}_dq"
 
     # Weights and biases of quantized Conv / Gemm / MatMul.

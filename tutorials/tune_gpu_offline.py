@@ -47,7 +47,7 @@ if measured:
 elif tvm.cuda(0).exist:
     subprocess.run(measure, check=True, env=dict(os.environ, TVM_USE_RUNTIME_LIB="1"))
 else:
-    print("no GPU here; on the GPU host run:\n  TVM_USE_RUNTIME_LIB=1 " + " ".join(measure[1:]))
+    print("no GPU here; on the GPU host run:\n  TVM_USE_RUNTIME_LIB=1 python " + " ".join(measure[1:]))
 
 # 3. Import what was measured (CLI: tvmquant tune m.tvmq --target ... --import package/ --db db/), then build a
 #    library for the GPU (CLI: tvmquant compile m.tvmq --target nvidia/nvidia-h100 --db db/ -o model.so).

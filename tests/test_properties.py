@@ -26,6 +26,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from models import _Graph
 from onnx import TensorProto, helper, numpy_helper
 
 import tvmquant
@@ -128,24 +129,8 @@ def graphs(draw, max_steps: int = 5):
     return seed, shape, tuple(steps), (head, units, trans_b)
 
 
-class _Builder:
-    def __init__(self, seed):
-        self.rng = np.random.default_rng(seed)
-        self.nodes, self.inits, self.count = [], [], 0
-
-    def name(self, prefix):
-        self.count += 1
-        return f"{prefix}{self.count}"
-
-    def const(self, array, prefix="c"):
-        name = self.name(prefix)
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def node(self, op, inputs, **attrs):
-        out = self.name(op.lower())
-        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
+class _Builder(_Graph):
+    """tests/models.py's graph builder, with convs that take explicit (asymmetric) pads."""
 
     def conv(self, x, cin, cout, k, stride=1, groups=1, pads=None, bias=True):
         fan_in = cin // groups * k * k

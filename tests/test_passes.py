@@ -412,3 +412,16 @@ def test_numpy_constant_folding_equals_tvms():
     for want, have in zip(expected, got):
         assert want.dtype == have.dtype and want.shape == have.shape
         np.testing.assert_array_equal(have, want)
+
+
+def test_autoskip_targets_the_worst_output_not_their_sum():
+    # BERT's pooler_output (small) beside last_hidden_state (large): summed, the large output's signal hid the
+    # small one's noise, and AutoSkip kept nothing in FP32 while the pooler sat at 39.8 dB
+    # (tutorials/transformer_partial.py).
+    from tvmquant.passes.sensitivity import _Simulator
+
+    big, small = np.full(64, 10.0), np.full(4, 0.1)
+    simulator = _Simulator.__new__(_Simulator)
+    simulator.batches, simulator.reference = [None, None], [[big, small], [big, small]]
+    simulator._run = lambda batch, enabled: [big + 0.001, small + 0.01]  # 80 dB and 20 dB
+    assert simulator.output_sqnr({"x"}) == pytest.approx(20.0)

@@ -64,11 +64,15 @@ print(qmodel.summary())  # matmul_*, add_*: INT8; LayerNorm, Softmax, GELU are n
 
 
 def output_sqnr(model) -> float:
-    """The output's SQNR vs FP32, measured by quantize on calibration data (no compile needed to compare)."""
-    return model.summary().outputs["last_hidden_state"]
+    """The worse of the two outputs' SQNR vs FP32, measured by quantize on calibration data (no compile needed).
+
+    With random weights the final LayerNorm's output ``last_hidden_state`` is mostly the embeddings carried by
+    the residual stream, so quantization barely shows there; ``pooler_output`` (a dense + tanh of the first
+    token) shows it."""
+    return min(model.summary().outputs.values())
 
 
-print(f"everything quantized: last_hidden_state SQNR {output_sqnr(qmodel):.1f} dB")
+print(f"everything quantized: worst output SQNR {output_sqnr(qmodel):.1f} dB")
 
 # 3. Keep layers in FP32 by name (tvmquant's, or the ONNX node's as Netron shows it), or by op type.
 #    CLI: --skip matmul_0 --skip op:add
@@ -77,16 +81,18 @@ by_type = tvmquant.quantize(onnx_path, QuantConfig(skip=("op:add",)), calib, pro
 print(f"skip matmul_0: {output_sqnr(by_name):.1f} dB;  skip every add (residuals): {output_sqnr(by_type):.1f} dB")
 
 # 4. Or let AutoSkip keep the most sensitive layers in FP32 until the output SQNR reaches a target.
-#    CLI: --auto-skip 38
+#    CLI: --auto-skip 45
 auto = tvmquant.quantize(
-    onnx_path, QuantConfig(auto_skip=AutoSkip(target_sqnr_db=38.0, max_layers=4)), calib, progress=False
+    onnx_path, QuantConfig(auto_skip=AutoSkip(target_sqnr_db=45.0, max_layers=4)), calib, progress=False
 )
+chosen = [layer.name for layer in auto.layers if layer.reason.startswith("auto")]
 kept = [layer.name for layer in auto.layers if not layer.quantized]
-print(f"AutoSkip kept {kept} in FP32: {output_sqnr(auto):.1f} dB")
+print(f"AutoSkip kept {chosen} in FP32: {output_sqnr(auto):.1f} dB")
+print(f"  layers in FP32 as a result (adds feeding only FP32 ops stay FP32 too): {kept}")
 
 # 5. Run the chosen model against FP32 on held-out inputs.
 int8, fp32 = auto.compile(), auto.compile(mode="fp32")
-held_out = np.mean([sqnr_db(fp32(sample)[0], int8(sample)[0]) for sample in evaluation])
-print(f"held-out inputs: INT8 vs FP32 last_hidden_state SQNR {held_out:.1f} dB")
+held_out = np.mean([min(map(sqnr_db, fp32(sample), int8(sample))) for sample in evaluation])
+print(f"held-out inputs: INT8 vs FP32, worst output SQNR {held_out:.1f} dB")
 auto.save(os.path.join(work, "bert_tiny.tvmq"))
 print("wrote", work)

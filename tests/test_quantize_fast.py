@@ -115,3 +115,10 @@ def test_a_generator_streams_and_the_passes_that_read_again_see_its_samples():
     assert streamed.sqnr == listed.sqnr and "output0" in streamed.sqnr
     for name, vector in listed.bias_corrections.items():
         np.testing.assert_array_equal(streamed.bias_corrections[name], vector, err_msg=name)
+
+
+def test_calibration_data_of_no_accepted_form_is_one_clear_error():
+    from tvmquant._io import CalibrationDataError
+
+    with pytest.raises(CalibrationDataError, match="calibration data is a float; give an array"):
+        tvmquant.quantize(residual_cnn(channels=4, size=8), calib_data=3.0, progress=False)

@@ -127,6 +127,16 @@ class CalibrationDataError(ValueError):
     """Calibration data does not fit the model; the message names the batch, input and what was expected."""
 
 
+def check_data_form(data, what: str = "calibration data") -> None:
+    """Refuse data that is none of the forms :func:`iter_batches` takes, before anything runs."""
+    if isinstance(data, np.ndarray) or hasattr(data, "keys") or hasattr(data, "__iter__"):
+        return
+    raise CalibrationDataError(
+        f"{what} is a {type(data).__name__}; give an array (samples on axis 0), a dict {{input name: array}}, "
+        "or a list or generator of them"
+    )
+
+
 def iter_batches(calib_data, inputs, what: str = "calibration data"):
     """Yield dicts ``{input name: array}`` of exactly the model's input shapes from any accepted form.
 
@@ -135,6 +145,7 @@ def iter_batches(calib_data, inputs, what: str = "calibration data"):
     any number of samples are split or joined, in order; samples left over after the last full batch are an
     error. ``what`` names the data in errors (``"calibration data"``, ``"input file 'x.npz'"``).
     """
+    check_data_form(calib_data, what)
     single = isinstance(calib_data, np.ndarray) or hasattr(calib_data, "keys")
     if single:
         calib_data = [calib_data]

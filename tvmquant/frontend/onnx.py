@@ -158,30 +158,31 @@ def import_onnx(model, batch_size: int | None = None, where: str = "the ONNX mod
     shape_dict = {spec.name: list(spec.shape) for spec in specs}
     dtype_dict = {spec.name: spec.dtype for spec in specs}
     source_names: dict = {}
-    try:
+
+    def convert(graph):
+        source_names.clear()
         with _naming_layers(source_names):
-            mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+            return from_onnx(graph, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
+
+    def convert_folded(folded):
+        try:
+            return convert(folded)
+        except Exception as err:
+            raise _import_error(folded, err, where) from None
+
+    try:
+        mod = convert(model)
     except Exception as err:
         folded = _constant_fold(model, specs)
         if folded is None:
             raise _import_error(model, err, where) from None
-        source_names.clear()
-        try:
-            with _naming_layers(source_names):
-                mod = from_onnx(folded, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
-        except Exception as err2:
-            raise _import_error(folded, err2, where) from None
+        mod = convert_folded(folded)
     if _has_match_cast(mod):
         # Shapes computed from a dynamic batch (the dynamo exporter's attention-mask Range over the batch) import
         # as run-time shapes; with the batch bound they are constants, which ONNX Runtime's folding computes.
         folded = _constant_fold(model, specs)
         if folded is not None:
-            source_names.clear()
-            try:
-                with _naming_layers(source_names):
-                    mod = from_onnx(folded, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=False)
-            except Exception as err:
-                raise _import_error(folded, err, where) from None
+            mod = convert_folded(folded)
     # The graph's outputs lose their variable names (the output binding is canonicalized to `gv`): keep the
     # producing node of each output under a positional key.
     producers = {output: node.name for node in model.graph.node for output in node.output}

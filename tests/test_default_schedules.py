@@ -6,6 +6,8 @@ FP32 conv, and on a VNNI target still tensorize with ``vpdpbusd`` (codegen only:
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -94,6 +96,41 @@ def test_fp32_conv_defaults_keep_the_pad_out_and_match():
     assert conv_update and not any("if_then_else" in line for line in conv_update)
     data = rng.standard_normal((1, 16, 12, 12)).astype("float32")
     np.testing.assert_allclose(run(x86.build(mod, target), data), stock_reference(mod, data), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_defaults_skip_the_trial_compile_and_a_failed_build_retries_checked(monkeypatch):
+    """``build`` accepts plain (not tensorized) default schedules without compiling each on its own (three
+    quarters of the chooser's time), and when the module then fails to compile it builds again with every
+    schedule checked: the result is still right."""
+    build_module = importlib.import_module("tvmquant.schedules.x86.build")  # the package exports build()
+
+    rng = np.random.default_rng(25)
+    mod = _fp32_conv_module(rng, shape=(1, 8, 10, 10), out_ch=12)
+    target = x86.x86_target(**HASWELL)
+    trial_compiles = []
+    real_candidate = defaults.build_candidate
+    monkeypatch.setattr(defaults, "build_candidate", lambda *a: trial_compiles.append(1) or real_candidate(*a))
+    (name, func), *_ = [(n, f) for n, f in _untuned_kernels(mod, target) if "conv2d" in n]
+    assert defaults.choose_schedule(func, target, name, 2, verify="tensorized") is not None
+    assert not trial_compiles
+    assert defaults.choose_schedule(func, target, name, 2, verify="always") is not None
+    assert len(trial_compiles) == 1
+
+    real_build, calls = build_module._relax_build, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("codegen failed in a kernel")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_relax_build", failing_once)
+    build_module._SKETCH_CACHE.clear()
+    trial_compiles.clear()
+    executable = x86.build(mod, target)
+    assert len(calls) == 2 and trial_compiles  # the second build checked its schedules one by one
+    data = rng.standard_normal((1, 8, 10, 10)).astype("float32")
+    np.testing.assert_allclose(run(executable, data), stock_reference(mod, data), rtol=1e-5, atol=1e-5)
 
 
 def test_chooser_is_deterministic():

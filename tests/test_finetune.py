@@ -163,6 +163,24 @@ def test_finetune_lowers_the_distillation_loss_and_realizes_within_one_lsb(tiny_
     assert worst <= 1
 
 
+def test_finetune_without_weights_trains_only_biases_and_quantizers(tiny_w4a4):
+    """``train_weights=False`` (for a few dozen images): the weights stay as they were, biases and step sizes
+    move, the loss still falls, and the ONNX source carries the trained biases."""
+    from tvmquant.passes.qat import scan
+
+    qmodel, data = tiny_w4a4
+    tuned = tvmquant.finetune(
+        qmodel, data, epochs=10, lr=1e-2, batch_size=16, train_weights=False, progress=False, report_batches=0
+    )
+    assert tuned.finetune_log["loss"][-1] < tuned.finetune_log["loss"][0]
+    weights, biases = scan(qmodel.annotated, qmodel.table)
+    new_weights, new_biases = scan(tuned.annotated, tuned.table)
+    assert weights and all(np.array_equal(weights[n], new_weights[n]) for n in weights)
+    assert any(not np.array_equal(biases[n], new_biases[n]) for n in biases)
+    assert any(not np.array_equal(qmodel.table[n].scale, tuned.table[n].scale) for n in qmodel.table)
+    assert tuned.source is not None and tuned.source != qmodel.source
+
+
 def test_finetuned_model_saves_loads_and_exports_learned_scales(tiny_w4a4, tmp_path):
     import onnx
     from onnx import numpy_helper

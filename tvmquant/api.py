@@ -42,7 +42,7 @@ from .passes.realize import RealizeQuant
 from .qparams import QParams, Role
 from .quant_math import fake_quantize
 from .target import target_has_amx, target_json
-from .threads import require_amx, use_physical_cores
+from .threads import generate_machine_code, require_amx, use_physical_cores
 
 
 def pipeline(config: QuantConfig | None = None) -> tvm.transform.Pass:
@@ -888,6 +888,7 @@ class CompiledModel:
         use_physical_cores()
         if amx:
             require_amx("this model (compiled for an AMX-INT8 target)")
+        generate_machine_code(executable)
         self.vm = relax.VirtualMachine(executable, self.device)
 
     def __call__(self, *args, **kwargs):

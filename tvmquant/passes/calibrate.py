@@ -28,7 +28,7 @@ from ..config import PerChannel, QuantConfig, TensorSpec
 from ..frontend.prepare import ModelError, check_index_range
 from ..qparams import QParams, Role  # QParams: also importable from here, as before it moved
 from ..quant_math import DTYPE_RANGES, fake_quantize, quantize
-from ..threads import request_amx_permission, use_physical_cores
+from ..threads import generate_machine_code, request_amx_permission, use_physical_cores
 from .annotate import MARKER, layers_of, parse_marker
 
 # BindQuantParams raises it; calibration/ imports no TVM, so it is registered here.
@@ -168,6 +168,7 @@ def compile_vm(mod, target=None, build=None):
     executable = build(destination_markers(mod), target)
     use_physical_cores()
     request_amx_permission()  # a no-op without AMX; with it, kernels built for this CPU may use tiles
+    generate_machine_code(executable)
     vm = relax.VirtualMachine(executable, tvm.cpu())
     _VM_CACHE.append((key, mod, vm))
     del _VM_CACHE[:-_VM_CACHE_SIZE]

@@ -141,10 +141,13 @@ def scan(annotated: tvm.IRModule, table: dict) -> tuple[dict, dict]:
 
 
 class _TrainingRewriter(BindingRewriter):
-    def __init__(self, table: dict, learn_scales: bool, loss: str, weights: dict, biases: dict):
+    def __init__(
+        self, table: dict, learn_scales: bool, loss: str, weights: dict, biases: dict, train_weights: bool = True
+    ):
         super().__init__()
         self.table = table
         self.learn_scales = learn_scales
+        self.train_weights = train_weights
         self.loss = loss
         self.weights = weights
         self.biases = biases
@@ -172,8 +175,9 @@ class _TrainingRewriter(BindingRewriter):
                 parsed = parse_marker(binding.value)
                 if parsed is not None:
                     self.marker_ndim[parsed[1]] = len(tensor_shape(parsed[0]))
-        for name, value in self.weights.items():
-            self._add(name, "weight", name, value)
+        if self.train_weights:
+            for name, value in self.weights.items():
+                self._add(name, "weight", name, value)
         for layer, value in self.biases.items():
             self._add(layer + ".bias", "bias", layer, value, original_shape=value.shape)
         if self.learn_scales:
@@ -298,8 +302,13 @@ class _TrainingRewriter(BindingRewriter):
         return relax.op.multiply(total, const(np.float32(-1.0 / batch)))
 
 
-def training_module(annotated: tvm.IRModule, table: dict, loss: str = "mse", learn_scales: bool = True):
+def training_module(
+    annotated: tvm.IRModule, table: dict, loss: str = "mse", learn_scales: bool = True, train_weights: bool = True
+):
     """The training graph of ``annotated`` with ``table``'s parameters as the initial quantizers.
+
+    ``train_weights=False`` keeps the weights constant: only biases (and, with ``learn_scales``, the quantizers)
+    are trained.
 
     Returns a :class:`TrainingGraph` whose ``mod`` has ``main(inputs..., target, params...) -> loss`` and
     ``main_adjoint`` (same arguments) ``-> (loss, (grad of each param...))``; ``target`` is the teacher's output
@@ -315,7 +324,7 @@ def training_module(annotated: tvm.IRModule, table: dict, loss: str = "mse", lea
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     register_gradients()
     weights, biases = scan(annotated, table)
-    rewriter = _TrainingRewriter(table, learn_scales, loss, weights, biases)
+    rewriter = _TrainingRewriter(table, learn_scales, loss, weights, biases, train_weights)
     func = annotated["main"]
     num_inputs = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else None
     if num_inputs is not None and num_inputs != len(func.params):
@@ -346,16 +355,15 @@ class _Applier(BindingRewriter):
         parsed = parse_marker(value)
         if parsed is not None:
             tensor, name, role = parsed
-            if name in self.weights and is_const(tensor):
-                out = self.emit(
-                    relax.Call(
+            if is_const(tensor) and (name in self.weights or _layer_of(name) in self.biases):
+                if name in self.weights:
+                    value = relax.Call(
                         value.op,
                         [value.args[0], const(self.weights[name]), *value.args[2:]],
                         value.attrs,
                         list(value.ty_args),
-                    ),
-                    name.replace(".", "_"),
-                )
+                    )
+                out = self.emit(value, name.replace(".", "_"))  # marked even when untrained: its bias may be
                 self.marked_weight[out] = name
                 return out
             return value

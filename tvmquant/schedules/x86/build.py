@@ -15,6 +15,7 @@ from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
 
 from ..._compat import structural_equal, structural_hash
 from ...target import x86_target
+from ...threads import default_num_threads
 from .. import intrinsics
 from .._ms_worker import build_candidate
 from . import amx, defaults
@@ -59,14 +60,24 @@ class ScheduleUntunedFromSketch:
     seed : int
         Seed of the sampled decisions of the fallback (fixed, so builds are reproducible).
     policy : {"heuristic", "first"}
+    verify : {"always", "tensorized"}
+        Which heuristic schedules are compiled on their own before they are accepted
+        (:func:`tvmquant.schedules.x86.defaults.choose_schedule`); sampled sketches always are.
     """
 
-    def __init__(self, target: tvm.target.Target, seed: int = 0, policy: SketchPolicy = "heuristic"):
+    def __init__(
+        self,
+        target: tvm.target.Target,
+        seed: int = 0,
+        policy: SketchPolicy = "heuristic",
+        verify: Literal["always", "tensorized"] = "always",
+    ):
         if policy not in ("heuristic", "first"):
             raise ValueError(f"ScheduleUntunedFromSketch: policy must be 'heuristic' or 'first', got {policy!r}")
         self.target = target
         self.seed = seed
         self.policy = policy
+        self.verify = verify
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         intrinsics.register_x86_intrinsics()
@@ -74,21 +85,30 @@ class ScheduleUntunedFromSketch:
         mod = mod.clone()
         for name in untuned_functions(mod):
             gvar = mod.get_global_var(name)
-            scheduled = _first_valid_sketch(mod[gvar], self.target, name, self.seed, num_threads, policy=self.policy)
+            scheduled = _first_valid_sketch(
+                mod[gvar], self.target, name, self.seed, num_threads, policy=self.policy, verify=self.verify
+            )
             if scheduled is not None:
                 mod[gvar] = scheduled
         return mod
 
 
 #: Default schedules already found in this process:
-#: ``{(structural hash, target, seed, threads, policy): [(func, scheduled)]}``.
+#: ``{(structural hash, target, seed, threads, policy, verify): [(func, scheduled)]}``.
 #: Models repeat kernel shapes (ResNet blocks), and a process often builds the same model more than once
 #: (INT8, simulated, FP32; a test suite): a kernel's default schedule is searched for once.
 _SKETCH_CACHE: dict = {}
 
 
 def _first_valid_sketch(
-    func: tirx.PrimFunc, target, name: str, seed: int, num_threads, tries: int = 16, policy: SketchPolicy = "first"
+    func: tirx.PrimFunc,
+    target,
+    name: str,
+    seed: int,
+    num_threads,
+    tries: int = 16,
+    policy: SketchPolicy = "first",
+    verify: Literal["always", "tensorized"] = "always",
 ):
     """The default schedule of one kernel: with ``policy="heuristic"`` the heuristic's sketch
     (:func:`tvmquant.schedules.x86.defaults.choose_schedule`), else (or when that fails) the first design-space
@@ -97,7 +117,7 @@ def _first_valid_sketch(
 
     Memoised per process on the kernel's structure (:data:`_SKETCH_CACHE`).
     """
-    key = (structural_hash(func), str(target), seed, str(num_threads), policy)
+    key = (structural_hash(func), str(target), seed, str(num_threads), policy, verify)
     for known, scheduled in _SKETCH_CACHE.get(key, ()):
         if structural_equal(known, func):
             return scheduled
@@ -105,7 +125,7 @@ def _first_valid_sketch(
     if amx.is_amx_kernel(func):
         scheduled = _amx_default(func, target, name, num_threads)
     if scheduled is None and policy == "heuristic":
-        scheduled = defaults.choose_schedule(func, target, name, num_threads)
+        scheduled = defaults.choose_schedule(func, target, name, num_threads, verify)
         if scheduled is None:
             logger.debug("ScheduleUntunedFromSketch: no heuristic schedule for %s; first valid sketch", name)
     if scheduled is None:
@@ -154,6 +174,52 @@ def _search_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_
             return sketch.mod["main"].with_attr("tirx.is_scheduled", True)
     logger.debug("ScheduleUntunedFromSketch: no valid sketch for %s; left unscheduled", name)
     return None
+
+
+def _relax_build(mod: tvm.IRModule, target, pipeline, workers: int | None = None) -> relax.VMExecutable:
+    """``relax.build(mod, target, relax_pipeline=pipeline)``, with the kernels compiled on ``workers`` threads.
+
+    ``relax.build`` hands every kernel to one ``tvm.tirx.build``: one LLVM module, lowered, optimised and (on
+    first use) turned into machine code on one core. Here the kernels are dealt round-robin into ``workers``
+    modules (default: the physical cores) built on as many threads (TVM releases the GIL; each LLVM module has
+    its own context) and linked as the executable's library and its imports, where the VM looks functions
+    up. :func:`tvmquant.threads.generate_machine_code` then compiles them to machine code in parallel too.
+    Everything else is what ``relax.build`` does (TVM 0.27's ``vm_build``); a module with few kernels, or a
+    split that fails, goes through ``relax.build`` itself.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tvm.relax import vm_build
+
+    workers = default_num_threads() if workers is None else workers
+    if workers < 2:
+        return relax.build(mod, target=target, relax_pipeline=pipeline)
+    try:
+        with target:
+            lowered = pipeline(mod)
+        attrs = dict(lowered.attrs) if lowered.attrs else {}
+        params = dict(attrs.get("const_name_to_constant", {}))
+        builder = relax.ExecBuilder()
+        tir = vm_build._filter_tir(vm_build._vmcodegen(builder, lowered, "bytecode"))
+        kernels = sorted(tir.functions.items(), key=lambda item: item[0].name_hint) if tir is not None else []
+        if len(kernels) < 4 * workers:
+            return relax.build(mod, target=target, relax_pipeline=pipeline)
+        parts = [tvm.IRModule(dict(kernels[i::workers]), attrs=tir.attrs) for i in range(workers)]
+        with ThreadPoolExecutor(workers) as pool:
+            libs = list(pool.map(lambda part: tvm.tirx.build(part, target=target, pipeline="default"), parts))
+        library = libs[0]
+        others = []
+        for ext in attrs.get("external_mods", []):
+            if vm_build._is_device_module(ext):
+                library.import_module(ext)
+            else:
+                others.append(ext)
+        for lib in libs[1:]:
+            library.import_module(lib)
+        return relax.VMExecutable(vm_build._ffi_api.VMLink(builder, target, library, others, params))
+    except Exception as err:  # noqa: BLE001  (e.g. kernels that call each other: build as one module)
+        logger.debug("build: compiling the kernels on %d threads failed (%s); one module", workers, err)
+        return relax.build(mod, target=target, relax_pipeline=pipeline)
 
 
 def build(
@@ -227,15 +293,30 @@ def build(
             )
     elif untuned and warn_untuned:
         logger.info("build: no tuning database; %d kernel(s) use the %r fallback", len(untuned), fallback)
-    if untuned and fallback != "none":
-        policy = "heuristic" if fallback == "sketch" else "first"
-        with target:
-            prepared = ScheduleUntunedFromSketch(target, policy=policy)(prepared)
     lower = _cpu_backend.dataflow_lower_passes(target) + _cpu_backend.finalize_passes(target)
 
     @tvm.transform.module_pass(opt_level=0, name="TvmquantX86Finalize")
     def finalize(module: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         return tvm.transform.Sequential(lower)(module)
 
-    with target, tvm.transform.PassContext(opt_level=3):
-        return relax.build(prepared, target=target, relax_pipeline=finalize)
+    def compile_with(verify):
+        scheduled = prepared
+        if untuned and fallback != "none":
+            policy = "heuristic" if fallback == "sketch" else "first"
+            with target:
+                scheduled = ScheduleUntunedFromSketch(target, policy=policy, verify=verify)(prepared)
+        with target, tvm.transform.PassContext(opt_level=3):
+            return _relax_build(scheduled, target, finalize)
+
+    if not (untuned and fallback == "sketch"):
+        return compile_with("always")
+    try:
+        # Plain (not tensorized) default schedules are not compiled one by one first: see choose_schedule.
+        return compile_with("tensorized")
+    except Exception as err:  # noqa: BLE001  (any failure: the checked path below raises what is real)
+        logger.warning(
+            "build: the module did not compile with unchecked default schedules (%s); building again with "
+            "every default schedule compiled on its own first",
+            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+        )
+        return compile_with("always")

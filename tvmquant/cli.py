@@ -339,6 +339,7 @@ def cmd_finetune(args) -> int:
         lr=args.lr,
         batch_size=args.batch,
         learn_scales=args.learn_scales,
+        train_weights=args.train_weights,
         loss=args.loss,
         progress=not args.quiet,
     )
@@ -558,6 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="learn step sizes (LSQ) and affine zero points (LSQ+); --no-learn-scales keeps the calibrated ones",
     )
+    f.add_argument(
+        "--train-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train the FP32 weights; --no-train-weights trains only biases and quantizers (few images)",
+    )
     f.add_argument("--loss", choices=["mse", "kl"], help="distillation loss without labels (default mse)")
     f.add_argument("-o", "--output", required=True)
     f.add_argument("-q", "--quiet", action="store_true")
@@ -572,9 +579,30 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
     print(f"tvmquant: {kind}: {message}", file=file or sys.stderr)
 
 
+def _import_tvm_without_torch() -> None:
+    """Import TVM with PyTorch hidden, when nothing has imported PyTorch yet.
+
+    ``tvm_ffi`` imports ``torch`` first thing, to pre-empt a symbol clash seen on Windows, and tvmquant's
+    commands never use it: 1.5 s of a command's start-up here, and TVMScript's parser (``inspect.stack``) then
+    walks PyTorch's thousand modules at every kernel intrinsic it parses. PyTorch stays importable afterwards;
+    ``TVMQUANT_IMPORT_TORCH=1`` keeps TVM's own behaviour.
+    """
+    if "tvm" in sys.modules or "torch" in sys.modules or os.environ.get("TVMQUANT_IMPORT_TORCH") == "1":
+        return
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tvm_ffi expects and skips
+    try:
+        import tvm  # noqa: F401
+    except ImportError:  # TVM missing or broken: the command that needs it says so
+        pass
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+
+
 def main(argv=None) -> int:
     import warnings
 
+    _import_tvm_without_torch()
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("batch_size", "calib_batch", "sensitivity_batches"):

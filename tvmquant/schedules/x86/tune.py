@@ -272,18 +272,18 @@ def tune(
             ).clone()
             for task, task_logger, rand_state in zip(todo, task_loggers, fork_seed(seed, n=len(todo)))
         ]
-        callback = TuningProgress([ctx.task_name for ctx in contexts], total, echo=progress)
         # build_candidate skips default_build's ~25 s import of every TVMScript intrinsic per worker.
         builder = PooledBuilder(builder_timeout_sec, num_workers, build_candidate)
         # Measure with as many threads as the target has cores (see tvmquant.threads): left to TVM, the runner's
         # pool would take half the logical CPUs on x86 (1 on a 2-core VM) and the search would favour schedules
         # that are fast on one thread.
         with _environment(TVM_NUM_THREADS=str(num_workers)), contextlib.closing(builder), _closing(runner):
-            seeded = 0
+            seeded = {}
             if to_seed:
                 seeded = seed_default_schedules(
                     [ctx for ctx in contexts if ctx.task_name in to_seed], target, builder, runner, database, progress
                 )
+            callback = TuningProgress([ctx.task_name for ctx in contexts], total, echo=progress, default_sec=seeded)
             ms.tune.tune_tasks(
                 tasks=contexts,
                 task_weights=[task.weight for task in todo],
@@ -303,7 +303,7 @@ def tune(
     say(
         logging.INFO,
         f"[tune] done in {time.perf_counter() - start:.0f} s: {sum(callback.trials)} trials "
-        f"(and {seeded} default schedules measured), "
+        f"(and {len(seeded)} default schedules measured), "
         f"{callback.build_errors} build errors, {callback.run_errors} run errors; meta-schedule's log: {log_dir}",
     )
     if missing:
@@ -343,8 +343,8 @@ def seed_default_schedules(
 
     Returns
     -------
-    int
-        Kernels seeded.
+    dict
+        ``{task name: mean run time in seconds}`` of the kernels seeded.
     """
     from .build import default_schedule
 
@@ -380,7 +380,7 @@ def seed_default_schedules(
     # One batch, as the search sends its candidates: the runner spreads it over its workers (or servers).
     # Device "cpu", as the task scheduler gives an llvm target's candidates.
     futures = runner.run([ms.runner.RunnerInput(path, "cpu", info) for _, _, info, path in runs])
-    seeded = 0
+    seeded = {}
     for (ctx, sch, args_info, artifact_path), future in zip(runs, futures, strict=True):
         result = future.result()
         with contextlib.suppress(Exception):
@@ -393,12 +393,12 @@ def seed_default_schedules(
         database.commit_tuning_record(
             ms.database.TuningRecord(sch.trace, workload, result.run_secs, ctx.target, args_info)
         )
-        seeded += 1
         secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
-        say(logging.INFO, f"[tune] default {seeded}/{len(contexts)} {ctx.task_name}: {secs * 1e6:.1f} us")
+        seeded[ctx.task_name] = secs
+        say(logging.INFO, f"[tune] default {len(seeded)}/{len(contexts)} {ctx.task_name}: {secs * 1e6:.1f} us")
     say(
         logging.INFO,
-        f"[tune] seeded {seeded} of {len(contexts)} kernels with their default schedule "
+        f"[tune] seeded {len(seeded)} of {len(contexts)} kernels with their default schedule "
         f"({time.perf_counter() - start:.0f} s)",
     )
     if failed:

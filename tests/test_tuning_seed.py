@@ -9,6 +9,7 @@ record per kernel is at worst the default, and the evolutionary search starts fr
 from __future__ import annotations
 
 import importlib
+import re
 import warnings
 
 import numpy as np
@@ -68,18 +69,22 @@ def test_tune_seeds_every_task_with_its_default_schedule(tmp_path, capsys):
     tasks = x86.extract_tasks(mod, target)
     assert len(tasks) == 2
     assert f"[tune] seeded {len(tasks)} of {len(tasks)} kernels with their default schedule" in err
-    assert f"{len(tasks)} trials (and {len(tasks)} default schedules measured)" in err  # the budget is the search's
+    # The budget is the search's; a default the search beat is measured a second time.
+    measured = re.search(rf"{len(tasks)} trials \(and (\d+) default schedules measured\)", err)
+    assert measured and len(tasks) <= int(measured.group(1)) <= 2 * len(tasks), err[-2000:]
+    assert re.search(rf"faster than the default for \d of {len(tasks)} seeded kernels", err)
     assert err.count("[tune] task ") == len(tasks) and ", default " in err  # progress lines show the default apart
     records = database.records_for_target(db, target)  # what build() reads: the seeds pass its target filter
     for task in tasks:
         default = x86.default_schedule(task.dispatched[0]["main"], target, task.task_name, 2).mod["main"]
         mine = _records_of(records, task)
-        assert len(mine) == 2  # the seed and the one searched candidate
         seeds = [r for r in mine if structural_equal(_replayed(r, task), default)]
-        assert len(seeds) == 1, f"{task.task_name}: no record replays to the default schedule"
-        assert max(float(s) for s in seeds[0].run_secs) < 1e9  # measured, not a failure
+        assert seeds, f"{task.task_name}: no record replays to the default schedule"
+        # The seed, the one searched candidate, and a second sample of the default if the candidate was faster.
+        assert len(mine) == 1 + len(seeds) and len(seeds) <= 2
+        assert all(max(float(s) for s in seed.run_secs) < 1e9 for seed in seeds)  # measured, not failures
         best = records.query_tuning_record(task.dispatched[0], target, task.task_name)
-        assert _mean(best) <= _mean(seeds[0])  # what build() replays is at worst the default
+        assert _mean(best) <= min(_mean(seed) for seed in seeds)  # what build() replays is at worst the default
     tuned = _no_untuned_warning(lambda: x86.build(mod, target, db_dir=db))
     np.testing.assert_array_equal(run(tuned, data), run(x86.build(mod, target), data))
 

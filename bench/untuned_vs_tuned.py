@@ -2,7 +2,8 @@
 
 The ResNet-50-style network of ``bench/speed_x86.py``, quantized on 8 random images; one library built with the
 default schedules (no database), one after ``tvmquant.schedules.x86.tune`` with 16 trials per kernel (meta-schedule
-evolutionary search + XGBoost); both timed in fresh processes at 1 and 2 threads (``tvmquant.benchmark``).
+evolutionary search + XGBoost, started from the default schedules, which ``tune`` measures into the
+database first); both timed in fresh processes at 1 and 2 threads (``tvmquant.benchmark``).
 
 Run: ``python bench/untuned_vs_tuned.py [--trials-per-task 16] [-o bench/results/untuned_vs_tuned.json]``.
 """
@@ -21,6 +22,40 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+
+def search_vs_default(mod, target, db_dir: str) -> dict:
+    """Per kernel: the default schedule's best measured time in the database (``tune`` seeds it) and the best
+    record's; counts the kernels whose best record is a search result (built from the database, they run it)."""
+    import tvm
+    from tvm_ffi import structural_equal
+
+    from tvmquant.schedules import x86
+
+    records = x86.records_for_target(db_dir, target)
+    kernels, searched = {}, 0
+    for task in x86.extract_tasks(mod, target):
+        module = task.dispatched[0]
+        default = x86.default_schedule(
+            module["main"], target, task.task_name, int(target.attrs.get("num-cores", 0)) or "physical"
+        )
+        workload = records.commit_workload(module)
+        default_us, best_us = [], []
+        for record in records.get_all_tuning_records():
+            if not record.workload.same_as(workload) or max(float(s) for s in record.run_secs) >= 1e9:
+                continue
+            us = float(np.mean([float(s) for s in record.run_secs])) * 1e6
+            best_us.append(us)
+            sch = tvm.s_tir.Schedule(module)
+            record.trace.apply_to_schedule(sch, remove_postproc=False)
+            if default is not None and structural_equal(sch.mod["main"], default.mod["main"]):
+                default_us.append(us)
+        entry = {"default_us": round(min(default_us), 1) if default_us else None}
+        entry["best_us"] = round(min(best_us), 1) if best_us else None
+        if best_us and (not default_us or min(best_us) < min(default_us)):
+            searched += 1
+        kernels[task.task_name] = entry
+    return {"kernels_with_a_search_result_faster_than_the_default": searched, "per_kernel": kernels}
 
 
 def main(argv=None) -> int:
@@ -61,6 +96,8 @@ def main(argv=None) -> int:
     x86.tune(mod, target, trials=args.trials_per_task * len(tasks), db_dir=db_dir, trials_per_task=args.trials_per_task)
     result["tuning_s"] = round(time.time() - start, 1)
     result["tasks"] = len(tasks)
+    # tune() measures each kernel's default schedule into the database first: the build takes the faster.
+    result["search_vs_default"] = search_vs_default(mod, target, db_dir)
     tuned = os.path.join(folder, "tuned.so")
     write_library(x86.build(mod, target, db_dir=db_dir), mod, tuned, qmodel.inputs, target)
 

@@ -22,6 +22,7 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
+from tvm_ffi import structural_equal  # noqa: E402
 
 from tvmquant import threads  # noqa: E402
 from tvmquant.schedules import x86  # noqa: E402
@@ -329,5 +330,16 @@ def test_amx_tuning_records_replay_exactly_emulated(tmp_path):
         assert database._is_tuned(records, amx_tasks[0], target)
         traces = [str(r.trace) for r in records.get_all_tuning_records()]
         assert any(amx.intrinsic_name(576) in trace for trace in traces)
+        # tune() seeded the AMX kernel with its untuned default (the fixed AMX schedule), which replays.
+        task = amx_tasks[0]
+        default = x86.default_schedule(task.dispatched[0]["main"], target, task.task_name, 2).mod["main"]
+        workload = records.commit_workload(task.dispatched[0])
+        replayed = []
+        for record in records.get_all_tuning_records():
+            if record.workload.same_as(workload):
+                sch = tvm.s_tir.Schedule(task.dispatched[0])
+                record.trace.apply_to_schedule(sch, remove_postproc=False)
+                replayed.append(sch.mod["main"])
+        assert any(structural_equal(func, default) for func in replayed)
         executable = x86.build(mod, target, db_dir=db)
     np.testing.assert_array_equal(run(executable, data), expected)

@@ -6,6 +6,7 @@ compiles for a fixed target). Tests that run VNNI code skip on CPUs without AVX5
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -538,6 +539,10 @@ class _FakeTuneContext:
         return self
 
 
+def _no_seeds(*_args, **_kwargs):
+    return {}
+
+
 @pytest.fixture
 def no_measuring(monkeypatch):
     """tune() with the measuring parts stubbed, for tests that replace ``tune_tasks``.
@@ -548,6 +553,8 @@ def no_measuring(monkeypatch):
     monkeypatch.setattr(x86.intrinsics, "register_x86_intrinsics", lambda: None)
     monkeypatch.setattr(x86.ms, "TuneContext", _FakeTuneContext)
     monkeypatch.setattr(x86.ms.runner, "LocalRunner", lambda **kwargs: None)
+    # The default schedules tune() measures into the database before the search (tests/test_tuning_seed.py).
+    monkeypatch.setattr(importlib.import_module("tvmquant.schedules.x86.tune"), "seed_default_schedules", _no_seeds)
 
 
 class _Recorder(logging.Handler):

@@ -173,6 +173,7 @@ def test_two_servers_measure_and_a_killed_one_is_survived(farm, tmp_path, capsys
     assert "at" in killed, "server2 was not killed during tuning (tuning ended first)"
     assert farm.measured("server1") >= 2 and farm.measured("server2") >= 1, err[-2000:]
     assert "measuring on 2 RPC servers under key 'cpu'" in err
+    assert f"[tune] seeded {len(tasks)} of {len(tasks)} kernels with their default schedule" in err  # on the farm
     # Every task has a valid record, though server2 died in the middle.
     records = x86.records_for_target(db, target)
     assert all(x86._is_tuned(records, task, target) for task in tasks), err[-3000:]

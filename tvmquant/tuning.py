@@ -56,7 +56,9 @@ def tune(
     target : optional
         Anything :func:`tvmquant.target.as_target` takes; default this CPU.
     trials : int
-        Trial budget over the kernels still untuned.
+        Trial budget over the kernels still untuned. On x86, each of them first gets its default schedule (what
+        an untuned build uses) measured into ``db``, outside this budget (one more build and run per kernel):
+        a build from the database is never slower than an untuned one, as measured.
     db : path
         Database directory (created; its parent must exist).
     trials_per_task : int, optional

@@ -57,7 +57,9 @@ from . import amx  # noqa: E402, F401  (registers the AMX schedule rule)
 from .build import (  # noqa: F401
     _SKETCH_CACHE,
     ScheduleUntunedFromSketch,
+    apply_database,
     build,
+    default_schedule,
     untuned_functions,
 )
 from .compute import (  # noqa: F401
@@ -108,5 +110,6 @@ from .tune import (  # noqa: F401
     extract_tasks,
     plan_trials,
     search_strategy,
+    seed_default_schedules,
     tune,
 )

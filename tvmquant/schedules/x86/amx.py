@@ -475,7 +475,15 @@ def register_schedule_rule() -> None:
 
 
 def schedule_amx_kernel(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc | None:
-    """The untuned default schedule of an AMX kernel (None when ``func`` is not one).
+    """The untuned default schedule of an AMX kernel (None when ``func`` is not one): :func:`amx_schedule`'s
+    function."""
+    sch = amx_schedule(func, num_cores)
+    return None if sch is None else sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def amx_schedule(func: tirx.PrimFunc, num_cores: int) -> tvm.s_tir.Schedule | None:
+    """The schedule of :func:`schedule_amx_kernel` (its ``trace`` replays it; None when ``func`` is not an AMX
+    kernel).
 
     The GEMM in 32 x 32 blocks of tiles (K whole inside the intrinsic), the blocks of M in parallel; the
     gather into the output layout and the fused epilogue as one loop nest, rows in parallel, the 16 output
@@ -511,7 +519,7 @@ def schedule_amx_kernel(func: tirx.PrimFunc, num_cores: int) -> tirx.PrimFunc | 
         if num_cores > 1 and len(loops) > 1:
             sch.parallel(sch.fuse(*loops[:-2]) if len(loops) > 2 else loops[0])
         sch.vectorize(sch.get_loops(out_block)[-1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch
 
 
 def space_generator():

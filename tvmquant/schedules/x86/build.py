@@ -94,7 +94,7 @@ class ScheduleUntunedFromSketch:
 
 
 #: Default schedules already found in this process:
-#: ``{(structural hash, target, seed, threads, policy, verify): [(func, scheduled)]}``.
+#: ``{(structural hash, target, seed, threads, policy, verify): [(func, schedule)]}``.
 #: Models repeat kernel shapes (ResNet blocks), and a process often builds the same model more than once
 #: (INT8, simulated, FP32; a test suite): a kernel's default schedule is searched for once.
 _SKETCH_CACHE: dict = {}
@@ -110,42 +110,62 @@ def _first_valid_sketch(
     policy: SketchPolicy = "first",
     verify: Literal["always", "tensorized"] = "always",
 ):
-    """The default schedule of one kernel: with ``policy="heuristic"`` the heuristic's sketch
-    (:func:`tvmquant.schedules.x86.defaults.choose_schedule`), else (or when that fails) the first design-space
-    sketch (in meta-schedule's order: tensorized first) that passes the postprocessors and compiles, trying
-    ``tries`` samples of its decisions before moving to the next sketch.
+    """The default schedule of one kernel as a scheduled PrimFunc (:func:`default_schedule`'s), or None."""
+    sch = default_schedule(func, target, name, num_threads, seed=seed, tries=tries, policy=policy, verify=verify)
+    return None if sch is None else sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
-    Memoised per process on the kernel's structure (:data:`_SKETCH_CACHE`).
+
+def default_schedule(
+    func: tirx.PrimFunc,
+    target,
+    name: str,
+    num_threads,
+    *,
+    seed: int = 0,
+    tries: int = 16,
+    policy: SketchPolicy = "heuristic",
+    verify: Literal["always", "tensorized"] = "always",
+) -> tvm.s_tir.Schedule | None:
+    """The schedule a kernel without a tuning record gets (what :class:`ScheduleUntunedFromSketch` applies),
+    with its trace: the fixed AMX schedule for an AMX kernel; with ``policy="heuristic"`` the heuristic's
+    sketch (:func:`tvmquant.schedules.x86.defaults.heuristic_schedule`, ``verify`` as there); else (or when
+    those fail) the first design-space sketch (in meta-schedule's order: tensorized first) that passes the
+    postprocessors and compiles, trying ``tries`` samples of its decisions before moving to the next sketch.
+    None when no sketch survives.
+
+    The trace replays the schedule on ``func`` (:func:`tvmquant.schedules.x86.tune` commits it to the
+    database as a tuning record, so that tuning starts from it). Memoised per process on the kernel's
+    structure (:data:`_SKETCH_CACHE`).
     """
     key = (structural_hash(func), str(target), seed, str(num_threads), policy, verify)
-    for known, scheduled in _SKETCH_CACHE.get(key, ()):
+    for known, sch in _SKETCH_CACHE.get(key, ()):
         if structural_equal(known, func):
-            return scheduled
-    scheduled = None
+            return sch
+    sch = None
     if amx.is_amx_kernel(func):
-        scheduled = _amx_default(func, target, name, num_threads)
-    if scheduled is None and policy == "heuristic":
-        scheduled = defaults.choose_schedule(func, target, name, num_threads, verify)
-        if scheduled is None:
+        sch = _amx_default(func, target, name, num_threads)
+    if sch is None and policy == "heuristic":
+        sch = defaults.heuristic_schedule(func, target, name, num_threads, verify)
+        if sch is None:
             logger.debug("ScheduleUntunedFromSketch: no heuristic schedule for %s; first valid sketch", name)
-    if scheduled is None:
-        scheduled = _search_valid_sketch(func, target, name, seed, num_threads, tries)
-    _SKETCH_CACHE.setdefault(key, []).append((func, scheduled))
-    return scheduled
+    if sch is None:
+        sch = _search_valid_sketch(func, target, name, seed, num_threads, tries)
+    _SKETCH_CACHE.setdefault(key, []).append((func, sch))
+    return sch
 
 
-def _amx_default(func: tirx.PrimFunc, target, name: str, num_threads):
-    """The fixed AMX schedule (:func:`tvmquant.schedules.x86.amx.schedule_amx_kernel`), checked by a
-    compile; None (the design space is tried next) when it does not apply or compile."""
+def _amx_default(func: tirx.PrimFunc, target, name: str, num_threads) -> tvm.s_tir.Schedule | None:
+    """The fixed AMX schedule (:func:`tvmquant.schedules.x86.amx.amx_schedule`), checked by a compile; None
+    (the design space is tried next) when it does not apply or compile."""
     cores = num_threads if isinstance(num_threads, int) else int(target.attrs.get("num-cores", 1) or 1)
     try:
-        scheduled = amx.schedule_amx_kernel(func, cores)
-        if scheduled is not None:
-            build_candidate(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target, None)
+        sch = amx.amx_schedule(func, cores)
+        if sch is not None:
+            build_candidate(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target, None)
     except Exception as err:  # noqa: BLE001  (any schedule or codegen failure: fall back to the design space)
         logger.warning("AMX default schedule of %s failed (%s); using the design space", name, str(err).splitlines()[0])
         return None
-    return scheduled
+    return sch
 
 
 def _search_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_threads, tries: int):
@@ -161,6 +181,7 @@ def _search_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_
                 spaces.append(design_space(seed + k))
             context, sketches = spaces[k]
             sketch = sketches[index]
+            sketch.enter_postproc()  # as the search does: a trace seeding it re-runs the postprocessors
             if not all(postproc.apply(sketch) for postproc in context.space_generator.postprocs):
                 continue
             try:
@@ -171,7 +192,7 @@ def _search_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_
             except Exception as err:  # noqa: BLE001  (any codegen failure: try the next sample)
                 logger.debug("ScheduleUntunedFromSketch: a sketch of %s does not compile (%s)", name, err)
                 continue
-            return sketch.mod["main"].with_attr("tirx.is_scheduled", True)
+            return sketch
     logger.debug("ScheduleUntunedFromSketch: no valid sketch for %s; left unscheduled", name)
     return None
 
@@ -220,6 +241,16 @@ def _relax_build(mod: tvm.IRModule, target, pipeline, workers: int | None = None
     except Exception as err:  # noqa: BLE001  (e.g. kernels that call each other: build as one module)
         logger.debug("build: compiling the kernels on %d threads failed (%s); one module", workers, err)
         return relax.build(mod, target=target, relax_pipeline=pipeline)
+
+
+def apply_database(prepared: tvm.IRModule, target: tvm.target.Target, db_dir: str) -> tvm.IRModule:
+    """``prepared`` (the output of :func:`prepare`) with the best record of ``db_dir`` for ``target``
+    (:func:`records_for_target`) replayed on each kernel that has one (``MetaScheduleApplyDatabase``; the
+    kernels it schedules are marked ``tirx.is_scheduled``)."""
+    intrinsics.register_x86_intrinsics()  # records replay `tensorize("dot_16x4_vnni")` by name
+    database = records_for_target(db_dir, target)
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
 
 
 def build(
@@ -274,10 +305,7 @@ def build(
         )
         db_dir = None
     if db_dir is not None:
-        intrinsics.register_x86_intrinsics()  # records replay `tensorize("dot_16x4_vnni")` by name
-        database = records_for_target(db_dir, target)
-        with target, database, tvm.transform.PassContext(opt_level=3):
-            prepared = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(prepared)
+        prepared = apply_database(prepared, target, db_dir)
     untuned = untuned_functions(prepared)
     if untuned and warn_untuned and db_dir is not None:
         what = "get an untuned default schedule" if fallback != "none" else "compile unscheduled (slow)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import tvm
 
@@ -102,7 +103,29 @@ def records_for_target(db_dir: str, target: tvm.target.Target) -> ms.database.Me
 
 
 def _is_tuned(database: ms.Database, task: ms.ExtractedTask, target: tvm.target.Target) -> bool:
+    """Whether ``task`` has a valid (measured) record in ``database``: :func:`build` replays it."""
     mod = task.dispatched[0]
     if not database.has_workload(mod):
         return False
     return database.query_tuning_record(mod, target, task.task_name) is not None
+
+
+def _is_searched(
+    database: ms.Database, task: ms.ExtractedTask, target: tvm.target.Target, counts: Counter | None = None
+) -> bool:
+    """Whether meta-schedule's search has run for ``task``: a valid record and at least two records in all.
+
+    :func:`tune` first commits each kernel's default schedule (one record), then searches, which commits a
+    record per measured candidate (failed ones included); a task with a single record was seeded by a
+    ``tune`` stopped before its search (or tuned with one trial, before seeding): it is searched again.
+    ``counts``: :func:`_record_counts` of ``database``, when several tasks are asked about.
+    """
+    if not _is_tuned(database, task, target):
+        return False
+    counts = _record_counts(database) if counts is None else counts
+    return counts[database.commit_workload(task.dispatched[0])] >= 2  # the existing workload (``has_workload``)
+
+
+def _record_counts(database: ms.Database) -> Counter:
+    """``{workload: number of records}`` of ``database``."""
+    return Counter(record.workload for record in database.get_all_tuning_records())

@@ -44,7 +44,7 @@ from .._ms_worker import build_candidate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CpuModel", "choose_schedule", "cpu_model", "heuristic_trace"]
+__all__ = ["CpuModel", "choose_schedule", "cpu_model", "heuristic_schedule", "heuristic_trace"]
 
 #: Unroll steps given to meta-schedule's ``unroll_explicit`` (its candidates are 0, 16, 64, 512).
 UNROLL_STEPS = 64
@@ -578,6 +578,16 @@ def choose_schedule(
     spent 37 s in it), so :func:`tvmquant.schedules.x86.build.build` takes the risk for plain kernels and,
     should the module then fail to compile, builds again with ``"always"``.
     """
+    sch = heuristic_schedule(func, target, name, num_threads, verify)
+    return None if sch is None else sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def heuristic_schedule(
+    func: tirx.PrimFunc, target, name: str, num_threads, verify: Literal["always", "tensorized"] = "always"
+) -> tvm.s_tir.Schedule | None:
+    """The schedule behind :func:`choose_schedule`, postprocessors applied: its ``trace`` (decisions, then
+    ``EnterPostproc`` and the postprocessors' instructions) replays it on ``func``, as a tuning record's does.
+    None when no sketch passes the postprocessors and compiles."""
     if verify not in ("always", "tensorized"):
         raise ValueError(f"choose_schedule: verify must be 'always' or 'tensorized', got {verify!r}")
     context = design_space_context(func, target, name, 0, num_threads)
@@ -590,16 +600,17 @@ def choose_schedule(
         except Exception as err:  # noqa: BLE001  (a decision the sketch's primitives refuse)
             logger.debug("default schedule: sketch %d of %s does not replay (%s)", index, name, err)
             continue
+        sch.enter_postproc()  # what the search marks too: a search seeded from the trace re-runs what follows
         if not all(postproc.apply(sch) for postproc in context.space_generator.postprocs):
             logger.debug("default schedule: sketch %d of %s fails the postprocessors", index, name)
             continue
-        scheduled = sch.mod["main"]
         tensorized = not preference[index][0]
         if verify == "always" or tensorized:
             try:
-                build_candidate(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target, None)
+                scheduled = sch.mod["main"].with_attr("global_symbol", "main")
+                build_candidate(tvm.IRModule({"main": scheduled}), target, None)
             except Exception as err:  # noqa: BLE001  (any codegen failure: try the next sketch)
                 logger.debug("default schedule: sketch %d of %s does not compile (%s)", index, name, err)
                 continue
-        return scheduled.with_attr("tirx.is_scheduled", True)
+        return sch
     return None

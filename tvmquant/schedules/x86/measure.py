@@ -37,7 +37,7 @@ class TuningProgress(PyMeasureCallback):
     One line per measured batch, through the ``tvmquant.schedules.x86`` logger (and stderr when
     ``echo`` is set), e.g.::
 
-        [tune] task 1/3 fused_conv2d_int8_nchwc_add: 32 trials (total 48/96), best 541.2 us (427 GOP/s)
+        [tune] task 1/3 fused_conv2d_int8_nchwc_add: 32 trials (total 48/96), best 541 us (427 GOP/s), default 602 us
         [tune] task 1/3 fused_conv2d_int8_nchwc_add: 2/16 candidates failed to build: ...
 
     Parameters
@@ -47,14 +47,18 @@ class TuningProgress(PyMeasureCallback):
         The global trial budget (for the "total" column).
     echo : bool
         Also print to stderr (for interactive use when logging is not configured).
+    default_sec : dict, optional
+        ``{task name: seconds}``: the measured default schedules in the database (:func:`tune` seeds it), the
+        best so far of their tasks; the lines show them apart.
     """
 
-    def __init__(self, task_names: list[str], total_trials: int, echo: bool = True):
+    def __init__(self, task_names: list[str], total_trials: int, echo: bool = True, default_sec: dict | None = None):
         self.task_names = list(task_names)
         self.total_trials = total_trials
         self.echo = echo
         self.trials = [0] * len(task_names)
-        self.best_sec = [math.inf] * len(task_names)
+        self.default_sec = [(default_sec or {}).get(name) for name in self.task_names]
+        self.best_sec = [math.inf if d is None else d for d in self.default_sec]
         self.build_errors = 0
         self.run_errors = 0
 
@@ -92,6 +96,8 @@ class TuningProgress(PyMeasureCallback):
         best = self.best_sec[task_id]
         flop = float(task_scheduler.tasks_[task_id].flop)
         speed = f"best {best * 1e6:.1f} us ({flop / best / 1e9:.0f} GOP/s)" if best < math.inf else "no valid run yet"
+        if self.default_sec[task_id] is not None:
+            speed += f", default {self.default_sec[task_id] * 1e6:.1f} us"
         self._say(
             logging.INFO,
             f"{prefix}: {self.trials[task_id]} trials (total {sum(self.trials)}/{self.total_trials}), {speed}",

@@ -22,7 +22,7 @@ from .._ms_worker import build_candidate, runner_initializer
 from ..common import is_scheduled
 from ..rpc import Fleet, FleetRunner, check_fleet
 from . import amx
-from .database import _is_tuned, _open_database, records_for_target
+from .database import _is_searched, _is_tuned, _open_database, _record_counts, records_for_target
 from .measure import XGB_WARMUP_SAMPLES, PooledBuilder, TuningProgress, _report, meta_schedule_logs
 from .passes import prepare
 from .target import _warn_if_not_runnable_here
@@ -117,16 +117,27 @@ def tune(
     cost_model: Literal["xgb", "mlp", "random"] = "xgb",
     strategy: Literal["evolutionary", "replay-trace", "replay-func"] = "evolutionary",
     seed: int | None = None,
+    seed_defaults: bool = True,
     progress: bool = True,
     verbose: bool = False,
     rpc: Fleet | None = None,
 ) -> ms.Database:
     """Tune the INT8 kernels of a Relax module with meta-schedule; records go to a JSON database.
 
-    Tasks that already have a valid record in ``db_dir`` are skipped, so a second call with the same
-    database only re-runs the (seconds-long) graph passes. The budget is spread over every task still to
-    tune (:func:`plan_trials`): each gets at least ``min_trials_per_task`` measured candidates, and a line
-    says so when that raises the total.
+    Tasks that meta-schedule has already searched in ``db_dir`` (a valid record among at least two) are
+    skipped, so a second call with the same database only re-runs the (seconds-long) graph passes. The budget
+    is spread over every task still to tune (:func:`plan_trials`): each gets at least ``min_trials_per_task``
+    measured candidates, and a line says so when that raises the total.
+
+    Before the search, every task without a valid record gets its default schedule (the one :func:`build`
+    gives a kernel without a record, :func:`tvmquant.schedules.x86.build.default_schedule`) measured by the
+    same builder and runner and committed as a record (:func:`seed_default_schedules`): the build takes the
+    best record per kernel, so a tuned build is never slower than the untuned one (as measured), and the
+    evolutionary search starts its population from the database's best records, the default among them. After
+    the search, the default of each kernel whose search result was measured faster is measured once more
+    (one sample taken while the machine was busy must not decide alone). This costs one or two more builds
+    and measurements per kernel (about what a trial costs, plus the seconds the heuristic takes to compile its
+    choice, as in an untuned build) and is not counted in ``trials``; the progress lines report it apart.
 
     Parameters
     ----------
@@ -159,6 +170,8 @@ def tune(
         Meta-schedule components (gradient task scheduler, XGBoost cost model, evolutionary search).
     seed : int, optional
         Random seed of the search.
+    seed_defaults : bool
+        Measure each kernel's default schedule into the database before the search (see above).
     progress : bool
         Print one progress line per measured batch to stderr (always logged at INFO).
     verbose : bool
@@ -193,7 +206,10 @@ def tune(
     database = _open_database(db_dir)
     tuned = records_for_target(db_dir, target)
     tasks = extract_tasks(mod, target)
-    todo = [task for task in tasks if not _is_tuned(tuned, task, target)]
+    counts = _record_counts(tuned)
+    todo = [task for task in tasks if not _is_searched(tuned, task, target, counts)]
+    # A task with a valid record but no search (a tune stopped after seeding) is not seeded again.
+    to_seed = {task.task_name for task in todo if seed_defaults and not _is_tuned(tuned, task, target)}
 
     def say(level, message):
         _report(level, message, progress)
@@ -257,13 +273,18 @@ def tune(
             ).clone()
             for task, task_logger, rand_state in zip(todo, task_loggers, fork_seed(seed, n=len(todo)))
         ]
-        callback = TuningProgress([ctx.task_name for ctx in contexts], total, echo=progress)
         # build_candidate skips default_build's ~25 s import of every TVMScript intrinsic per worker.
         builder = PooledBuilder(builder_timeout_sec, num_workers, build_candidate)
         # Measure with as many threads as the target has cores (see tvmquant.threads): left to TVM, the runner's
         # pool would take half the logical CPUs on x86 (1 on a 2-core VM) and the search would favour schedules
         # that are fast on one thread.
         with _environment(TVM_NUM_THREADS=str(num_workers)), contextlib.closing(builder), _closing(runner):
+            seeded = {}
+            if to_seed:
+                seeded = seed_default_schedules(
+                    [ctx for ctx in contexts if ctx.task_name in to_seed], target, builder, runner, database, progress
+                )
+            callback = TuningProgress([ctx.task_name for ctx in contexts], total, echo=progress, default_sec=seeded)
             ms.tune.tune_tasks(
                 tasks=contexts,
                 task_weights=[task.weight for task in todo],
@@ -278,11 +299,25 @@ def tune(
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
                 task_scheduler=task_scheduler,
             )
+            again = {}
+            if seeded:
+                beaten = _faster_than(records_for_target(db_dir, target), contexts, seeded)
+                if beaten:
+                    again = seed_default_schedules(beaten, target, builder, runner, database, progress, again=True)
     tuned = records_for_target(db_dir, target)
+    if seeded:
+        defaults = {name: min(secs, again.get(name, secs)) for name, secs in seeded.items()}
+        say(
+            logging.INFO,
+            f"[tune] the search found a schedule measured faster than the default for "
+            f"{len(_faster_than(tuned, contexts, defaults))} of {len(seeded)} seeded kernels; build() takes the "
+            "faster of each",
+        )
     missing = [task.task_name for task in todo if not _is_tuned(tuned, task, target)]
     say(
         logging.INFO,
-        f"[tune] done in {time.perf_counter() - start:.0f} s: {sum(callback.trials)} trials, "
+        f"[tune] done in {time.perf_counter() - start:.0f} s: {sum(callback.trials)} trials "
+        f"(and {len(seeded) + len(again)} default schedules measured), "
         f"{callback.build_errors} build errors, {callback.run_errors} run errors; meta-schedule's log: {log_dir}",
     )
     if missing:
@@ -293,6 +328,131 @@ def tune(
             "again with more trials to retry them.",
         )
     return database
+
+
+def seed_default_schedules(
+    contexts: list,
+    target: tvm.target.Target,
+    builder,
+    runner,
+    database: ms.Database,
+    progress: bool = True,
+    again: bool = False,
+) -> dict:
+    """Measure the default schedule of each task and commit it to ``database`` as a tuning record.
+
+    The default is what :func:`build` gives a kernel without a record
+    (:func:`tvmquant.schedules.x86.build.default_schedule`: the fixed AMX schedule, else the heuristic's, else
+    the first valid sketch). It is built by ``builder`` and measured by ``runner`` (the search's: same
+    evaluator, same worker threads, the RPC fleet when tuning remotely), then committed like a measured
+    candidate: its trace (decisions, ``EnterPostproc``, the postprocessors' instructions), the task's
+    workload and target, the measured run times and the argument info. A kernel whose default fails to build
+    or run is not seeded (a line says so); the search still runs for it.
+
+    Parameters
+    ----------
+    contexts : list of tvm.s_tir.meta_schedule.TuneContext
+        The tasks (their ``mod``, ``target`` and ``task_name``).
+    target : tvm.target.Target
+        The target :func:`build` is given (the default schedule is the one it would choose).
+    builder, runner
+        Meta-schedule's builder and runner.
+    database : tvm.s_tir.meta_schedule.Database
+    progress : bool
+        Print the lines to stderr too.
+    again : bool
+        A second measurement after the search (of the kernels whose search result was measured faster than
+        the first one): worded so in the lines.
+
+    Returns
+    -------
+    dict
+        ``{task name: mean run time in seconds}`` of the kernels seeded.
+    """
+    from .build import default_schedule
+
+    def say(level, message):
+        _report(level, message, progress)
+
+    start = time.perf_counter()
+    num_threads = int(target.attrs.get("num-cores", 0)) or "physical"
+    if again:
+        say(
+            logging.INFO,
+            f"[tune] measuring the default schedule of {len(contexts)} kernels again, whose search result was "
+            "measured faster (a second sample of each; not counted in the trial budget)",
+        )
+    else:
+        say(
+            logging.INFO,
+            f"[tune] measuring the default schedule of {len(contexts)} kernels first (one build and run each, "
+            "not counted in the trial budget)",
+        )
+    pending, failed = [], []
+    for ctx in contexts:
+        try:
+            sch = default_schedule(ctx.mod["main"], target, ctx.task_name, num_threads)
+        except Exception as err:  # noqa: BLE001  (never stop tuning for a seed)
+            logger.debug("tune: default schedule of %s failed (%s)", ctx.task_name, err)
+            sch = None
+        if sch is None:
+            failed.append(f"{ctx.task_name} (no default schedule)")
+            continue
+        pending.append((ctx, sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+    built = builder.build([ms.builder.BuilderInput(sch.mod, ctx.target) for ctx, sch, _ in pending])
+    runs = []
+    for (ctx, sch, args_info), result in zip(pending, built, strict=True):
+        if result.error_msg is not None:
+            message = str(result.error_msg).strip().splitlines()
+            failed.append(f"{ctx.task_name} (build: {message[-1] if message else '?'})")
+            continue
+        runs.append((ctx, sch, args_info, result.artifact_path))
+    # One batch, as the search sends its candidates: the runner spreads it over its workers (or servers).
+    # Device "cpu", as the task scheduler gives an llvm target's candidates.
+    futures = runner.run([ms.runner.RunnerInput(path, "cpu", info) for _, _, info, path in runs])
+    seeded = {}
+    for (ctx, sch, args_info, artifact_path), future in zip(runs, futures, strict=True):
+        result = future.result()
+        with contextlib.suppress(Exception):
+            ms.utils.remove_build_dir(artifact_path)
+        if result.error_msg is not None or not result.run_secs:
+            message = str(result.error_msg or "no run time").strip().splitlines()
+            failed.append(f"{ctx.task_name} (run: {message[-1] if message else '?'})")
+            continue
+        workload = database.commit_workload(ctx.mod)
+        database.commit_tuning_record(
+            ms.database.TuningRecord(sch.trace, workload, result.run_secs, ctx.target, args_info)
+        )
+        secs = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+        seeded[ctx.task_name] = secs
+        say(logging.INFO, f"[tune] default {len(seeded)}/{len(contexts)} {ctx.task_name}: {secs * 1e6:.1f} us")
+    elapsed = f"({time.perf_counter() - start:.0f} s)"
+    if again:
+        say(
+            logging.INFO,
+            f"[tune] measured the default schedule of {len(seeded)} of {len(contexts)} kernels again {elapsed}",
+        )
+    else:
+        say(
+            logging.INFO,
+            f"[tune] seeded {len(seeded)} of {len(contexts)} kernels with their default schedule {elapsed}",
+        )
+    if failed:
+        what = "not measured again" if again else "not seeded (the search still runs)"
+        say(logging.WARNING, f"[tune] {len(failed)} kernels {what}: {'; '.join(failed)}")
+    return seeded
+
+
+def _faster_than(records: ms.Database, contexts: list, secs: dict) -> list:
+    """The contexts of ``secs`` (``{task name: seconds}``) whose best record in ``records`` is faster."""
+    faster = []
+    for ctx in contexts:
+        if ctx.task_name not in secs:
+            continue
+        best = records.query_tuning_record(ctx.mod, ctx.target, ctx.task_name)
+        if best is not None and sum(float(s) for s in best.run_secs) / len(best.run_secs) < secs[ctx.task_name]:
+            faster.append(ctx)
+    return faster
 
 
 def search_strategy(strategy: str, trials_per_task: int):

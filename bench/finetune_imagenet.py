@@ -6,7 +6,7 @@ steps, host optimizer updates).
 Prepare once as for ``bench/accuracy_imagenet.py`` (``python bench/models/export_imagenet.py &&
 python bench/models/imagenet_data.py``).
 
-Run: ``python bench/finetune_imagenet.py [--epochs 4] [--batch 12] [--loss kl]``: two runs, all parameters at
+Run: ``python bench/finetune_imagenet.py [--epochs 8] [--batch 12] [--loss mse]``: two runs, all parameters at
 ``lr=1e-4`` and the weights frozen (``train_weights=False``, biases and quantizers) at ``1e-3``; ``--lr LR
 [--no-train-weights]`` makes it one run. Writes ``bench/results/finetune_imagenet.json``.
 """
@@ -61,7 +61,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--lr", type=float, help="one run at this rate (with --no-train-weights: weights frozen)")
     parser.add_argument("--no-train-weights", action="store_true")
-    parser.add_argument("--loss", choices=["kl", "mse"], default="kl")
+    parser.add_argument("--loss", choices=["kl", "mse"], default="mse")
     parser.add_argument("--no-learn-scales", action="store_true")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "finetune_imagenet.json"))
     args = parser.parse_args(argv)

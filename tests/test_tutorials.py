@@ -56,6 +56,9 @@ def test_recover_accuracy():
     default = float(re.search(r"default \(percentile 99.99, per-channel weights\): ([0-9.]+) dB", out).group(1))
     assert default > poor  # the levers recover signal
     assert "report: " in out and "most sensitive layer" in out
+    assert re.search(r"bias correction: [0-9.]+ dB", out)
+    tuned = float(re.search(r"finetune, 4 epochs on the 64 calibration images: ([0-9.]+) dB", out).group(1))
+    assert tuned > default  # on the images it trained on
     fp32, int8 = (float(v) for v in re.search(r"FP32 ([0-9.]+)\s+INT8 ([0-9.]+)", out).groups())
     assert int8 > fp32 - 0.02
 

@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True, help=".npz/.npy of training inputs, samples on axis 0")
     f.add_argument("--labels", help=".npz/.npy of integer class labels (else: distil from the FP32 model)")
     f.add_argument("--epochs", type=int, default=1)
-    f.add_argument("--lr", type=float, default=1e-3, help="relative learning rate (Adam, cosine decay)")
+    f.add_argument("--lr", type=float, default=1e-4, help="relative learning rate (Adam, cosine decay)")
     f.add_argument("--batch", type=int, help="samples per step (default: min(32, N))")
     f.add_argument(
         "--learn-scales",

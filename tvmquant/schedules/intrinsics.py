@@ -117,17 +117,26 @@ def dot_product_16x4_u8i8i32_avx512_exact(
 
 
 def _import_stock_x86_intrinsics() -> None:
-    """Import TVM's stock x86 intrinsics (``tvm.s_tir.tensor_intrin.x86``) without its package's other ones.
+    """Import TVM's stock x86 intrinsics (``tvm.s_tir.tensor_intrin.x86``) without its package's other ones
+    (:func:`enter_intrinsic_package`, then the x86 module).
+    """
+    import importlib
+
+    enter_intrinsic_package()
+    importlib.import_module("tvm.s_tir.tensor_intrin.x86")
+
+
+def enter_intrinsic_package() -> None:
+    """Enter ``tvm.s_tir.tensor_intrin`` as a package whose ``__init__`` (every target's intrinsics) never runs.
 
     ``tvm/s_tir/tensor_intrin/__init__.py`` imports every target's intrinsics: 23 s on 2 cores (16.5 s of it
     CUDA's TVMScript), and meta-schedule's ``TuneContext`` imports that package on every construction. So
     every process that built a model for x86 paid 23 s before its first kernel (``tvmquant run``,
     ``compile``). When nothing has imported the package yet, it is entered here as a plain package object
     whose ``__init__`` does not run: its submodules still import as usual (``tvm.s_tir.tensor_intrin.cuda``,
-    which tvmquant's CUDA code imports by name before it needs the WMMA intrinsics), and the x86 module,
-    imported now, takes well under a second.
+    which tvmquant's CUDA code imports by name before it needs the WMMA intrinsics), and the x86 module
+    takes about a second (:func:`_import_stock_x86_intrinsics`).
     """
-    import importlib
     import importlib.util
     import sys
     import types
@@ -143,7 +152,6 @@ def _import_stock_x86_intrinsics() -> None:
         import tvm.s_tir
 
         tvm.s_tir.tensor_intrin = package
-    importlib.import_module(f"{package_name}.x86")
 
 
 def register_x86_intrinsics() -> None:

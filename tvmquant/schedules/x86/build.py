@@ -21,6 +21,7 @@ from .._ms_worker import build_candidate
 from . import amx, defaults
 from .database import describe_target, records_for_target, target_mismatch
 from .passes import prepare
+from .target import int8_isa
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,12 @@ class ScheduleUntunedFromSketch:
         self.verify = verify
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        intrinsics.register_x86_intrinsics()
+        if int8_isa(self.target) in ("amx", "vnni", "avx512"):
+            intrinsics.register_x86_intrinsics()
+        else:
+            # Meta-schedule's x86 rules look dot-product intrinsics up only on the targets above. Here it is
+            # enough that TuneContext's import of the intrinsic package is cheap (2 s of TVMScript parsing saved).
+            intrinsics.enter_intrinsic_package()
         num_threads = int(self.target.attrs.get("num-cores", 0)) or "physical"
         mod = mod.clone()
         for name in untuned_functions(mod):

@@ -202,8 +202,9 @@ def finetune(
         (LSQ+); else the calibrated ones stay fixed.
     train_weights : bool
         Train the FP32 weights of the quantized layers; ``False`` trains only their biases and (with
-        ``learn_scales``) the quantizers: far fewer parameters, so a few dozen unlabelled images do not overfit
-        (see the README's MobileNetV2 results).
+        ``learn_scales``) the quantizers. Far fewer parameters, so it tolerates higher rates: on MobileNetV2 at
+        ``lr=1e-3`` it gained where training the weights lost 23 points. At the default rate, training the
+        weights did better there (89.1% against 86.4% agreement; the README's fine-tuning results).
     loss : {'mse', 'kl'}, optional
         Distillation loss without labels (default ``'mse'`` on the outputs; ``'kl'`` on their softmax).
     seed : int

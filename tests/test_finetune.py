@@ -181,6 +181,25 @@ def test_finetune_without_weights_trains_only_biases_and_quantizers(tiny_w4a4):
     assert tuned.source is not None and tuned.source != qmodel.source
 
 
+def test_nothing_to_train_is_one_clear_error():
+    """Weights frozen, scales fixed and no bias anywhere: one ValueError before anything compiles."""
+    from models import _Graph
+    from onnx import TensorProto, helper
+
+    g = _Graph(3)
+    out = g.node("Relu", [g.conv("input", 3, 4, bias=False)])
+    model = g.model(
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [4, 3, 8, 8])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [4, 4, 8, 8])],
+    )
+    data = calibration_images(8, size=8)
+    qmodel = tvmquant.quantize(model, QuantConfig(), data, progress=False, report_batches=0, batch_size=4)
+    with pytest.raises(ValueError, match="nothing to train"):
+        tvmquant.finetune(
+            qmodel, data, batch_size=4, train_weights=False, learn_scales=False, progress=False, report_batches=0
+        )
+
+
 def test_finetuned_model_saves_loads_and_exports_learned_scales(tiny_w4a4, tmp_path):
     import onnx
     from onnx import numpy_helper

@@ -331,6 +331,11 @@ def training_module(
         raise UnsupportedGraphError("fine-tuning needs a model whose weights are bound as constants")
     num_inputs = len(func.params)
     mod = rewriter.transform_module(annotated)
+    if not rewriter.parameters:
+        raise ValueError(
+            "nothing to train: the weights are frozen (train_weights=False), the scales fixed (learn_scales=False) "
+            "and no quantized layer has a bias; allow the weights or the scales to train"
+        )
     main = mod["main"].without_attr(LAYERS_ATTR).without_attr("num_input")
     mod["main"] = main
     params = list(main.params)[num_inputs + 1 :]

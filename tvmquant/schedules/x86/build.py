@@ -203,6 +203,11 @@ def _search_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_
     return None
 
 
+#: Set once a module failed to compile with unchecked default schedules (:func:`build`): every later build in
+#: the process checks them, instead of failing on the same cached schedule and building twice again.
+_CHECK_EVERY_DEFAULT = [False]
+
+
 def _relax_build(mod: tvm.IRModule, target, pipeline, workers: int | None = None) -> relax.VMExecutable:
     """``relax.build(mod, target, relax_pipeline=pipeline)``, with the kernels compiled on ``workers`` threads.
 
@@ -212,7 +217,7 @@ def _relax_build(mod: tvm.IRModule, target, pipeline, workers: int | None = None
     its own context) and linked as the executable's library and its imports, where the VM looks functions
     up. :func:`tvmquant.threads.generate_machine_code` then compiles them to machine code in parallel too.
     Everything else is what ``relax.build`` does (TVM 0.27's ``vm_build``); a module with few kernels, or a
-    split that fails, goes through ``relax.build`` itself.
+    split that fails (kernels that call each other, other TVM internals), goes through ``relax.build`` itself.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -342,15 +347,16 @@ def build(
         with target, tvm.transform.PassContext(opt_level=3):
             return _relax_build(scheduled, target, finalize)
 
-    if not (untuned and fallback == "sketch"):
+    if not (untuned and fallback == "sketch") or _CHECK_EVERY_DEFAULT[0]:
         return compile_with("always")
     try:
         # Plain (not tensorized) default schedules are not compiled one by one first: see choose_schedule.
         return compile_with("tensorized")
     except Exception as err:  # noqa: BLE001  (any failure: the checked path below raises what is real)
         logger.warning(
-            "build: the module did not compile with unchecked default schedules (%s); building again with "
-            "every default schedule compiled on its own first",
+            "build: the module did not compile with unchecked default schedules (%s); building again, and from "
+            "now on in this process, with every default schedule compiled on its own first",
             str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
         )
+        _CHECK_EVERY_DEFAULT[0] = True  # the unchecked schedules stay cached: do not trip over them again
         return compile_with("always")

@@ -81,18 +81,24 @@ def test_int8_defaults_exact_against_stock_tvm():
 
 
 @needs_avx2
-def test_fp32_conv_defaults_keep_the_pad_out_and_match():
-    """The FP32 conv (what calibration runs) gets a vectorized register tile, the pad as its own block (not an
-    ``if_then_else`` in the conv's vector loop), and the stock result."""
+@pytest.mark.parametrize("blocked", [False, True], ids=["nchw", "nchw8c"])
+def test_fp32_conv_defaults_keep_the_pad_out_and_match(blocked, monkeypatch):
+    """The FP32 conv gets a vectorized register tile, the pad as its own block (not an ``if_then_else`` in the
+    conv's vector loop), and the stock result: in NCHW (what calibration runs: its weights pass through
+    observe markers) and blocked (constant weights, :class:`BlockFloatConv2d`)."""
     rng = np.random.default_rng(22)
     mod = _fp32_conv_module(rng)
     target = x86.x86_target(**HASWELL)
+    if not blocked:
+        monkeypatch.setattr(x86.passes, "BlockFloatConv2d", lambda target=None: tvm.transform.Sequential([]))
     (name, func), *_ = [(n, f) for n, f in _untuned_kernels(mod, target) if "conv2d" in n]
+    assert ("nchwc_float" in name) == blocked, name
     scheduled = defaults.choose_schedule(func, target, name, 2)
     assert scheduled is not None
     script = scheduled.script()
     assert "T.vectorized" in script and "T.parallel" in script
-    conv_update = [line for line in script.splitlines() if "conv2d_nchw_intermediate[" in line and " + " in line]
+    output = "conv2d_NCHWc_float_intermediate[" if blocked else "conv2d_nchw_intermediate["
+    conv_update = [line for line in script.splitlines() if output in line and " + " in line]
     assert conv_update and not any("if_then_else" in line for line in conv_update)
     data = rng.standard_normal((1, 16, 12, 12)).astype("float32")
     np.testing.assert_allclose(run(x86.build(mod, target), data), stock_reference(mod, data), rtol=1e-5, atol=1e-5)

@@ -425,3 +425,29 @@ def test_autoskip_targets_the_worst_output_not_their_sum():
     simulator.batches, simulator.reference = [None, None], [[big, small], [big, small]]
     simulator._run = lambda batch, enabled: [big + 0.001, small + 0.01]  # 80 dB and 20 dB
     assert simulator.output_sqnr({"x"}) == pytest.approx(20.0)
+
+
+def test_tvm_fold_constant_runs_only_where_numpy_folding_left_a_constant_call(monkeypatch):
+    from tvmquant._compat import structural_equal
+    from tvmquant.frontend import prepare as prepare_module
+    from tvmquant.frontend.onnx import import_onnx
+
+    imported, _ = import_onnx(residual_cnn(channels=8, size=8), batch_size=1, where="residual_cnn")
+    assert prepare_module.has_constant_call(imported)  # the importer's bias reshapes, clip bounds...
+    prepared = prepare(imported)
+    assert not prepare_module.has_constant_call(prepared)
+    # the same module as when TVM's FoldConstant runs every time
+    monkeypatch.setattr(prepare_module, "has_constant_call", lambda mod: True)
+    assert structural_equal(prepare(imported), prepared)
+    # a constant call numpy does not fold (an FP32 exp of a constant) is still folded, by TVM
+    x = relax.Var("x", relax.TensorType((2,), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            e = bb.emit(relax.op.exp(relax.const(np.array([0.0, 1.0], np.float32))))
+            out = bb.emit_output(relax.op.add(x, e))
+        bb.emit_func_output(out)
+    monkeypatch.undo()
+    folded = prepare(bb.get())
+    assert not prepare_module.has_constant_call(folded)
+    assert "exp" not in folded["main"].script()

@@ -93,3 +93,40 @@ def test_sinking_changes_no_result(quantized_residual):
     )
     x = tvm.runtime.tensor(data[:1])
     np.testing.assert_array_equal(with_sink["main"](x).numpy(), stock["main"](x).numpy())
+
+
+# ---------------------------------------------------------------------------------------------------- FP32 convs
+@pytest.fixture(scope="module")
+def fp32_residual():
+    from tvmquant.api import load_model
+
+    mod, _, _, _ = load_model(residual_cnn(channels=16, size=16))
+    return mod
+
+
+def test_fp32_convs_run_blocked_and_their_residual_add_too(fp32_residual):
+    ops = _ops(x86.optimize_int8_for_x86(target=x86.x86_target(num_cores=2))(fp32_residual))
+    names = [name for name, _, _ in ops]
+    assert "relax.nn.conv2d" not in names, names  # the 3-channel stem, 3x3, depthwise and 1x1 convs alike
+    assert names.count("conv2d_nchwc_float") == 5 and names.count("depthwise_nchwc_float") == 1, names
+    # the residual add between two blocked convs sees the blocked tensors: no round trip through NCHW
+    assert ("relax.add", 5, False) in ops
+
+
+def test_fp32_blocked_convs_match_stock_tvm(fp32_residual):
+    target = x86.x86_target(num_cores=2)
+    blocked = relax.VirtualMachine(x86.build(fp32_residual, target), tvm.cpu())
+    stock = relax.VirtualMachine(tvm.compile(fp32_residual, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    for image in calibration_images(2, seed=3):
+        x = tvm.runtime.tensor(image[None])
+        expected = stock["main"](x).numpy()
+        np.testing.assert_allclose(blocked["main"](x).numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_calibration_graph_convs_stay_nchw(quantized_residual):
+    # Their weights come from observe markers (run-time values): packing them at every run was slower.
+    from tvmquant.passes.calibrate import destination_markers
+
+    graph = destination_markers(quantized_residual.annotated)
+    names = [name for name, _, _ in _ops(x86.optimize_int8_for_x86(target=x86.x86_target(num_cores=2))(graph))]
+    assert "conv2d_nchwc_float" not in names and "relax.nn.conv2d" in names

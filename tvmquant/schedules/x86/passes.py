@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import tvm
 from tvm import relax, te, tirx
 from tvm.ir import GenericConst  # TVM 0.27: relax constants are ``tvm.ir.GenericConst``
 
 # Not imported by tvm.relax.backend itself, and its __init__ omits dataflow_lower_passes (TVM 0.27).
 from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
+from tvm.target import codegen as _llvm_codegen
 
 from ...target import x86_target
 from ..common import fusion_passes
@@ -22,12 +24,15 @@ from .compute import (
     _is_u8s8_int32,
     _round_up,
     _static_shape,
+    conv2d_nchwc_float,
     conv2d_nchwc_int8,
     dense_packed_int8,
+    depthwise_nchwc_float,
     depthwise_nchwc_int8,
     pack_conv2d_weight,
     pack_dense_weight,
     pack_depthwise_weight,
+    pack_float_conv2d_weight,
 )
 from .fixed import ScheduleDataMovement, StripUnregisteredScheduleRules
 from .target import IC_BLOCK, IC_QUAD, OC_BLOCK
@@ -445,6 +450,100 @@ class PackInt8Dense:
         return out
 
 
+def float_lanes(target: tvm.target.Target | None) -> int:
+    """FP32 lanes of the target's widest vector register: 16 with AVX-512, else 8."""
+    if target is None or target.kind.name != "llvm":
+        return 8
+    features = {str(f) for f in _llvm_codegen.llvm_get_cpu_features(target)}
+    return 16 if "avx512f" in features else 8
+
+
+@relax.expr_functor.mutator
+class _FloatConvRewriter(_Int8Rewriter._cls):
+    def __init__(self, mod: tvm.IRModule, lanes: int):
+        super().__init__(mod, convs=False, dense=False)
+        self.lanes = lanes
+
+    def visit_call_(self, call):  # noqa: D102  (PyExprMutator hook)
+        call = self.visit_expr_post_order(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d":
+            return self._rewrite_float_conv2d(call)
+        return call
+
+    def _rewrite_float_conv2d(self, call):
+        attrs = call.attrs
+        data, weight = call.args
+        dtype = _dtype(data)
+        if dtype not in ("float32", "float64") or _dtype(weight) != dtype:
+            return call
+        if str(attrs.out_dtype) not in ("", "None", "void", dtype):
+            return call
+        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+            return call
+        # A weight computed at run time (the observe marker of a calibration graph) would be packed at every
+        # run, and the activation markers keep the transforms around each conv: tried, slower (MobileNetV2's
+        # calibration graph: 111 kernels instead of 38, twice the compile time). Those convs stay NCHW.
+        weight_np, origin = self._constant_weight(weight)
+        data_shape = _static_shape(data)
+        if weight_np is None or origin != "direct" or data_shape is None or len(data_shape) != 4:
+            return call
+        out_channels, channels, groups = weight_np.shape[0], data_shape[1], int(attrs.groups)
+        oc_block = self.lanes
+        if out_channels % oc_block != 0:
+            return call
+        if groups == channels == out_channels and weight_np.shape[1] == 1 and channels % oc_block == 0:
+            ic_block, compute, hint = oc_block, depthwise_nchwc_float, "depthwise_nchwc_float"
+            # [C, 1, R, S] -> [C/b, 1, R, S, b]
+            blocks = weight_np.reshape(channels // oc_block, oc_block, 1, *weight_np.shape[2:])
+            packed = np.ascontiguousarray(blocks.transpose(0, 2, 3, 4, 1))
+        elif groups == 1 and (channels % oc_block == 0 or channels < oc_block):
+            ic_block = oc_block if channels % oc_block == 0 else channels
+            compute, hint = conv2d_nchwc_float, "conv2d_nchwc_float"
+            packed = pack_float_conv2d_weight(weight_np, ic_block, oc_block)
+        else:
+            return call
+        blocked = self.builder_.emit(
+            relax.op.layout_transform(data, lambda n, c, h, w: (n, c // ic_block, h, w, c % ic_block))
+        )
+        pad_top, pad_left, pad_bottom, pad_right = (int(p) for p in attrs.padding)
+        padded = self._spatial_pad(blocked, 5, (pad_top, pad_bottom, pad_left, pad_right))
+        conv = self.builder_.emit(
+            self.builder_.call_te(
+                compute,
+                padded,
+                relax.const(packed, dtype),
+                [int(v) for v in attrs.strides],
+                [int(v) for v in attrs.dilation],
+                primfunc_name_hint=hint,
+            )
+        )
+        self.rewritten += 1
+        return relax.op.layout_transform(conv, lambda n, cb, h, w, ci: (n, cb * oc_block + ci, h, w))
+
+
+@tvm.transform.module_pass(opt_level=0, name="BlockFloatConv2d")
+class BlockFloatConv2d:
+    """Replace FP32 NCHW ``R.nn.conv2d`` (``groups == 1`` or depthwise, output channels in whole vector-width blocks) by
+    :func:`conv2d_nchwc_float`, between layout transforms that :class:`SinkLayoutTransform` cancels where
+    two such convs meet through elementwise ops.
+
+    These are the convs of the graphs tvmquant runs in FP32 itself (calibration, the summary's SQNR,
+    AutoSkip, bias correction, fine-tuning's forward pass, FP32 mode) and the layers a quantized model
+    keeps in FP32. A constant weight is packed in numpy; any other weight (an observe marker's output) by a
+    ``layout_transform`` at run time. Depthwise convs get :func:`depthwise_nchwc_float`; other grouped convs
+    keep TVM's NCHW compute.
+    """
+
+    def __init__(self, target: tvm.target.Target | None = None):
+        self.target = target
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        rewriter = _FloatConvRewriter(mod, float_lanes(self.target))
+        out = rewriter.transform()
+        logger.debug("BlockFloatConv2d: rewrote %d conv2d", rewriter.rewritten)
+        return out
+
+
 def layout_transform_gather(data: te.Tensor, index_map: tirx.IndexMap, pad_value) -> te.Tensor:
     """``layout_transform`` as a gather over the output (an injective compute FuseOps can fuse).
 
@@ -542,7 +641,7 @@ def optimize_int8_for_x86(block: int = IC_BLOCK, target: tvm.target.Target | Non
     Returns
     -------
     tvm.transform.Pass
-        ``Sequential([ExpandClip, ConvertInt8ConvLayout, BlockInt8Conv2d, PackInt8Dense,
+        ``Sequential([ExpandClip, ConvertInt8ConvLayout, BlockInt8Conv2d, PackInt8Dense, BlockFloatConv2d,
         SinkLayoutTransform, GatherLayoutTransform, DeadCodeElimination])``.
 
     Examples
@@ -555,6 +654,7 @@ def optimize_int8_for_x86(block: int = IC_BLOCK, target: tvm.target.Target | Non
             ConvertInt8ConvLayout(block),
             BlockInt8Conv2d(target),
             PackInt8Dense(target),
+            BlockFloatConv2d(target),
             SinkLayoutTransform(),
             GatherLayoutTransform(),
             # ConvertLayout's layout_transform of each original weight is dead once the weight is packed.

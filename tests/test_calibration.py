@@ -595,22 +595,3 @@ def test_per_channel_histogram_method():
         single = PercentileObserver(99.0, 64, symmetric=True, name="c")
         single.collect(weight[channel])
         assert a_max[channel] == single.compute()[1]
-
-
-@pytest.mark.parametrize("signed", [False, True])
-def test_histogram_binned_on_threads_counts_what_one_thread_counts(signed, monkeypatch):
-    from tvmquant.calibration import histogram
-
-    rng = np.random.default_rng(5)
-    values = (rng.standard_normal(9 * histogram.CHUNK_SIZE + 17) * 3).astype(np.float32)
-    values = values if signed else np.abs(values)
-    threaded = histogram.StreamingHistogram(2048, signed=signed)
-    threaded.add(values)
-    monkeypatch.setattr(histogram, "_PARALLEL_MIN_CHUNKS", 10**9)  # one thread
-    serial = histogram.StreamingHistogram(2048, signed=signed)
-    serial.add(values)
-    np.testing.assert_array_equal(threaded.counts, serial.counts)
-    assert threaded.counts.sum() == values.size and (threaded.first_bin, threaded.exponent) == (
-        serial.first_bin,
-        serial.exponent,
-    )

@@ -37,32 +37,12 @@ ranges are *windows* of whole bins, ``[start, stop)`` in array indices, built by
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 #: Values binned per step: bounds the temporaries of :meth:`StreamingHistogram.add` (about 3 MiB) however
 #: large the batch is.
 CHUNK_SIZE = 1 << 18
-
-#: Chunks binned on the worker threads at once (numpy's ufuncs and most of ``bincount`` release the GIL, and the
-#: compiled model waits while an observer runs, so its cores are free): arrays smaller than this many chunks
-#: are binned on the calling thread.
-_PARALLEL_MIN_CHUNKS = 4
-_POOL: list = []
-_POOL_LOCK = threading.Lock()
-
-
-def _binning_pool() -> ThreadPoolExecutor | None:
-    """The shared pool of :meth:`StreamingHistogram.add` (one thread per core, at most 8), or None on 1 core."""
-    with _POOL_LOCK:
-        if not _POOL:
-            cores = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-            _POOL.append(ThreadPoolExecutor(cores, thread_name_prefix="tvmquant-histogram") if cores > 1 else None)
-        return _POOL[0]
-
 
 #: Candidate windows evaluated together by the vectorised searches (bounds their temporaries too).
 _CANDIDATE_CHUNK = 256
@@ -243,43 +223,27 @@ class StreamingHistogram:
         # is bin 0 instead of bin -1: those few values are moved back.
         fix_underflow = self.signed and self.exponent >= 1
         num_bins = len(self.counts)
-        first_bin, signed = self.first_bin, self.signed
-
-        def count(begin: int, end: int) -> np.ndarray:
-            counts = np.zeros(num_bins, dtype=np.int64)
-            for start in range(begin, end, CHUNK_SIZE):
-                chunk = values[start : min(start + CHUNK_SIZE, end)]
-                if absolute:
-                    chunk = np.abs(chunk)
-                if use_multiply:
-                    scaled = np.multiply(chunk, factor, out=chunk if absolute else None)
-                else:
-                    scaled = np.ldexp(chunk, factor_exponent)
-                if signed:
-                    np.floor(scaled, out=scaled)  # astype truncates towards 0; negative bins need floor
-                index = scaled.astype(np.int64)
-                if fix_underflow:
-                    underflow = scaled == 0
-                    underflow &= chunk < 0
-                    index -= underflow
-                if first_bin:
-                    index -= first_bin
-                binned = np.bincount(index, minlength=num_bins)
-                if len(binned) != num_bins:  # cannot happen: the bins were grown to cover [min, max] first
-                    raise AssertionError("histogram binning fell outside the grown range")
-                counts += binned
-            return counts
-
-        chunks = -(-values.size // CHUNK_SIZE)
-        pool = _binning_pool() if chunks >= _PARALLEL_MIN_CHUNKS else None
-        if pool is None:
-            self.counts += count(0, values.size)
-            return
-        # Integer counts: the same histogram whichever thread counts which part.
-        parts = min(pool._max_workers, chunks)
-        bounds = [CHUNK_SIZE * (chunks * k // parts) for k in range(parts)] + [values.size]
-        for counts in pool.map(count, bounds[:-1], bounds[1:]):
-            self.counts += counts
+        for begin in range(0, values.size, CHUNK_SIZE):
+            chunk = values[begin : begin + CHUNK_SIZE]
+            if absolute:
+                chunk = np.abs(chunk)
+            if use_multiply:
+                scaled = np.multiply(chunk, factor, out=chunk if absolute else None)
+            else:
+                scaled = np.ldexp(chunk, factor_exponent)
+            if self.signed:
+                np.floor(scaled, out=scaled)  # astype truncates towards 0; negative bins need floor
+            index = scaled.astype(np.int64)
+            if fix_underflow:
+                underflow = scaled == 0
+                underflow &= chunk < 0
+                index -= underflow
+            if self.first_bin:
+                index -= self.first_bin
+            binned = np.bincount(index, minlength=num_bins)
+            if len(binned) != num_bins:  # cannot happen: the bins were grown to cover [min, max] first
+                raise AssertionError("histogram binning fell outside the grown range")
+            self.counts += binned
 
 
 # ------------------------------------------------------------------------------------------------------------

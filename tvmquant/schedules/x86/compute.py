@@ -100,24 +100,34 @@ def depthwise_nchwc_int8(
         multiply-add that meta-schedule vectorizes; what it saves is the NCHW round trip around each
         depthwise conv of a blocked network.
     """
+    return _depthwise_nchwc(data, kernel, strides, dilation, "int32", "depthwise_NCHWc_int8")
+
+
+def _depthwise_nchwc(data, kernel, strides, dilation, accumulate: str | None, name: str) -> te.Tensor:
+    """The depthwise multiply-add on ``[N, C/b, H, W, b]`` data and a ``[C/b, R, S, b]`` kernel, both cast to
+    ``accumulate`` (None: no cast)."""
     batch, blocks, in_h, in_w, block = (int(v) for v in data.shape)
     k_blocks, k_h, k_w, k_block = (int(v) for v in kernel.shape)
     if (k_blocks, k_block) != (blocks, block):
-        raise ValueError(f"depthwise_nchwc_int8: kernel {tuple(kernel.shape)} does not match data {tuple(data.shape)}")
+        raise ValueError(f"{name}: kernel {tuple(kernel.shape)} does not match data {tuple(data.shape)}")
     stride_h, stride_w = (int(v) for v in strides)
     dil_h, dil_w = (int(v) for v in dilation)
     out_h = (in_h - (k_h - 1) * dil_h - 1) // stride_h + 1
     out_w = (in_w - (k_w - 1) * dil_w - 1) // stride_w + 1
     r_h = te.reduce_axis((0, k_h), name="kh")
     r_w = te.reduce_axis((0, k_w), name="kw")
+
+    def cast(value):
+        return value if accumulate is None else value.astype(accumulate)
+
     return te.compute(
         (batch, blocks, out_h, out_w, block),
         lambda n, cb, oh, ow, ci: te.sum(
-            data[n, cb, oh * stride_h + r_h * dil_h, ow * stride_w + r_w * dil_w, ci].astype("int32")
-            * kernel[cb, r_h, r_w, ci].astype("int32"),
+            cast(data[n, cb, oh * stride_h + r_h * dil_h, ow * stride_w + r_w * dil_w, ci])
+            * cast(kernel[cb, r_h, r_w, ci]),
             axis=[r_h, r_w],
         ),
-        name="depthwise_NCHWc_int8",
+        name=name,
     )
 
 
@@ -167,29 +177,10 @@ def conv2d_nchwc_float(
 def depthwise_nchwc_float(
     data: te.Tensor, kernel: te.Tensor, strides: Sequence[int], dilation: Sequence[int]
 ) -> te.Tensor:
-    """Floating-point depthwise conv2d in the blocked layout, on pre-padded data.
-
-    ``data`` is ``[N, C/b, H, W, b]``, ``kernel`` ``[C/b, 1, R, S, b]`` (the OIHW weight with its channels
-    blocked innermost); the result is ``[N, C/b, OH, OW, b]``, a block's channels the lanes of a vector.
-    """
-    batch, blocks, in_h, in_w, block = (int(v) for v in data.shape)
-    k_blocks, _, k_h, k_w, k_block = (int(v) for v in kernel.shape)
-    if (k_blocks, k_block) != (blocks, block):
-        raise ValueError(f"depthwise_nchwc_float: kernel {tuple(kernel.shape)} does not match data {tuple(data.shape)}")
-    stride_h, stride_w = (int(v) for v in strides)
-    dil_h, dil_w = (int(v) for v in dilation)
-    out_h = (in_h - (k_h - 1) * dil_h - 1) // stride_h + 1
-    out_w = (in_w - (k_w - 1) * dil_w - 1) // stride_w + 1
-    r_h = te.reduce_axis((0, k_h), name="kh")
-    r_w = te.reduce_axis((0, k_w), name="kw")
-    return te.compute(
-        (batch, blocks, out_h, out_w, block),
-        lambda n, cb, oh, ow, ci: te.sum(
-            data[n, cb, oh * stride_h + r_h * dil_h, ow * stride_w + r_w * dil_w, ci] * kernel[cb, 0, r_h, r_w, ci],
-            axis=[r_h, r_w],
-        ),
-        name="depthwise_NCHWc_float",
-    )
+    """Floating-point depthwise conv2d in the blocked layout, on pre-padded data: ``[N, C/b, H, W, b]`` data, a
+    ``[C/b, R, S, b]`` kernel (:func:`pack_depthwise_weight`), ``[N, C/b, OH, OW, b]`` out, the block's channels
+    the lanes of a vector."""
+    return _depthwise_nchwc(data, kernel, strides, dilation, None, "depthwise_NCHWc_float")
 
 
 def pack_float_conv2d_weight(weight_oihw: np.ndarray, ic_block: int, oc_block: int) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import tvm
 from tvm import relax, te, tirx
 from tvm.ir import GenericConst  # TVM 0.27: relax constants are ``tvm.ir.GenericConst``
@@ -493,9 +492,7 @@ class _FloatConvRewriter(_Int8Rewriter._cls):
             return call
         if groups == channels == out_channels and weight_np.shape[1] == 1 and channels % oc_block == 0:
             ic_block, compute, hint = oc_block, depthwise_nchwc_float, "depthwise_nchwc_float"
-            # [C, 1, R, S] -> [C/b, 1, R, S, b]
-            blocks = weight_np.reshape(channels // oc_block, oc_block, 1, *weight_np.shape[2:])
-            packed = np.ascontiguousarray(blocks.transpose(0, 2, 3, 4, 1))
+            packed = pack_depthwise_weight(weight_np, block=oc_block)
         elif groups == 1 and (channels % oc_block == 0 or channels < oc_block):
             ic_block = oc_block if channels % oc_block == 0 else channels
             compute, hint = conv2d_nchwc_float, "conv2d_nchwc_float"

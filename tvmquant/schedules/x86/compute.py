@@ -1,5 +1,5 @@
-"""TE computes of the blocked kernels (INT8 conv2d NCHWc, depthwise, packed dense; floating-point conv2d NCHWc) and
-the weight packing the Relax rewrites use."""
+"""TE computes of the blocked kernels (INT8 conv2d NCHWc, depthwise, packed dense; floating-point conv2d NCHWc and
+depthwise) and the weight packing the Relax rewrites use."""
 
 from __future__ import annotations
 
@@ -149,7 +149,8 @@ def conv2d_nchwc_float(
     te.Tensor
         ``[N, K/ob, OH, OW, ob]``, the data's dtype. The ``ob`` output channels of a block are the lanes of
         one vector register: in NCHW the vector runs along the output row, which at 28, 14 or 7 pixels is a
-        vector and a remainder (ResNet-50's 3x3 convs there ran at a third of this layout's speed, AVX2).
+        vector and a remainder (a 128-channel 3x3 conv at 28x28, batch 4, Zen 3: 35.8 ms in NCHW, 14.0 ms in
+        this layout with its layout transforms).
     """
     batch, _, in_h, in_w, ic_block = (int(v) for v in data.shape)
     out_blocks, in_blocks, k_h, k_w, k_ib, oc_block = (int(v) for v in kernel.shape)

@@ -50,7 +50,8 @@ __all__ = ["CpuModel", "choose_schedule", "cpu_model", "heuristic_schedule", "he
 UNROLL_STEPS = 64
 #: Unroll steps of the blocked floating-point convs (``conv2d_NCHWc_float``, ``depthwise_NCHWc_float``): their
 #: vector is the channel block, so unrolling buys little, and at 64 steps LLVM took 2-3 s on some of
-#: MobileNetV2's kernels (16 steps, Zen 3: the FP32 model ran 30% faster, ResNet-50 within noise).
+#: MobileNetV2's kernels. At 16 (a noisy Zen 3, batch 4): MobileNetV2 50-65 ms against 61-71 ms at 64,
+#: ResNet-50-style 534 against 493 ms, within the noise.
 FLOAT_BLOCKED_UNROLL_STEPS = 16
 FLOAT_BLOCKED_BLOCKS = ("conv2d_NCHWc_float", "depthwise_NCHWc_float")
 #: Input channels (the innermost reduction loop of a conv) reduced inside the register tile.

@@ -40,6 +40,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from ...target import target_has_amx
+from .compute import conv_output_size
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +121,7 @@ def conv_gemm_shape(data_shape, kernel_hw, strides, dilation) -> tuple[int, int,
     """``(M, K, OH, OW)`` of a conv on pre-padded blocked data ``[N, C/cb, H, W, cb]``."""
     batch, blocks, in_h, in_w, block = (int(v) for v in data_shape)
     k_h, k_w = kernel_hw
-    out_h = (in_h - (k_h - 1) * dilation[0] - 1) // strides[0] + 1
-    out_w = (in_w - (k_w - 1) * dilation[1] - 1) // strides[1] + 1
+    out_h, out_w = conv_output_size((in_h, in_w), (k_h, k_w), strides, dilation)
     return batch * out_h * out_w, k_h * k_w * blocks * block, out_h, out_w
 
 

@@ -12,6 +12,14 @@ from tvm import te
 from .target import IC_BLOCK, IC_QUAD, OC_BLOCK
 
 
+def conv_output_size(in_hw, kernel_hw, strides, dilation) -> tuple[int, int]:
+    """``(OH, OW)`` of a conv on pre-padded input of spatial size ``in_hw``."""
+    return tuple(
+        (int(size) - (int(k) - 1) * int(d) - 1) // int(s) + 1
+        for size, k, s, d in zip(in_hw, kernel_hw, strides, dilation)
+    )
+
+
 def conv2d_nchwc_int8(
     data: te.Tensor,
     kernel: te.Tensor,
@@ -47,8 +55,7 @@ def conv2d_nchwc_int8(
         raise ValueError(f"conv2d_nchwc_int8: kernel block {ic_quads}x{quad} does not match data block {ic_block}")
     stride_h, stride_w = (int(s) for s in strides)
     dil_h, dil_w = (int(d) for d in dilation)
-    out_h = (in_h - (k_h - 1) * dil_h - 1) // stride_h + 1
-    out_w = (in_w - (k_w - 1) * dil_w - 1) // stride_w + 1
+    out_h, out_w = conv_output_size((in_h, in_w), (k_h, k_w), strides, dilation)
     out_blocks_per_group = out_blocks // groups
 
     r_h = te.reduce_axis((0, k_h), name="kh")
@@ -112,8 +119,7 @@ def _depthwise_nchwc(data, kernel, strides, dilation, accumulate: str | None, na
         raise ValueError(f"{name}: kernel {tuple(kernel.shape)} does not match data {tuple(data.shape)}")
     stride_h, stride_w = (int(v) for v in strides)
     dil_h, dil_w = (int(v) for v in dilation)
-    out_h = (in_h - (k_h - 1) * dil_h - 1) // stride_h + 1
-    out_w = (in_w - (k_w - 1) * dil_w - 1) // stride_w + 1
+    out_h, out_w = conv_output_size((in_h, in_w), (k_h, k_w), strides, dilation)
     r_h = te.reduce_axis((0, k_h), name="kh")
     r_w = te.reduce_axis((0, k_w), name="kw")
 
@@ -158,8 +164,7 @@ def conv2d_nchwc_float(
         raise ValueError(f"conv2d_nchwc_float: kernel block {k_ib} does not match data block {ic_block}")
     stride_h, stride_w = (int(s) for s in strides)
     dil_h, dil_w = (int(d) for d in dilation)
-    out_h = (in_h - (k_h - 1) * dil_h - 1) // stride_h + 1
-    out_w = (in_w - (k_w - 1) * dil_w - 1) // stride_w + 1
+    out_h, out_w = conv_output_size((in_h, in_w), (k_h, k_w), strides, dilation)
     r_block = te.reduce_axis((0, in_blocks), name="ic_outer")
     r_h = te.reduce_axis((0, k_h), name="kh")
     r_w = te.reduce_axis((0, k_w), name="kw")

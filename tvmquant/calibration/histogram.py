@@ -47,6 +47,22 @@ CHUNK_SIZE = 1 << 18
 #: Candidate windows evaluated together by the vectorised searches (bounds their temporaries too).
 _CANDIDATE_CHUNK = 256
 
+#: A compiled binning kernel, when one is installed (:func:`set_binning_kernel`); None: numpy bins.
+_KERNEL = [None]
+
+
+def set_binning_kernel(kernel) -> None:
+    """Install ``kernel`` to count values into bins instead of numpy (None puts numpy back).
+
+    ``kernel(values, factor, first_bin, num_bins, absolute)`` returns the int64 counts of
+    ``floor(v * factor) - first_bin`` over ``values`` (of ``|v| * factor`` when ``absolute``): exactly what
+    the numpy loop of :meth:`StreamingHistogram.add` counts; or None for values it does not take (numpy then
+    bins them). It is not called where a negative product can underflow to -0.0 (bins 2 or more wide).
+    This package imports no TVM: :mod:`tvmquant.passes.binning` installs a TVM-compiled kernel, several
+    times faster than the numpy passes and the ``np.bincount`` that holds the GIL.
+    """
+    _KERNEL[0] = kernel
+
 
 def fit_exponent(lo: float, hi: float, capacity: int) -> int:
     """Smallest ``e`` such that bins of width ``2**e`` anchored at 0 cover ``[lo, hi]`` in ``capacity`` bins.
@@ -223,6 +239,12 @@ class StreamingHistogram:
         # is bin 0 instead of bin -1: those few values are moved back.
         fix_underflow = self.signed and self.exponent >= 1
         num_bins = len(self.counts)
+        kernel = _KERNEL[0]
+        if kernel is not None and use_multiply and not fix_underflow:
+            counts = kernel(values, factor, self.first_bin, num_bins, absolute)
+            if counts is not None:
+                self.counts += counts
+                return
         for begin in range(0, values.size, CHUNK_SIZE):
             chunk = values[begin : begin + CHUNK_SIZE]
             if absolute:

@@ -29,10 +29,14 @@ from ..frontend.prepare import ModelError, check_index_range
 from ..qparams import QParams, Role  # QParams: also importable from here, as before it moved
 from ..quant_math import DTYPE_RANGES, fake_quantize, quantize
 from ..threads import generate_machine_code, request_amx_permission, use_physical_cores
+from . import binning
 from .annotate import MARKER, layers_of, parse_marker
 
 # BindQuantParams raises it; calibration/ imports no TVM, so it is registered here.
 register_ffi_error(CalibrationError)
+
+# The observers' histograms bin with a compiled kernel from here on (the same counts, several times faster).
+binning.install()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""The compiled histogram-binning kernel (tvmquant.passes.binning) counts exactly what numpy's loop counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tvmquant.calibration import PercentileObserver, StreamingHistogram
+from tvmquant.calibration import histogram as histogram_module
+from tvmquant.passes import binning
+
+
+@pytest.fixture
+def numpy_bins():
+    """Bin with numpy inside the block, whatever was installed; put the previous kernel back after."""
+    previous = histogram_module._KERNEL[0]
+    histogram_module.set_binning_kernel(None)
+    yield
+    histogram_module.set_binning_kernel(previous)
+
+
+def _batches(kind: str, rng) -> list:
+    if kind == "relu6":  # MobileNetV2's activations: a spike at 0 and one at 6
+        return [np.clip(rng.standard_normal(300_000).astype(np.float32) * 3, 0, 6) for _ in range(3)]
+    if kind == "growing":  # the range grows batch after batch: the bins re-grow in between
+        return [rng.standard_normal(70_001).astype(np.float32) * np.float32(2.0**i) for i in range(4)]
+    if kind == "tiny":
+        return [rng.standard_normal(5).astype(np.float32), np.zeros(3, np.float32)]
+    return [rng.standard_normal(100_003).astype(np.float32) - 0.3]
+
+
+@pytest.mark.parametrize("kind", ["relu6", "growing", "tiny", "normal"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_kernel_counts_equal_numpy(kind, signed, numpy_bins):
+    rng = np.random.default_rng(7)
+    batches = _batches(kind, rng)
+    results = []
+    for kernel in (None, binning.bin_counts):
+        histogram_module.set_binning_kernel(kernel)
+        hist = StreamingHistogram(1024, signed=signed)
+        for batch in batches:
+            hist.add(batch, absolute=not signed)
+        results.append((hist.counts.copy(), hist.first_bin, hist.exponent, hist.total))
+    numpy_result, kernel_result = results
+    assert numpy_result[1:] == kernel_result[1:]
+    np.testing.assert_array_equal(numpy_result[0], kernel_result[0])
+    assert int(kernel_result[0].sum()) == sum(batch.size for batch in batches)
+
+
+def test_observer_thresholds_are_the_same_with_the_kernel(numpy_bins):
+    batches = _batches("relu6", np.random.default_rng(3)) + _batches("growing", np.random.default_rng(4))
+    ranges = []
+    for kernel in (None, binning.bin_counts):
+        histogram_module.set_binning_kernel(kernel)
+        observer = PercentileObserver(99.99, 2048, symmetric=False, name="relu")
+        for batch in batches:
+            observer.collect(batch.reshape(-1, 1))
+        ranges.append(observer.compute())
+    assert ranges[0] == ranges[1]
+
+
+def test_kernel_leaves_what_it_does_not_take_to_numpy():
+    values = np.arange(10, dtype=np.float64)
+    assert binning.bin_counts(values, 1.0, 0, 10, False) is None  # float64
+    strided = np.arange(20, dtype=np.float32)[::2]
+    assert binning.bin_counts(strided, 1.0, 0, 20, False) is None  # not one contiguous block
+    # An unaligned start (numpy's allocations are not 64-byte aligned) is taken.
+    counts = binning.bin_counts(np.arange(21, dtype=np.float32)[1:], 1.0, 0, 21, False)
+    np.testing.assert_array_equal(counts, [0] + [1] * 20)
+
+
+def test_kernel_never_writes_outside_the_bins():
+    values = np.array([0.5, 3.5, -7.0, 100.0], np.float32)
+    with pytest.raises(AssertionError, match="outside the grown range"):
+        binning.bin_counts(values, np.float32(1.0), 0, 4, False)
+
+
+def test_importing_the_passes_installs_the_kernel():
+    import tvmquant.passes  # noqa: F401
+
+    assert histogram_module._KERNEL[0] is binning.bin_counts

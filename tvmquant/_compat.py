@@ -36,6 +36,11 @@ def to_tensor(array, device=None):
     return tvm.runtime.tensor(np.ascontiguousarray(array), device or tvm.cpu())
 
 
+def tensor_view(array: np.ndarray):
+    """A TVM tensor sharing ``array``'s memory (C-contiguous, 4-byte aligned at least; no copy)."""
+    return tvm_ffi.from_dlpack(array, require_alignment=4, require_contiguous=True)
+
+
 def load_runtime_library(target_name: str) -> bool:
     """Load one of TVM's runtime sidecar libraries (``"tvm_runtime_cuda"``) from beside ``libtvm_runtime``.
 
@@ -114,6 +119,7 @@ __all__ = [
     "register_global_func",
     "get_global_func",
     "to_tensor",
+    "tensor_view",
     "load_runtime_library",
     "nvcc",
     "register_ffi_error",

@@ -80,8 +80,7 @@ def bin_counts(values: np.ndarray, factor, first_bin: int, num_bins: int, absolu
     contiguous block), which numpy then bins. The caller grows the bins to cover the values first (an index
 outside ``[0, num_bins)`` is counted in the nearest end bin, never written outside the counts).
     """
-    import tvm_ffi
-
+    from .._compat import tensor_view
     from ..threads import use_physical_cores
 
     values = np.asarray(values)
@@ -94,8 +93,8 @@ outside ``[0, num_bins)`` is counted in the nearest end bin, never written outsi
         threads = use_physical_cores() if chunk.size >= _PARALLEL_MIN else 1
         partial = np.empty((threads, _WAYS, num_bins), np.int32)
         func(
-            tvm_ffi.from_dlpack(chunk, require_alignment=4, require_contiguous=True),
-            tvm_ffi.from_dlpack(partial, require_alignment=4, require_contiguous=True),
+            tensor_view(chunk),
+            tensor_view(partial),
             np.float32(factor),
             int(first_bin),
         )

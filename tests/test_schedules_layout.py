@@ -123,10 +123,74 @@ def test_fp32_blocked_convs_match_stock_tvm(fp32_residual):
         np.testing.assert_allclose(blocked["main"](x).numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-def test_calibration_graph_convs_stay_nchw(quantized_residual):
-    # Their weights come from observe markers (run-time values): packing them at every run was slower.
+def _markers(mod):
+    from tvmquant.passes.annotate import parse_dps_marker
+
+    found = []
+
+    def visit(expr):
+        parsed = parse_dps_marker(expr) if isinstance(expr, relax.Call) else None
+        if parsed is not None:
+            found.append((parsed[1], parsed[2], len(parsed[0].ty.shape.values)))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+def test_calibration_graph_convs_run_blocked_with_their_markers(quantized_residual):
+    # The markers of the weights move onto the packed constants, those of the activations onto the blocked
+    # tensors; each role says how its tensor is blocked.
+    from tvmquant.passes.annotate import MarkerLayout
     from tvmquant.passes.calibrate import destination_markers
 
     graph = destination_markers(quantized_residual.annotated)
-    names = [name for name, _, _ in _ops(x86.optimize_int8_for_x86(target=x86.x86_target(num_cores=2))(graph))]
-    assert "conv2d_nchwc_float" not in names and "relax.nn.conv2d" in names
+    optimized = x86.optimize_int8_for_x86(target=x86.x86_target(num_cores=2))(graph)
+    names = [name for name, _, _ in _ops(optimized)]
+    assert "relax.nn.conv2d" not in names and names.count("conv2d_nchwc_float") == 5, names
+    markers = _markers(optimized)
+    assert len(markers) == len(_markers(graph))  # none lost, none left behind on the OIHW weights
+    blocked = [(name, role) for name, role, _ in markers if "@" in role]
+    # Plain: the model input, the matmul's, and the one the concat's NCHW output feeds (the fifth conv's).
+    plain = sorted(name for name, role, _ in markers if "@" not in role)
+    assert plain == ["conv2d_0.in0", "conv2d_5.in0", "matmul_0.in0", "matmul_0.weight"], plain
+    for name, role in blocked:
+        base, layout_ = MarkerLayout.decode(role)
+        assert base in ("weight", "activation") and layout_ is not None
+        plain = np.arange(np.prod(layout_.plain), dtype=np.float32).reshape(layout_.plain)
+        np.testing.assert_array_equal(layout_.unblock(layout_.block(plain)), plain)
+
+
+def test_observers_see_the_same_tensors_from_the_blocked_graph(quantized_residual):
+    # What the callbacks see (plain by default) and what flows on after they change it (fake-quantizing in
+    # place) match the NCHW graph's; with any_layout=True they see the blocked tensors, same values.
+    from tvmquant.compile import host_build
+    from tvmquant.passes.calibrate import compile_vm, observing, run_vm
+
+    def capture(vm, any_layout=False):
+        seen = {}
+
+        def callback(name, array):
+            seen[name] = array.copy()
+            array *= 0.5  # a change the graph must carry on
+
+        batch = {quantized_residual.inputs[0].name: calibration_images(1, seed=6)}
+        with observing(callback, any_layout):
+            out = run_vm(vm, batch, quantized_residual.inputs).numpy()
+        return seen, out
+
+    annotated = quantized_residual.annotated.with_attr("tvmquant.test", "blocked")  # a fresh VM
+    blocked_seen, blocked_out = capture(compile_vm(annotated, build=host_build))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(x86.passes, "parse_dps_marker", lambda value: None)  # markers keep their convs NCHW
+        plain_vm = compile_vm(quantized_residual.annotated.with_attr("tvmquant.test", "nchw"), build=host_build)
+    plain_seen, plain_out = capture(plain_vm)
+    assert blocked_seen.keys() == plain_seen.keys()
+    for name, array in plain_seen.items():
+        assert blocked_seen[name].shape == array.shape, name
+        np.testing.assert_allclose(blocked_seen[name], array, rtol=1e-4, atol=1e-4 * np.abs(array).max(), err_msg=name)
+    np.testing.assert_allclose(blocked_out, plain_out, rtol=1e-4, atol=1e-4 * np.abs(plain_out).max())
+    any_seen, any_out = capture(compile_vm(annotated, build=host_build), any_layout=True)
+    assert any(any_seen[name].ndim > plain_seen[name].ndim for name in plain_seen)
+    for name, array in plain_seen.items():
+        np.testing.assert_allclose(np.sort(any_seen[name], axis=None), np.sort(array, axis=None), rtol=1e-4, atol=1e-4 * np.abs(array).max())
+    np.testing.assert_allclose(any_out, plain_out, rtol=1e-4, atol=1e-4 * np.abs(plain_out).max())

@@ -560,11 +560,12 @@ class QuantizedModel:
             if index >= batches:
                 break
             check_index_range(batch_data, limits, f"calibration batch {index}")
-            with observing(terms.keep):
+            # Kept and simulated values of one VM are compared in its own layout; another VM's, in the plain one.
+            with observing(terms.keep, any_layout=sim_vm is None):
                 reference = flatten_outputs(run_vm(vm, batch_data, inputs))
             if sim_vm is None:
                 # The same VM, its markers fake-quantizing: the simulated model.
-                with observing(terms.simulate):
+                with observing(terms.simulate, any_layout=terms.per_tensor):
                     approx = flatten_outputs(run_vm(vm, batch_data, inputs))
             else:
                 with observing(terms.compare):
@@ -975,6 +976,11 @@ class _SqnrTerms:
             self.kept[name] = array.copy()
             own = fake_quantize(array, params.scale, params.zero_point, params.qmin, params.qmax, params.axis)
             self.add(f"{name}{OWN_SQNR_SUFFIX}", array, own)
+
+    def per_tensor(self, name: str) -> bool:
+        """Whether ``name``'s values are fake-quantized alike in any layout (per-tensor, or not quantized)."""
+        params = self.table.get(name)
+        return params is None or params.axis is None
 
     def simulate(self, name: str, array: np.ndarray) -> None:
         params = self.table.get(name)

@@ -284,7 +284,7 @@ def build_report(
     step("histograms")
     seen = 0
     batches = iter_batches(data, inputs)
-    with observing(stats.collect):
+    with observing(stats.collect, any_layout=True):  # per-tensor histograms: any layout
         for batch in tqdm(batches, desc="histograms", unit="batch", disable=not progress, leave=False):
             if max_batches is not None and seen >= max_batches:
                 break

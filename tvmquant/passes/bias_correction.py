@@ -168,7 +168,12 @@ def bias_corrections(
         if name.endswith(".out"):
             accumulate(name[: -len(".out")], array)
 
-    with observing(reference):
+    # Channel means need the plain layout; what a callback leaves alone, or fake-quantizes per tensor, does not.
+    def any_layout(name):
+        params = table.get(name)
+        return not name.endswith(".out") and (params is None or params.axis is None)
+
+    with observing(reference, any_layout):
         for batch in batches:
             run_vm(vm, batch, inputs)
     fp32_mean = {layer: sums[layer] / counts[layer] for layer, _ in layers}
@@ -207,7 +212,7 @@ def bias_corrections(
         sums.pop(layer, None)
         counts.pop(layer, None)
         target[0] = layer
-        with observing(simulated):
+        with observing(simulated, any_layout):
             for batch in batches:
                 run_vm(vm, batch, inputs)
         quantized_mean = sums[layer] / counts[layer]

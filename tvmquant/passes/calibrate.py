@@ -30,7 +30,7 @@ from ..qparams import QParams, Role  # QParams: also importable from here, as be
 from ..quant_math import DTYPE_RANGES, fake_quantize, quantize
 from ..threads import generate_machine_code, request_amx_permission, use_physical_cores
 from . import binning
-from .annotate import MARKER, layers_of, parse_marker
+from .annotate import MARKER, MARKER_INTO, MarkerLayout, dps_marker, layers_of, parse_marker
 
 # BindQuantParams raises it; calibration/ imports no TVM, so it is registered here.
 register_ffi_error(CalibrationError)
@@ -85,7 +85,7 @@ def _observe(tensor, name, role):
     callback = _ACTIVE_CALLBACK[0]
     if callback is not None and _PENDING_ERROR[0] is None:
         try:
-            callback(str(name), array)
+            callback[0](str(name), array)  # this form is never blocked
         except StopRun:
             raise  # ends the VM run here; run_vm catches it
         except Exception as err:  # noqa: BLE001 - re-raised unchanged by run_vm, outside TVM's FFI
@@ -93,8 +93,8 @@ def _observe(tensor, name, role):
     return to_tensor(array)
 
 
-#: The destination-passing form of the marker that :func:`compile_vm` compiles (see :func:`_observe_into`).
-MARKER_INTO = MARKER + "_into"
+#: Parsed layouts of the blocked markers' roles (a few per model; parsed once).
+_LAYOUTS: dict = {}
 
 
 @tvm.register_global_func(MARKER_INTO, override=True)
@@ -105,13 +105,25 @@ def _observe_into(tensor, name, role, out):
     # the call: a callback that keeps values copies them.
     out.copyfrom(tensor)
     callback = _ACTIVE_CALLBACK[0]
-    if callback is not None and _PENDING_ERROR[0] is None:
-        try:
-            callback(str(name), np.from_dlpack(out))
-        except StopRun:
-            raise
-        except Exception as err:  # noqa: BLE001 - re-raised unchanged by run_vm, outside TVM's FFI
-            _PENDING_ERROR[0] = err
+    if callback is None or _PENDING_ERROR[0] is not None:
+        return
+    function, any_layout = callback
+    name = str(name)
+    try:
+        view = np.from_dlpack(out)
+        layout = _LAYOUTS.get(role)
+        if layout is None:
+            layout = _LAYOUTS[role] = MarkerLayout.decode(str(role))[1] or False
+        if layout is False or any_layout is True or (any_layout is not False and any_layout(name)):
+            function(name, view)
+        else:  # a blocked tensor, to a callback that wants it plain (and may change it)
+            plain = layout.unblock(view)
+            function(name, plain)
+            view[...] = layout.block(plain)
+    except StopRun:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised unchanged by run_vm, outside TVM's FFI
+        _PENDING_ERROR[0] = err
 
 
 class _DestinationMarkers(BindingRewriter):
@@ -122,7 +134,7 @@ class _DestinationMarkers(BindingRewriter):
         if parsed is None:
             return value
         tensor, name, role = parsed
-        return relax.call_dps_packed(MARKER_INTO, [tensor, StringImm(name), StringImm(role)], var.ty)
+        return dps_marker(tensor, name, role, var.ty)
 
 
 def destination_markers(mod: tvm.IRModule) -> tvm.IRModule:
@@ -133,10 +145,17 @@ def destination_markers(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 @contextlib.contextmanager
-def observing(callback):
-    """Within the block, every executed marker calls ``callback(name, numpy array)``."""
+def observing(callback, any_layout=False):
+    """Within the block, every executed marker calls ``callback(name, numpy array)``.
+
+    The array is the tensor in its model layout (NCHW activations, OIHW weights), whatever layout the compiled
+    graph runs it in. ``any_layout`` (True, or a predicate on names) says which tensors the callback may see
+    in the layout they run in instead, saving a copy each way: right for anything the layout cannot change
+    (per-tensor statistics, per-tensor fake-quantization, sums over the tensor), wrong for per-channel work
+    and for values compared with another graph's.
+    """
     previous = _ACTIVE_CALLBACK[0]
-    _ACTIVE_CALLBACK[0] = callback
+    _ACTIVE_CALLBACK[0] = None if callback is None else (callback, any_layout)
     try:
         yield
     finally:
@@ -259,7 +278,8 @@ def calibrate(
 
     seen = 0
     batches = iter_batches(calib_data, inputs)
-    with observing(collect), warnings.catch_warnings():
+    # Activations are observed per tensor: any layout gives the same statistics.
+    with observing(collect, any_layout=True), warnings.catch_warnings():
         warnings.simplefilter("always")
         for batch in _progress(batches, count_samples(calib_data, inputs), "calibrating", progress):
             check_finite(batch, seen)

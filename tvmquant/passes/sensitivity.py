@@ -35,7 +35,11 @@ class _Simulator:
                     array, params.scale, params.zero_point, params.qmin, params.qmax, params.axis
                 )
 
-        with observing(callback):
+        # Per-tensor parameters fake-quantize alike in any layout; per-channel ones (weights) need the plain one.
+        def any_layout(name):
+            return name not in enabled or self.table[name].axis is None
+
+        with observing(callback, any_layout):
             result = run_vm(self.vm, batch, self.inputs)
         return flatten_outputs(result)
 

@@ -27,6 +27,7 @@ from tvm.sym import Analyzer  # TVM 0.27: tvm.arith moved to tvm.sym
 
 from .._compat import TensorType, Var, const_value, is_const, tensor_shape
 from .._relax import BindingRewriter
+from ..passes.annotate import MarkerLayout, dps_marker, parse_dps_marker
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ class _Sinker(BindingRewriter):
         if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
             return value
         name = value.op.name
+        if name == "relax.call_dps_packed":
+            return self._marker(var, value)
         if name == "relax.layout_transform":
             return self._layout_transform(var, value)
         if name in ELEMENTWISE_OPS:
@@ -299,6 +302,26 @@ class _Sinker(BindingRewriter):
         axis = key[int(value.attrs.axis) % len(key)]
         joined = self.emit(relax.op.concat(sources, axis=axis))
         return self._unblock(var, joined, permute_map(key), _shape(joined))
+
+    def _marker(self, var, value):
+        """An observe marker sees the blocked tensor, its role saying how it is blocked (see ``MarkerLayout``)."""
+        parsed = parse_dps_marker(value)
+        if parsed is None or parsed[0] not in self.unblocked or "@" in parsed[2]:
+            return value
+        tensor, name, role = parsed
+        blocked, index_map, shape = self.unblocked[tensor]
+        plain = _shape(tensor)
+        block = unblock_factor(index_map, shape)
+        axes = permutation(index_map)
+        if block is not None and plain is not None and len(plain) == 4:
+            batch, channels, height, width = plain
+            layout = MarkerLayout(plain, (batch, channels // block, block, height, width), (0, 1, 3, 4, 2))
+        elif axes is not None and plain is not None:
+            layout = MarkerLayout(plain, plain, tuple(int(a) for a in np.argsort(axes)))
+        else:
+            return value
+        marked = self.emit(dps_marker(blocked, name, layout.encode(role), blocked.ty))
+        return self._unblock(var, marked, index_map, shape)
 
     def _unblock(self, var, blocked, index_map, shape):
         self.sunk += 1

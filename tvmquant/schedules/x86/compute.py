@@ -199,9 +199,14 @@ def pack_float_conv2d_weight(weight_oihw: np.ndarray, ic_block: int, oc_block: i
     >>> p.shape, p[1, 0, 0, 0, 3, 2] == w[8 + 2, 3, 0, 0]
     ((2, 1, 1, 1, 8, 8), True)
     """
-    out_ch, in_ch, k_h, k_w = weight_oihw.shape
-    blocked = weight_oihw.reshape(out_ch // oc_block, oc_block, in_ch // ic_block, ic_block, k_h, k_w)
-    return np.ascontiguousarray(blocked.transpose(0, 2, 4, 5, 3, 1))
+    split, perm = float_conv2d_packing(weight_oihw.shape, ic_block, oc_block)
+    return np.ascontiguousarray(weight_oihw.reshape(split).transpose(perm))
+
+
+def float_conv2d_packing(shape, ic_block: int, oc_block: int) -> tuple[tuple, tuple]:
+    """``(split, perm)`` of :func:`pack_float_conv2d_weight`: ``packed = w.reshape(split).transpose(perm)``."""
+    out_ch, in_ch, k_h, k_w = (int(v) for v in shape)
+    return (out_ch // oc_block, oc_block, in_ch // ic_block, ic_block, k_h, k_w), (0, 2, 4, 5, 3, 1)
 
 
 def dense_packed_int8(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
@@ -313,7 +318,14 @@ def pack_depthwise_weight(weight_oihw: np.ndarray, block: int = OC_BLOCK) -> np.
     channels, per_group, k_h, k_w = weight_oihw.shape
     if per_group != 1 or channels % block != 0:
         raise ValueError(f"pack_depthwise_weight: expected [C, 1, R, S] with C a multiple of {block}")
-    return np.ascontiguousarray(weight_oihw.reshape(channels // block, block, k_h, k_w).transpose(0, 2, 3, 1))
+    split, perm = depthwise_packing(weight_oihw.shape, block)
+    return np.ascontiguousarray(weight_oihw.reshape(split).transpose(perm))
+
+
+def depthwise_packing(shape, block: int = OC_BLOCK) -> tuple[tuple, tuple]:
+    """``(split, perm)`` of :func:`pack_depthwise_weight`: ``packed = w.reshape(split).transpose(perm)``."""
+    channels, _, k_h, k_w = (int(v) for v in shape)
+    return (channels // block, block, k_h, k_w), (0, 2, 3, 1)
 
 
 def pack_dense_weight(weight_kn: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import tvm
 from tvm import relax, te, tirx
 from tvm.ir import GenericConst  # TVM 0.27: relax constants are ``tvm.ir.GenericConst``
@@ -13,6 +14,7 @@ from tvm.ir import GenericConst  # TVM 0.27: relax constants are ``tvm.ir.Generi
 from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
 from tvm.target import codegen as _llvm_codegen
 
+from ...passes.annotate import MarkerLayout, dps_marker, parse_dps_marker
 from ...target import x86_target
 from ..common import fusion_passes
 from ..layout import SinkLayoutTransform
@@ -28,6 +30,8 @@ from .compute import (
     dense_packed_int8,
     depthwise_nchwc_float,
     depthwise_nchwc_int8,
+    depthwise_packing,
+    float_conv2d_packing,
     pack_conv2d_weight,
     pack_dense_weight,
     pack_depthwise_weight,
@@ -479,10 +483,15 @@ class _FloatConvRewriter(_Int8Rewriter._cls):
             return call
         if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW"):
             return call
-        # A weight computed at run time (the observe marker of a calibration graph) would be packed at every
-        # run, and the activation markers keep the transforms around each conv: tried, slower (MobileNetV2's
-        # calibration graph: 111 kernels instead of 38, twice the compile time). Those convs stay NCHW.
+        # A constant weight, or the observe marker of one (the graphs tvmquant calibrates and simulates with): the
+        # marker moves onto the packed constant, its role saying how it is packed. Other weights (computed at
+        # run time) would be packed at every run: those convs stay NCHW.
         weight_np, origin = self._constant_weight(weight)
+        marker = None
+        if weight_np is None and isinstance(weight, relax.Var):
+            marker = parse_dps_marker(self.lookup_binding(weight))
+            if marker is not None and isinstance(marker[0], GenericConst) and "@" not in marker[2]:
+                weight_np, origin = marker[0].value.numpy(), "direct"
         data_shape = _static_shape(data)
         if weight_np is None or origin != "direct" or data_shape is None or len(data_shape) != 4:
             return call
@@ -492,13 +501,18 @@ class _FloatConvRewriter(_Int8Rewriter._cls):
             return call
         if groups == channels == out_channels and weight_np.shape[1] == 1 and channels % oc_block == 0:
             ic_block, compute, hint = oc_block, depthwise_nchwc_float, "depthwise_nchwc_float"
-            packed = pack_depthwise_weight(weight_np, block=oc_block)
+            split, perm = depthwise_packing(weight_np.shape, oc_block)
         elif groups == 1 and (channels % oc_block == 0 or channels < oc_block):
             ic_block = oc_block if channels % oc_block == 0 else channels
             compute, hint = conv2d_nchwc_float, "conv2d_nchwc_float"
-            packed = pack_float_conv2d_weight(weight_np, ic_block, oc_block)
+            split, perm = float_conv2d_packing(weight_np.shape, ic_block, oc_block)
         else:
             return call
+        packed = relax.const(np.ascontiguousarray(weight_np.reshape(split).transpose(perm)), dtype)
+        if marker is not None:
+            _, name, role = marker
+            role = MarkerLayout(weight_np.shape, split, perm).encode(role)
+            packed = self.builder_.emit(dps_marker(packed, name, role))
         blocked = self.builder_.emit(
             relax.op.layout_transform(data, lambda n, c, h, w: (n, c // ic_block, h, w, c % ic_block))
         )
@@ -508,7 +522,7 @@ class _FloatConvRewriter(_Int8Rewriter._cls):
             self.builder_.call_te(
                 compute,
                 padded,
-                relax.const(packed, dtype),
+                packed,
                 [int(v) for v in attrs.strides],
                 [int(v) for v in attrs.dilation],
                 primfunc_name_hint=hint,

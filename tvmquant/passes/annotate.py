@@ -19,12 +19,22 @@ from tvm import relax
 
 from .. import op_table
 from .._compat import StringImm, is_const, op_name, register_ffi_error, tensor_dtype, tensor_shape
-from .._relax import OUTPUT_KEY, SOURCE_NAMES_ATTR, BindingRewriter, tvmquant_module_pass
+from .._relax import (  # noqa: F401  (the marker vocabulary, re-exported)
+    MARKER_INTO,
+    OBSERVE_MARKER,
+    OUTPUT_KEY,
+    SOURCE_NAMES_ATTR,
+    BindingRewriter,
+    MarkerLayout,
+    dps_marker,
+    parse_dps_marker,
+    tvmquant_module_pass,
+)
 from ..config import QuantConfig, SkipName, SkipOpType, SkipPredicate
 from ..op_table import LayerInfo
 from ..qparams import Role
 
-MARKER = "tvmquant.observe"
+MARKER = OBSERVE_MARKER
 LAYERS_ATTR = "tvmquant.layers"
 
 
@@ -46,65 +56,6 @@ def parse_marker(value):
     if getattr(callee, "global_symbol", None) != MARKER:
         return None
     return value.args[1], value.args[2].value, value.args[3].value
-
-
-#: The destination-passing form of the marker that :func:`tvmquant.passes.calibrate.compile_vm` compiles: the
-#: VM plans its output, the marker copies its input there and shows the observers a view of it.
-MARKER_INTO = MARKER + "_into"
-
-
-def dps_marker(expr, name: str, role: str, ty=None):
-    """The destination-passing marker call on ``expr`` (its output typed ``ty``, ``expr``'s type by default)."""
-    return relax.call_dps_packed(MARKER_INTO, [expr, StringImm(name), StringImm(role)], ty or expr.ty)
-
-
-def parse_dps_marker(value):
-    """``(tensor, name, role)`` if ``value`` is a destination-passing marker call, else None."""
-    if op_name(value) != "relax.call_dps_packed" or getattr(value.args[0], "global_symbol", None) != MARKER_INTO:
-        return None
-    tensor, name, role = value.args[1].fields
-    return tensor, name.value, role.value
-
-
-# -- markers on blocked tensors ---------------------------------------------------------------------------
-# The x86 build runs FP32 convs in a blocked layout (NCHW8c, weights packed) and moves the markers of their
-# inputs, outputs and weights onto the blocked tensors. Such a marker's role says how the tensor it sees is
-# laid out: ``"activation@1,32,56,56|1,4,8,56,56|0,1,3,4,2"`` is the plain shape, then ``blocked =
-# plain.reshape(split).transpose(perm)``. The marker shows observers the plain tensor, or the blocked one to
-# those that said they take any layout (per-tensor statistics, elementwise fake-quantization).
-class MarkerLayout:
-    """How a blocked tensor comes from its plain one: ``plain.reshape(split).transpose(perm)``."""
-
-    def __init__(self, plain, split, perm):
-        self.plain = tuple(int(v) for v in plain)
-        self.split = tuple(int(v) for v in split)
-        self.perm = tuple(int(v) for v in perm)
-
-    def encode(self, role: str) -> str:
-        parts = (self.plain, self.split, self.perm)
-        return role + "@" + "|".join(",".join(str(v) for v in part) for part in parts)
-
-    @classmethod
-    def decode(cls, role: str):
-        """``(role, MarkerLayout or None)`` of a marker's role string."""
-        base, _, layout = role.partition("@")
-        if not layout:
-            return base, None
-        plain, split, perm = ([int(v) for v in part.split(",") if v] for part in layout.split("|"))
-        return base, cls(plain, split, perm)
-
-    def block(self, plain):
-        """The blocked array (a view where numpy can; copy it to keep it)."""
-        import numpy as np
-
-        return np.asarray(plain).reshape(self.split).transpose(self.perm)
-
-    def unblock(self, blocked):
-        """A contiguous copy of the plain tensor."""
-        import numpy as np
-
-        inverse = np.argsort(self.perm)
-        return np.ascontiguousarray(np.asarray(blocked).transpose(inverse)).reshape(self.plain)
 
 
 def layers_of(mod: tvm.IRModule) -> list[LayerInfo]:

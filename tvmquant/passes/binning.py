@@ -9,8 +9,9 @@ values (the zeros after a ReLU) do not wait on one counter. About 0.7 ns a value
 3 ns for numpy.
 
 The counts are exact, the same as numpy's: ``v * 2**-exponent`` is computed in float32 as numpy does, then
-floored. (Histograms whose tiny negative values could scale to -0.0, bins at least 2 wide, keep numpy.) :func:`install` puts the kernel behind :func:`tvmquant.calibration.histogram.set_binning_kernel`;
-the calibration package itself stays pure numpy.
+floored (histograms whose tiny negative values could scale to -0.0, bins at least 2 wide, keep numpy).
+:func:`install` puts the kernel behind :func:`tvmquant.calibration.histogram.set_binning_kernel`; the
+calibration package itself stays pure numpy.
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ def _function(absolute: bool):
 
 def bin_counts(values: np.ndarray, factor, first_bin: int, num_bins: int, absolute: bool) -> np.ndarray | None:
     """int64 counts of ``floor(v * factor) - first_bin`` over the float32 ``values`` (``|v|`` when
-    ``absolute``), ``num_bins`` of them; None for values this kernel does not take (not float32, not one
-    contiguous block), which numpy then bins. The caller grows the bins to cover the values first (an index
-outside ``[0, num_bins)`` is counted in the nearest end bin, never written outside the counts).
+        ``absolute``), ``num_bins`` of them; None for values this kernel does not take (not float32, not one
+        contiguous block), which numpy then bins. The caller grows the bins to cover the values first (an index
+    outside ``[0, num_bins)`` is counted in the nearest end bin, never written outside the counts).
     """
     from .._compat import tensor_view
     from ..threads import use_physical_cores

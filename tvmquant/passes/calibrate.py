@@ -20,9 +20,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .._compat import StringImm, const, const_value, is_const, op_name, register_ffi_error, tensor_shape, to_tensor
+from .._compat import const, const_value, is_const, op_name, register_ffi_error, tensor_shape, to_tensor
 from .._io import CalibrationDataError, iter_batches  # numpy-only, shared with deploy
-from .._relax import BindingRewriter, tvmquant_module_pass
+from .._relax import MARKER_INTO, BindingRewriter, MarkerLayout, dps_marker, tvmquant_module_pass
 from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
 from ..frontend.prepare import ModelError, check_index_range
@@ -30,7 +30,7 @@ from ..qparams import QParams, Role  # QParams: also importable from here, as be
 from ..quant_math import DTYPE_RANGES, fake_quantize, quantize
 from ..threads import generate_machine_code, request_amx_permission, use_physical_cores
 from . import binning
-from .annotate import MARKER, MARKER_INTO, MarkerLayout, dps_marker, layers_of, parse_marker
+from .annotate import MARKER, layers_of, parse_marker
 
 # BindQuantParams raises it; calibration/ imports no TVM, so it is registered here.
 register_ffi_error(CalibrationError)

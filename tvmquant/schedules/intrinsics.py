@@ -29,6 +29,10 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from .._compat import fast_tvmscript_parsing
+
+fast_tvmscript_parsing()  # before the T.prim_func below: 1.7 s of this import was inspect.stack()
+
 #: Name of the AVX512-VNNI 16x4 intrinsic (the name meta-schedule's x86 "vnni" rules look up).
 VNNI_DOT_16X4 = "dot_16x4_vnni"
 #: Name of the AVX-512BW fallback intrinsic (meta-schedule's x86 "avx512" rules).

@@ -26,8 +26,7 @@ from tvm import relax, tirx
 from tvm.sym import Analyzer  # TVM 0.27: tvm.arith moved to tvm.sym
 
 from .._compat import TensorType, Var, const_value, is_const, tensor_shape
-from .._relax import BindingRewriter
-from ..passes.annotate import MarkerLayout, dps_marker, parse_dps_marker
+from .._relax import BindingRewriter, MarkerLayout, dps_marker, parse_dps_marker
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from tvm.ir import GenericConst  # TVM 0.27: relax constants are ``tvm.ir.Generi
 from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
 from tvm.target import codegen as _llvm_codegen
 
-from ...passes.annotate import MarkerLayout, dps_marker, parse_dps_marker
+from ..._relax import MarkerLayout, dps_marker, parse_dps_marker
 from ...target import x86_target
 from ..common import fusion_passes
 from ..layout import SinkLayoutTransform
@@ -35,7 +35,6 @@ from .compute import (
     pack_conv2d_weight,
     pack_dense_weight,
     pack_depthwise_weight,
-    pack_float_conv2d_weight,
 )
 from .fixed import ScheduleDataMovement, StripUnregisteredScheduleRules
 from .target import IC_BLOCK, IC_QUAD, OC_BLOCK

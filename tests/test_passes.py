@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tvm
-from models import calibration_images, residual_cnn, transformer_block
+from models import calibration_images, residual_cnn, residual_cnn_dynamic_batch, transformer_block
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -352,6 +352,31 @@ def test_automatic_sensitivity_driven_partial_quantization():
     assert skipped[0].name == min(sensitivity, key=sensitivity.get)  # the most sensitive goes first
     assert auto.sqnr["output0"] > full.sqnr["output0"]
     assert QuantConfig.from_json(config.to_json()) == config
+
+
+def test_auto_skip_of_a_dynamic_batch_model_runs_on_the_calibration_vm(monkeypatch):
+    # A dynamic batch axis calibrates a copy at the calibration batch; AutoSkip measures on that copy's VM
+    # (compiled once, for calibration) with as many samples as its batches at the model's batch, and chooses
+    # what it chooses on the static model.
+    import tvmquant.api as api
+    from tvmquant import AutoSkip
+    from tvmquant.compile import host_build
+
+    data = calibration_images(8, seed=2)
+    static = quantize(residual_cnn(), calib_data=data, progress=False, report_batches=4)
+    config = QuantConfig(auto_skip=AutoSkip(target_sqnr_db=static.sqnr["output0"] + 3.0, max_layers=2))
+    expected = quantize(residual_cnn(), config, data, progress=False, report_batches=0)
+    builds = []
+
+    def counting_build(mod, target):  # a new build function: compile_vm's cache does not know it
+        builds.append(int(mod["main"].params[0].ty.shape.values[0]))
+        return host_build(mod, target)
+
+    monkeypatch.setattr(api, "host_build", counting_build)
+    dynamic = quantize(residual_cnn_dynamic_batch(), config, data, calib_batch=4, progress=False, report_batches=0)
+    assert builds == [4, 4], builds  # calibration, then recalibration without the skipped layers; none at batch 1
+    skipped = [layer.name for layer in dynamic.layers if not layer.quantized]
+    assert skipped and skipped == [layer.name for layer in expected.layers if not layer.quantized]
 
 
 def test_numpy_constant_folding_equals_tvms():

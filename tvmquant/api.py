@@ -205,8 +205,19 @@ def quantize(
     if config.auto_skip is not None:
         from .passes.sensitivity import choose_auto_skips
 
+        # On the calibration graph, whose VM calibration just compiled: as many samples as auto_skip.batches
+        # model-sized batches hold, in calibration-sized runs.
+        model_batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
+        run_batch = calib_inputs[0].shape[0] if calib_inputs and calib_inputs[0].shape else 1
         auto_reasons = choose_auto_skips(
-            annotated, table, calib_data, inputs, config.auto_skip, progress=progress, build=host_build
+            calib_annotated,
+            table,
+            calib_data,
+            calib_inputs,
+            config.auto_skip,
+            progress=progress,
+            build=host_build,
+            batches=max(1, -(-config.auto_skip.batches * max(model_batch, 1) // max(run_batch, 1))),
         )
         if auto_reasons:
             # Skipping changes which tensors are quantized (and their names): annotate and calibrate again.

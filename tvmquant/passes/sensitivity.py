@@ -76,15 +76,18 @@ def layer_sensitivity(annotated, table, calib_data, inputs, max_batches: int = 4
     }
 
 
-def choose_auto_skips(annotated, table, calib_data, inputs, auto, progress: bool = False, build=None) -> dict:
+def choose_auto_skips(
+    annotated, table, calib_data, inputs, auto, progress: bool = False, build=None, batches: int | None = None
+) -> dict:
     """Layers to keep in FP32 so that the simulated output SQNR reaches ``auto.target_sqnr_db``.
 
+    Measured on ``batches`` batches of ``calib_data`` at ``inputs``' batch size (``auto.batches`` by default).
     Returns ``{layer name: reason}``, most sensitive first; empty if the full model already reaches the target.
     """
     import logging
     import time
 
-    simulator = _Simulator(annotated, table, calib_data, inputs, auto.batches, build)
+    simulator = _Simulator(annotated, table, calib_data, inputs, batches or auto.batches, build)
     layers = [layer for layer in layers_of(annotated) if layer.quantized and _layer_tensors(layer)]
     everything = {name for layer in layers for name in _layer_tensors(layer)}
     if simulator.output_sqnr(everything) >= auto.target_sqnr_db:

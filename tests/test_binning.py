@@ -7,16 +7,19 @@ import pytest
 
 from tvmquant.calibration import PercentileObserver, StreamingHistogram
 from tvmquant.calibration import histogram as histogram_module
+from tvmquant.calibration import observers as observers_module
 from tvmquant.passes import binning
 
 
 @pytest.fixture
 def numpy_bins():
-    """Bin with numpy inside the block, whatever was installed; put the previous kernel back after."""
-    previous = histogram_module._KERNEL[0]
+    """Bin (and find extremes) with numpy inside the block, whatever was installed; put the kernels back after."""
+    previous = histogram_module._KERNEL[0], observers_module._RANGE_KERNEL[0]
     histogram_module.set_binning_kernel(None)
+    observers_module.set_range_kernel(None)
     yield
-    histogram_module.set_binning_kernel(previous)
+    histogram_module.set_binning_kernel(previous[0])
+    observers_module.set_range_kernel(previous[1])
 
 
 def _batches(kind: str, rng) -> list:
@@ -49,14 +52,30 @@ def test_kernel_counts_equal_numpy(kind, signed, numpy_bins):
 
 def test_observer_thresholds_are_the_same_with_the_kernel(numpy_bins):
     batches = _batches("relu6", np.random.default_rng(3)) + _batches("growing", np.random.default_rng(4))
+    batches.append(np.random.default_rng(5).standard_normal(1 << 20).astype(np.float32))  # big: the range kernel
     ranges = []
     for kernel in (None, binning.bin_counts):
         histogram_module.set_binning_kernel(kernel)
+        observers_module.set_range_kernel(None if kernel is None else binning.value_range)
         observer = PercentileObserver(99.99, 2048, symmetric=False, name="relu")
         for batch in batches:
             observer.collect(batch.reshape(-1, 1))
         ranges.append(observer.compute())
     assert ranges[0] == ranges[1]
+
+
+@pytest.mark.parametrize("size", [(1 << 20) + 13, 1 << 21])
+def test_value_range_equals_numpy_and_flags_nan_and_inf(size):
+    values = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+    assert binning.value_range(values) == (values.min(), values.max())
+    assert binning.value_range(values.reshape(-1, 1 << 10)[:, :] if size % 1024 == 0 else values) is not None
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in (7, size - 1):  # in the kernel's part, and in the tail numpy takes
+            broken = values.copy()
+            broken[where] = bad
+            assert all(np.isnan(v) for v in binning.value_range(broken)), (bad, where)
+    assert binning.value_range(values[:1000]) is None  # small: numpy's own is faster
+    assert binning.value_range(values.astype(np.float64)) is None
 
 
 def test_kernel_leaves_what_it_does_not_take_to_numpy():

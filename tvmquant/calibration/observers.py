@@ -38,6 +38,20 @@ from .histogram import (
 NAN_POLICIES = ("warn", "error")
 
 
+#: A compiled ``kernel(values) -> (min, max)`` when one is installed (:func:`set_range_kernel`); None: numpy.
+_RANGE_KERNEL = [None]
+
+
+def set_range_kernel(kernel) -> None:
+    """Install ``kernel(array) -> (min, max)`` for the observers' batch extremes (None puts numpy back).
+
+    It returns what ``array.min(), array.max()`` return: NaN or an infinity when the array has one (the
+    observers then screen the batch), or None for arrays it does not take. :mod:`tvmquant.passes.binning`
+    installs a TVM-compiled one: one pass on every core instead of numpy's two on one.
+    """
+    _RANGE_KERNEL[0] = kernel
+
+
 class CalibrationError(ValueError):
     """Calibration cannot produce a range for a tensor; the message names the tensor and what to do."""
 
@@ -149,7 +163,8 @@ class Observer:
         if array.size == 0:
             self.num_batches += 1
             return None
-        vmin, vmax = array.min(), array.max()
+        extremes = _RANGE_KERNEL[0](array) if _RANGE_KERNEL[0] is not None else None
+        vmin, vmax = extremes if extremes is not None else (array.min(), array.max())
         # np.min/np.max propagate NaN and see +-Inf, so finite extremes prove the batch clean: no extra pass.
         if np.isfinite(vmin) and np.isfinite(vmax):
             values = array.reshape(-1)

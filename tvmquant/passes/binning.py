@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bin_counts", "install"]
+__all__ = ["bin_counts", "install", "value_range"]
 
 #: Histograms counted in turn by each thread (breaks the dependency between equal consecutive values).
 _WAYS = 4
@@ -45,7 +45,7 @@ def _kernel(absolute: bool):
         bins = T.int64()
         threads = T.int64()
         values = T.match_buffer(x_handle, (n,), "float32", align=4)
-        counts = T.match_buffer(counts_handle, (threads, ways, bins), "int32")
+        counts = T.match_buffer(counts_handle, (threads, ways, bins), "int32", align=4)
         for t in T.parallel(threads):
             for k, b in T.grid(ways, bins):
                 counts[t, k, b] = 0
@@ -62,17 +62,85 @@ def _kernel(absolute: bool):
     return bin_values
 
 
-def _function(absolute: bool):
+#: Lanes of the extremes kernel's accumulators (two AVX2 registers, one AVX-512 register).
+_RANGE_LANES = 16
+
+#: Smaller arrays get numpy's extremes (faster below about this size: the call costs tens of microseconds).
+_RANGE_MIN = 1 << 19
+
+
+def _range_kernel():
+    from tvm.script import tirx as T
+
+    lanes = _RANGE_LANES
+
+    @T.prim_func(s_tir=True)
+    def value_range(x_handle: T.handle, out_handle: T.handle, exponents_handle: T.handle):
+        T.func_attr({"global_symbol": "value_range", "tirx.noalias": True})
+        n = T.int64()
+        threads = T.int64()
+        values = T.match_buffer(x_handle, (n,), "float32", align=4)
+        out = T.match_buffer(out_handle, (threads, 2, lanes), "float32", align=4)
+        exponents = T.match_buffer(exponents_handle, (threads, lanes), "int32", align=4)
+        for t in T.parallel(threads):
+            for lane in T.vectorized(lanes):
+                out[t, 0, lane] = T.float32("inf")
+                out[t, 1, lane] = T.float32("-inf")
+                exponents[t, lane] = 0
+            for i in range(n // (threads * lanes)):
+                for lane in T.vectorized(lanes):
+                    v = T.meta_var(values[(t * (n // (threads * lanes)) + i) * lanes + lane])
+                    out[t, 0, lane] = T.min(out[t, 0, lane], v)
+                    out[t, 1, lane] = T.max(out[t, 1, lane], v)
+                    # The exponent bits, all ones for NaN and infinities: on the integers, whatever the
+                    # float flags LLVM compiles with (it folded v * 0 to 0).
+                    exponents[t, lane] = T.max(
+                        exponents[t, lane], T.bitwise_and(T.reinterpret("int32", v), T.int32(0x7F800000))
+                    )
+
+    return value_range
+
+
+def _function(absolute):
+    """The compiled binning kernel (``absolute`` True or False), or the extremes kernel (``"range"``)."""
     func = _FUNCS.get(absolute)
     if func is None:
         import tvm
 
         from ..target import host_target
 
-        mod = tvm.IRModule({"bin_values": _kernel(absolute)})
-        func = tvm.compile(mod, target=host_target())["bin_values"]
+        kernel = _range_kernel() if absolute == "range" else _kernel(absolute)
+        name = "value_range" if absolute == "range" else "bin_values"
+        func = tvm.compile(tvm.IRModule({name: kernel}), target=host_target())[name]
         _FUNCS[absolute] = func
     return func
+
+
+def value_range(array: np.ndarray):
+    """``(min, max)`` of a float32 array in one pass on every core; ``(nan, nan)`` if a value is NaN or
+    infinite (the observers then screen the batch); None for arrays this kernel does not take."""
+    from .._compat import tensor_view
+    from ..threads import use_physical_cores
+
+    array = np.asarray(array)
+    if array.dtype != np.float32 or not array.flags.c_contiguous or array.size < _RANGE_MIN:
+        return None
+    values = array.reshape(-1)
+    threads = use_physical_cores()
+    step = threads * _RANGE_LANES
+    body = values.size - values.size % step
+    partial = np.empty((threads, 2, _RANGE_LANES), np.float32)
+    exponents = np.empty((threads, _RANGE_LANES), np.int32)
+    _function("range")(tensor_view(values[:body]), tensor_view(partial), tensor_view(exponents))
+    tail = values[body:]
+    low, high = float(partial[:, 0].min()), float(partial[:, 1].max())
+    finite = int(exponents.max()) != 0x7F800000
+    if tail.size:
+        low, high = min(low, float(tail.min())), max(high, float(tail.max()))
+        finite = finite and np.isfinite(tail).all()
+    if not finite:
+        return np.float32(np.nan), np.float32(np.nan)
+    return np.float32(low), np.float32(high)
 
 
 def bin_counts(values: np.ndarray, factor, first_bin: int, num_bins: int, absolute: bool) -> np.ndarray | None:
@@ -106,7 +174,10 @@ def bin_counts(values: np.ndarray, factor, first_bin: int, num_bins: int, absolu
 
 
 def install() -> None:
-    """Bin the observers' histograms with :func:`bin_counts` from now on (in this process)."""
+    """Bin the observers' histograms with :func:`bin_counts`, and find their batches' extremes with
+    :func:`value_range`, from now on (in this process)."""
     from ..calibration.histogram import set_binning_kernel
+    from ..calibration.observers import set_range_kernel
 
     set_binning_kernel(bin_counts)
+    set_range_kernel(value_range)

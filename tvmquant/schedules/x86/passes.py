@@ -507,11 +507,11 @@ class _FloatConvRewriter(_Int8Rewriter._cls):
             split, perm = float_conv2d_packing(weight_np.shape, ic_block, oc_block)
         else:
             return call
-        packed = relax.const(np.ascontiguousarray(weight_np.reshape(split).transpose(perm)), dtype)
+        packing = MarkerLayout(weight_np.shape, split, perm)
+        packed = relax.const(np.ascontiguousarray(packing.block(weight_np)), dtype)
         if marker is not None:
             _, name, role = marker
-            role = MarkerLayout(weight_np.shape, split, perm).encode(role)
-            packed = self.builder_.emit(dps_marker(packed, name, role))
+            packed = self.builder_.emit(dps_marker(packed, name, packing.encode(role)))
         blocked = self.builder_.emit(
             relax.op.layout_transform(data, lambda n, c, h, w: (n, c // ic_block, h, w, c % ic_block))
         )

@@ -56,6 +56,18 @@ def _fp32_conv_module(rng, shape=(1, 16, 12, 12), out_ch=24, kernel=3, padding=1
     return bb.get()
 
 
+def _fp32_depthwise_module(rng, shape=(2, 32, 14, 14)):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    weight = rng.standard_normal((shape[1], 1, 3, 3)).astype("float32")
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=1, groups=shape[1]))
+            out = bb.emit_output(relax.op.clip(y, 0.0, 6.0))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 @needs_avx2
 def test_int8_defaults_exact_against_stock_tvm():
     """A requantized conv chain (3x3 with pad, strided 1x1) and a dense, built with the heuristic defaults
@@ -101,6 +113,24 @@ def test_fp32_conv_defaults_keep_the_pad_out_and_match(blocked, monkeypatch):
     conv_update = [line for line in script.splitlines() if output in line and " + " in line]
     assert conv_update and not any("if_then_else" in line for line in conv_update)
     data = rng.standard_normal((1, 16, 12, 12)).astype("float32")
+    np.testing.assert_allclose(run(x86.build(mod, target), data), stock_reference(mod, data), rtol=1e-5, atol=1e-5)
+
+
+@needs_avx2
+def test_fp32_depthwise_defaults_vectorize_one_channel_block_and_match():
+    """The blocked FP32 depthwise conv vectorizes one vector of its channel block (8 lanes with AVX2), not the
+    64-lane fusion of the register tile's columns with it that meta-schedule's postprocessor makes (slower to
+    compile and to run), and gives the stock result."""
+    rng = np.random.default_rng(23)
+    mod = _fp32_depthwise_module(rng)
+    target = x86.x86_target(**HASWELL)
+    (name, func), *_ = [(n, f) for n, f in _untuned_kernels(mod, target) if "depthwise" in n]
+    scheduled = defaults.choose_schedule(func, target, name, 2)
+    assert scheduled is not None
+    script = scheduled.script()
+    vectors = [line for line in script.splitlines() if "T.vectorized(" in line]
+    assert vectors and all("T.vectorized(T.int64(8))" in line for line in vectors), vectors
+    data = rng.standard_normal((2, 32, 14, 14)).astype("float32")
     np.testing.assert_allclose(run(x86.build(mod, target), data), stock_reference(mod, data), rtol=1e-5, atol=1e-5)
 
 

@@ -476,3 +476,43 @@ def test_tvm_fold_constant_runs_only_where_numpy_folding_left_a_constant_call(mo
     folded = prepare(bb.get())
     assert not prepare_module.has_constant_call(folded)
     assert "exp" not in folded["main"].script()
+
+
+def test_rewriter_keeps_a_re_emitted_calls_type_only_where_inference_would_give_it():
+    """A binding re-emitted on arguments of the same types keeps its type (no re-inference); one whose
+    argument's type changed gets its type inferred from the new argument."""
+    from tvmquant._relax import BindingRewriter, _keep_inferred_type
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 4, 8, 8), "float32"), w: R.Tensor((6, 4, 3, 3), "float32")):
+            with R.dataflow():
+                y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1])
+                z = R.nn.relu(y)
+                R.output(z)
+            return z
+
+    class Doubled(BindingRewriter):
+        """Feeds the conv a batch of two (its input concatenated with itself)."""
+
+        def rewrite(self, var, value):
+            if value.op.name != "relax.nn.conv2d":
+                return value
+            pair = self.emit(relax.op.concat([value.args[0], value.args[0]], axis=0))
+            return relax.Call(value.op, [pair, value.args[1]], value.attrs)
+
+    same = BindingRewriter().transform_module(Before)
+    tvm.ir.assert_structural_equal(same, Before)
+    doubled = Doubled().transform_module(Before)
+    _well_formed(doubled)
+    assert [int(d) for d in doubled["main"].ret_ty.shape] == [2, 6, 8, 8]
+
+    conv = Before["main"].body.blocks[0].bindings[0].value
+    fresh = relax.Call(conv.op, list(conv.args), conv.attrs)
+    _keep_inferred_type(fresh, conv)
+    assert [int(d) for d in fresh.ty.shape] == [1, 6, 8, 8]
+    other = relax.Var("x2", relax.TensorType((3, 4, 8, 8), "float32"))
+    refused = relax.Call(conv.op, [other, conv.args[1]], conv.attrs)
+    _keep_inferred_type(refused, conv)
+    assert [int(d) for d in relax.BlockBuilder().normalize(refused).ty.shape] == [3, 6, 8, 8]

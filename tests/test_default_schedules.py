@@ -226,3 +226,44 @@ def test_cpu_model_and_register_tile():
     assert tile[2] % 8 == 0  # whole vectors along the contiguous axis
     ops = tile[0] * tile[1] * tile[2] // 8
     assert 8 <= ops <= avx2.accumulators  # enough independent accumulators, within the registers
+
+
+def test_integer_function_evaluates_index_expressions_as_tvm_does():
+    """The heuristic's Python index evaluator agrees with TVM's arithmetic (floor division and modulo of
+    negatives included) and declines what it cannot evaluate."""
+    from tvm import tirx
+    from tvm.sym import Analyzer
+
+    i, j = tirx.Var("i", "int64"), tirx.Var("j", "int64")
+    expressions = [
+        (i * 16 + j) // 7,
+        tirx.floormod(i - 3 * j, 5),
+        tirx.floordiv(i - j * 9, 4) + tirx.Cast("int64", tirx.Min(i, j)),
+        tirx.Max(i * j - 2, j),
+    ]
+    for expr in expressions:
+        fn = defaults._integer_function(expr, [i, j])
+        assert fn is not None, expr
+        for a, b in [(0, 0), (3, 1), (1, 3), (-5, 2), (7, -4)]:
+            analyzer = Analyzer()
+            analyzer.bind(i, tirx.IntImm("int64", a))
+            analyzer.bind(j, tirx.IntImm("int64", b))
+            assert fn([a, b]) == int(analyzer.simplify(expr)), (expr, a, b)
+    assert defaults._integer_function(i * tirx.Var("k", "int64"), [i, j]) is None  # a variable it was not given
+    assert defaults._integer_function(tirx.truncdiv(i, j), [i, j]) is None  # not floor division
+
+
+@pytest.mark.parametrize(("kernel", "chunk"), [(3, 2), (1, 4)], ids=["3x3", "1x1"])
+def test_fp32_conv_reduces_the_input_channels_whose_operands_fit_in_l1(kernel, chunk):
+    """A blocked FP32 conv reduces up to INNER_REDUCTION input channels (4 blocks of 8) in its register tile,
+    fewer where the weights the tile reads over them (4 output blocks x 9 taps x 64 values per block of a 3x3
+    conv) would leave the L1 cache: 2 blocks for a 3x3 256-channel conv, 4 for a 1x1."""
+    rng = np.random.default_rng(24)
+    mod = _fp32_conv_module(rng, shape=(1, 256, 14, 14), out_ch=256, kernel=kernel, padding=kernel // 2)
+    target = x86.x86_target(**HASWELL)
+    (name, func), *_ = [(n, f) for n, f in _untuned_kernels(mod, target) if "conv2d" in n]
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    loops, operand_bytes = defaults._analyze(sch, sch.get_sblock("conv2d_NCHWc_float"))
+    plan = defaults._plan(loops, operand_bytes, defaults.cpu_model(target), 32, False, False)
+    assert plan["ic_inner"] == (1, 8)
+    assert plan["ic_outer"] == (32 // chunk, chunk)

@@ -253,17 +253,20 @@ def test_integer_function_evaluates_index_expressions_as_tvm_does():
     assert defaults._integer_function(tirx.truncdiv(i, j), [i, j]) is None  # not floor division
 
 
-@pytest.mark.parametrize(("kernel", "chunk"), [(3, 2), (1, 4)], ids=["3x3", "1x1"])
-def test_fp32_conv_reduces_the_input_channels_whose_operands_fit_in_l1(kernel, chunk):
+@pytest.mark.parametrize(
+    ("kernel", "channels", "chunk"), [(3, 256, 2), (3, 128, 2), (1, 256, 4)], ids=["3x3", "3x3-128", "1x1"]
+)
+def test_fp32_conv_reduces_the_input_channels_whose_operands_fit_in_l1(kernel, channels, chunk):
     """A blocked FP32 conv reduces up to INNER_REDUCTION input channels (4 blocks of 8) in its register tile,
     fewer where the weights the tile reads over them (4 output blocks x 9 taps x 64 values per block of a 3x3
-    conv) would leave the L1 cache: 2 blocks for a 3x3 256-channel conv, 4 for a 1x1."""
+    conv) would leave the L1 cache: 2 blocks for a 3x3 conv (also where all its 16 blocks would be few enough
+    to take whole, as a short reduction loop is), 4 for a 1x1."""
     rng = np.random.default_rng(24)
-    mod = _fp32_conv_module(rng, shape=(1, 256, 14, 14), out_ch=256, kernel=kernel, padding=kernel // 2)
+    mod = _fp32_conv_module(rng, shape=(1, channels, 14, 14), out_ch=256, kernel=kernel, padding=kernel // 2)
     target = x86.x86_target(**HASWELL)
     (name, func), *_ = [(n, f) for n, f in _untuned_kernels(mod, target) if "conv2d" in n]
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
     loops, operand_bytes = defaults._analyze(sch, sch.get_sblock("conv2d_NCHWc_float"))
     plan = defaults._plan(loops, operand_bytes, defaults.cpu_model(target), 32, False, False)
     assert plan["ic_inner"] == (1, 8)
-    assert plan["ic_outer"] == (32 // chunk, chunk)
+    assert plan["ic_outer"] == (channels // 8 // chunk, chunk)

@@ -454,11 +454,10 @@ def _plan(
         else:
             # Inner reduction: whole small loops (taps, the VNNI quad); long loops (input channels) in
             # chunks of at most INNER_REDUCTION.
-            t = (
-                loop.extent
-                if loop.extent <= 16
-                else max(_divisors(loop.extent, budget.get(loop.name, INNER_REDUCTION)))
-            )
+            if loop.name in budget:
+                t = max(_divisors(loop.extent, budget[loop.name]))
+            else:
+                t = loop.extent if loop.extent <= 16 else max(_divisors(loop.extent, INNER_REDUCTION))
             plan[loop.name] = (loop.extent // t, t)
     if demoted is not None and demoted not in inner_axes:
         # Its register tile, now the third level (inside the outer reduction, around the inner one).

@@ -196,3 +196,41 @@ def test_observers_see_the_same_tensors_from_the_blocked_graph(quantized_residua
             np.sort(any_seen[name], axis=None), np.sort(array, axis=None), rtol=1e-4, atol=1e-4 * np.abs(array).max()
         )
     np.testing.assert_allclose(any_out, plain_out, rtol=1e-4, atol=1e-4 * np.abs(plain_out).max())
+
+
+def test_gather_layout_transform_makes_one_kernel_per_distinct_transform():
+    """Repeated transforms share one gather kernel; transforms that differ in shape, map or pad value get their
+    own, and each call still reads its own input."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 4, 4), "float32"))
+    y = relax.Var("y", relax.TensorType((1, 16, 4, 4), "float32"))
+    z = relax.Var("z", relax.TensorType((1, 12, 4, 4), "float32"))
+    block8 = lambda n, c, h, w: (n, c // 8, h, w, c % 8)  # noqa: E731
+    block4 = lambda n, c, h, w: (n, c // 4, h, w, c % 4)  # noqa: E731
+    with bb.function("main", [x, y, z]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.layout_transform(x, block8))
+            b = bb.emit(relax.op.layout_transform(y, block8))
+            c = bb.emit(relax.op.layout_transform(y, block4))
+            d = bb.emit(relax.op.layout_transform(z, block8, pad_value=1.0))
+            e = bb.emit(relax.op.layout_transform(z, block8, pad_value=0.0))
+            out = bb.emit_output(relax.Tuple([a, b, c, d, e]))
+        bb.emit_func_output(out)
+    gathered = x86.passes.GatherLayoutTransform()(bb.get())
+    kernels = [gv.name_hint for gv, f in gathered.functions.items() if isinstance(f, tirx.PrimFunc)]
+    assert len([k for k in kernels if k.startswith("layout_transform")]) == 4, kernels
+    rng = np.random.default_rng(25)
+    xs, ys = (rng.standard_normal((1, 16, 4, 4)).astype("float32") for _ in range(2))
+    zs = rng.standard_normal((1, 12, 4, 4)).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(gathered, target="llvm"), tvm.cpu())
+    got = [t.numpy() for t in vm["main"](*(tvm.runtime.tensor(v) for v in (xs, ys, zs)))]
+
+    def blocked(v, block, fill=0.0):
+        channels = -(-v.shape[1] // block) * block
+        padded = np.full((1, channels, 4, 4), fill, np.float32)
+        padded[:, : v.shape[1]] = v
+        return padded.reshape(1, channels // block, block, 4, 4).transpose(0, 1, 3, 4, 2)
+
+    expected = [blocked(xs, 8), blocked(ys, 8), blocked(ys, 4), blocked(zs, 8, 1.0), blocked(zs, 8)]
+    for value, want in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(value, want)

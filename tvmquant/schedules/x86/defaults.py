@@ -101,6 +101,12 @@ def cpu_model(target: tvm.target.Target) -> CpuModel:
     return CpuModel(bits, registers, int(target.attrs.get("num-cores", 1) or 1))
 
 
+#: ``Schedule.get`` and ``get_loops`` without TVM's Python type checking of their arguments (a third of the time
+#: the heuristic spent replaying a sketch went to it: ~1,300 lookups for MobileNetV2's kernels).
+_get = getattr(tvm.s_tir.Schedule.get, "__wrapped__", tvm.s_tir.Schedule.get)
+_get_loops = getattr(tvm.s_tir.Schedule.get_loops, "__wrapped__", tvm.s_tir.Schedule.get_loops)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Block analysis
 @dataclass
@@ -183,11 +189,11 @@ def _analyze(sch: tvm.s_tir.Schedule, block_rv) -> tuple[list[_Loop], list[int]]
 
     None when the block has loops of non-constant extent or buffers of non-constant shape.
     """
-    block = sch.get(block_rv)
-    loop_rvs = sch.get_loops(block_rv)
+    block = _get(sch, block_rv)
+    loop_rvs = _get_loops(sch, block_rv)
     if not loop_rvs:
         return None
-    fors = [sch.get(rv) for rv in loop_rvs]
+    fors = [_get(sch, rv) for rv in loop_rvs]
     extents = [_int(f.extent) for f in fors]
     if any(e is None for e in extents):
         return None
@@ -516,7 +522,7 @@ class _Decider:
 
     def _block_of(self, loop_rv):
         realize = None
-        todo = [self.sch.get(loop_rv).body]
+        todo = [_get(self.sch, loop_rv).body]
         while todo and realize is None:
             node = todo.pop()
             if isinstance(node, tvm.s_tir.stmt.SBlockRealize):
@@ -545,7 +551,7 @@ class _Decider:
     def __call__(self, inst, inputs, attrs, decision):
         kind = inst.kind.name
         if kind == "SamplePerfectTile":
-            loop = self.sch.get(inputs[0])
+            loop = _get(self.sch, inputs[0])
             block = self._block_of(inputs[0])
             plan = None if block is None else self._plan_for(block)
             entry = None if plan is None else plan.get(str(loop.loop_var.name))
@@ -557,7 +563,7 @@ class _Decider:
         if kind == "SampleComputeLocation":
             # -1: the root (its own loop nest), -2: inline. A pad computed inline is an if_then_else in
             # the conv's vector loop (see _keep_padding_out).
-            if str(self.sch.get(inputs[0]).name_hint) in self.pads:
+            if str(_get(self.sch, inputs[0]).name_hint) in self.pads:
                 return -1
             return decision
         if kind == "SampleCategorical":
@@ -662,15 +668,17 @@ def heuristic_trace(
     return sch
 
 
-def _unroll_float_init(sch: tvm.s_tir.Schedule) -> None:
+def _unroll_float_init(sch: tvm.s_tir.Schedule, names: set[str]) -> None:
     """Unroll the vectorized loop of the blocked FP32 convs' accumulator initialisation.
 
     Vectorized, the zero-fill of a register tile spread over spatial loops inside the reduction (ResNet-50's
     14x14 convs at batch 4: 4 x 14 x 7 tiles) took LLVM 2-3 s of machine code per kernel, 15 s of the
     calibration graph's 20 s; unrolled (LLVM vectorizes the stores again), 0.07 s. The conv itself is
-    unchanged.
+    unchanged. ``names``: the kernel's blocks before scheduling (a conv block that is not there has no init).
     """
     for name in FLOAT_BLOCKED_BLOCKS:
+        if name not in names:
+            continue
         try:
             block = sch.get_sblock(name + "_init")
         except RuntimeError:  # ScheduleError: no such block in this kernel
@@ -738,6 +746,7 @@ def heuristic_schedule(
         raise ValueError(f"choose_schedule: verify must be 'always' or 'tensorized', got {verify!r}")
     context = design_space_context(func, target, name, 0, num_threads)
     sketches = list(context.generate_design_space())
+    names = {str(block.name_hint) for block in _root_blocks(func)}
     preference = [_sketch_preference(sketch) for sketch in sketches]
     order = sorted(range(len(sketches)), key=lambda i: (preference[i], i))
     for safe, index in itertools.product((False, True), order):
@@ -750,7 +759,7 @@ def heuristic_schedule(
         if not all(postproc.apply(sch) for postproc in context.space_generator.postprocs):
             logger.debug("default schedule: sketch %d of %s fails the postprocessors", index, name)
             continue
-        _unroll_float_init(sch)
+        _unroll_float_init(sch, names)
         tensorized = not preference[index][0]
         if verify == "always" or tensorized:
             try:

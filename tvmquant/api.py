@@ -28,6 +28,7 @@ from .op_table import LayerInfo
 from .passes.annotate import AnnotateQuant, layers_of
 from .passes.calibrate import (
     BindQuantParams,
+    ReferenceRuns,
     calibrate,
     compile_vm,
     count_samples,
@@ -38,6 +39,7 @@ from .passes.calibrate import (
     weight_sqnr_terms,
 )
 from .passes.dynamic import RealizeDynamic
+from .passes.error_kernels import fake_quantize_error
 from .passes.realize import RealizeQuant
 from .qparams import QParams, Role
 from .quant_math import fake_quantize
@@ -198,8 +200,18 @@ def quantize(
     calib_annotated, calib_inputs = _calibration_module(
         model, params, annotated, inputs, config, calib_data, calib_batch
     )
+    # The summary's FP32 reference: the first batches as calibration runs them (not run a second time).
+    model_batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
+    reference = ReferenceRuns(_sqnr_batches(report_batches, model_batch, calib_inputs) if report_batches else 0)
     table = calibrate(
-        calib_annotated, calib_data, calib_inputs, config, progress=progress, build=host_build, index_limits=limits
+        calib_annotated,
+        calib_data,
+        calib_inputs,
+        config,
+        progress=progress,
+        build=host_build,
+        index_limits=limits,
+        reference=reference,
     )
     auto_reasons: dict = {}
     if config.auto_skip is not None:
@@ -207,7 +219,6 @@ def quantize(
 
         # On the calibration graph, whose VM calibration just compiled: as many samples as auto_skip.batches
         # model-sized batches hold, in calibration-sized runs.
-        model_batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
         run_batch = calib_inputs[0].shape[0] if calib_inputs and calib_inputs[0].shape else 1
         auto_reasons = choose_auto_skips(
             calib_annotated,
@@ -227,7 +238,16 @@ def quantize(
             calib_annotated, calib_inputs = _calibration_module(
                 model, params, annotated, inputs, config, calib_data, calib_batch
             )
-            table = calibrate(calib_annotated, calib_data, calib_inputs, config, progress=progress, build=host_build)
+            reference = ReferenceRuns(_sqnr_batches(report_batches, model_batch, calib_inputs) if report_batches else 0)
+            table = calibrate(
+                calib_annotated,
+                calib_data,
+                calib_inputs,
+                config,
+                progress=progress,
+                build=host_build,
+                reference=reference,
+            )
     corrections: dict = {}
     if config.bias_correction:
         from .passes.bias_correction import ApplyBiasCorrection, bias_corrections
@@ -245,8 +265,16 @@ def quantize(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", InputNameNotice)  # calibration already said so
-            qmodel.measure_sqnr(calib_data, report_batches, graph=calib_annotated, inputs=calib_inputs)
+            qmodel.measure_sqnr(
+                calib_data, report_batches, graph=calib_annotated, inputs=calib_inputs, reference=reference
+            )
     return qmodel
+
+
+def _sqnr_batches(report_batches: int, model_batch: int, run_inputs) -> int:
+    """Runs of ``run_inputs``' batch that :meth:`QuantizedModel.measure_sqnr` makes of ``report_batches``."""
+    run_batch = run_inputs[0].shape[0] if run_inputs and run_inputs[0].shape else 1
+    return max(1, -(-report_batches * max(model_batch, 1) // max(run_batch, 1)))
 
 
 class _ReadOnce:
@@ -531,7 +559,14 @@ class QuantizedModel:
         return layers_of(self.annotated)
 
     # -- reports ------------------------------------------------------------------------------------------
-    def measure_sqnr(self, calib_data, max_batches: int = 8, graph: tvm.IRModule | None = None, inputs=None) -> dict:
+    def measure_sqnr(
+        self,
+        calib_data,
+        max_batches: int = 8,
+        graph: tvm.IRModule | None = None,
+        inputs=None,
+        reference: ReferenceRuns | None = None,
+    ) -> dict:
         """SQNR (dB) of every quantized tensor and of the outputs, simulated vs FP32, on calibration data.
 
         ``graph`` and ``inputs``: the annotated model (before bias correction) at another batch; quantize passes
@@ -545,6 +580,9 @@ class QuantizedModel:
         values through its own quantize/dequantize, nothing upstream quantized. Where the end-to-end SQNR falls,
         this says whether the tensor itself is the culprit (clipped outlier channels, a range too wide) or only
         inherits error from earlier layers.
+
+        ``reference``: the FP32 runs calibration kept of ``graph`` (:class:`~tvmquant.passes.calibrate.ReferenceRuns`),
+        used instead of running those batches again.
         """
         if self.config.dynamic:
             graph, inputs = self.annotated, self.inputs  # the simulated model exists at the model's own batch
@@ -552,9 +590,8 @@ class QuantizedModel:
             # Bias correction changes the biases of ``annotated``: the reference is the model before it.
             graph = AnnotateQuant(self.config)(self.fp32) if self.bias_corrections else self.annotated
         inputs = inputs if inputs is not None else self.inputs
-        batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
         own = self.inputs[0].shape[0] if self.inputs and self.inputs[0].shape else 1
-        batches = max(1, -(-max_batches * max(own, 1) // max(batch, 1)))
+        batches = _sqnr_batches(max_batches, own, inputs)
         vm = compile_vm(graph, build=host_build)
         terms = _SqnrTerms(self.table)
         terms.signal, terms.noise = weight_sqnr_terms(graph, self.table)
@@ -567,13 +604,22 @@ class QuantizedModel:
             corrected = ApplyBiasCorrection(self.bias_corrections)(graph)
             sim_vm = compile_vm(BindQuantParams(self.table, observe=True)(corrected), build=host_build)
         limits = self.index_limits
+        kept = None
+        if reference is not None and reference.graph is graph and reference.runs is not None and sim_vm is None:
+            kept = reference.runs if len(reference.runs) >= batches else None
         for index, batch_data in enumerate(iter_batches(calib_data, inputs)):
             if index >= batches:
                 break
             check_index_range(batch_data, limits, f"calibration batch {index}")
-            # Kept and simulated values of one VM are compared in its own layout; another VM's, in the plain one.
-            with observing(terms.keep, any_layout=sim_vm is None):
-                reference = flatten_outputs(run_vm(vm, batch_data, inputs))
+            if kept is not None:  # calibration ran this batch on this VM and kept what it saw
+                activations, reference_outputs = kept[index]
+                for name, array in activations.items():
+                    terms.keep(name, array, copy=False)
+            else:
+                # Kept and simulated values of one VM are compared in its own layout; another VM's, in the plain
+                # one.
+                with observing(terms.keep, any_layout=sim_vm is None):
+                    reference_outputs = flatten_outputs(run_vm(vm, batch_data, inputs))
             if sim_vm is None:
                 # The same VM, its markers fake-quantizing: the simulated model.
                 with observing(terms.simulate, any_layout=terms.per_tensor):
@@ -582,7 +628,7 @@ class QuantizedModel:
                 with observing(terms.compare):
                     approx = flatten_outputs(run_vm(sim_vm, batch_data, inputs))
             terms.kept.clear()
-            for i, (ref, app) in enumerate(zip(reference, approx)):
+            for i, (ref, app) in enumerate(zip(reference_outputs, approx)):
                 terms.add(f"output{i}", ref, app)
         signal, noise = terms.signal, terms.noise
         self.sqnr = {name: _db(signal[name], noise[name]) for name in signal}
@@ -972,21 +1018,22 @@ class _SqnrTerms:
         self.signal: dict = {}
         self.noise: dict = {}
 
-    def add(self, name: str, ref, app) -> None:
-        # float32 dot products: 22x faster than float64 squares and sums on a 51 MB activation, at a relative
-        # error of at most ~0.5% of the sum (0.02 dB), far below what the summary's 0.1 dB shows
-        ref = np.asarray(ref, np.float32).reshape(-1)
-        diff = np.subtract(ref, np.asarray(app, np.float32).reshape(-1), dtype=np.float32)
-        self.signal[name] = self.signal.get(name, 0.0) + float(np.dot(ref, ref))
-        self.noise[name] = self.noise.get(name, 0.0) + float(np.dot(diff, diff))
+    def _sum(self, name: str, sums: tuple[float, float]) -> None:
+        self.signal[name] = self.signal.get(name, 0.0) + sums[0]
+        self.noise[name] = self.noise.get(name, 0.0) + sums[1]
 
-    def keep(self, name: str, array: np.ndarray) -> None:
-        """Keep an FP32 activation, and add its own error (its values through its own quantize/dequantize)."""
+    def add(self, name: str, ref, app) -> None:
+        # One compiled pass over both (float64 sums; numpy's float32 dot products for small or odd arrays, at a
+        # relative error of at most ~0.5% of the sum, far below what the summary's 0.1 dB shows).
+        self._sum(name, fake_quantize_error(np.asarray(app), np.asarray(ref)))
+
+    def keep(self, name: str, array: np.ndarray, copy: bool = True) -> None:
+        """Keep an FP32 activation, and add its own error (its values through its own quantize/dequantize);
+        ``copy=False``: ``array`` is the caller's to give (calibration's kept copy)."""
         params = self.table.get(name)
         if params is not None and params.role == Role.ACTIVATION:
-            self.kept[name] = array.copy()
-            own = fake_quantize(array, params.scale, params.zero_point, params.qmin, params.qmax, params.axis)
-            self.add(f"{name}{OWN_SQNR_SUFFIX}", array, own)
+            self.kept[name] = array.copy() if copy else array
+            self._sum(f"{name}{OWN_SQNR_SUFFIX}", fake_quantize_error(array, array, _fq_params(params)))
 
     def per_tensor(self, name: str) -> bool:
         """Whether ``name``'s values are fake-quantized alike in any layout (per-tensor, or not quantized)."""
@@ -997,13 +1044,20 @@ class _SqnrTerms:
         params = self.table.get(name)
         if params is None:
             return
-        array[...] = fake_quantize(array, params.scale, params.zero_point, params.qmin, params.qmax, params.axis)
-        self.compare(name, array)
+        if name in self.kept:  # fake-quantize in place and compare, in one pass
+            self._sum(name, fake_quantize_error(array, self.kept.pop(name), _fq_params(params), write=True))
+        else:
+            array[...] = fake_quantize(array, *_fq_params(params))
 
     def compare(self, name: str, array: np.ndarray) -> None:
         """Compare a simulated activation (from a simulated model's observe markers) with the kept one."""
         if name in self.kept:
             self.add(name, self.kept.pop(name), array)
+
+
+def _fq_params(params: QParams) -> tuple:
+    """``fake_quantize``'s parameters after the array: ``(scale, zero_point, qmin, qmax, axis)``."""
+    return params.scale, params.zero_point, params.qmin, params.qmax, params.axis
 
 
 def _db(signal: float, noise: float) -> float:

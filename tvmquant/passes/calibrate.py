@@ -21,7 +21,7 @@ import tvm
 from tvm import relax
 
 from .._compat import const, const_value, is_const, op_name, register_ffi_error, tensor_shape, to_tensor
-from .._io import CalibrationDataError, iter_batches  # numpy-only, shared with deploy
+from .._io import CalibrationDataError, flatten_outputs, iter_batches  # numpy-only, shared with deploy
 from .._relax import MARKER_INTO, BindingRewriter, MarkerLayout, dps_marker, tvmquant_module_pass
 from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
@@ -228,6 +228,31 @@ def _progress(iterable, total, desc, enabled):
     return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
 
 
+class ReferenceRuns:
+    """The FP32 activations and outputs of the first ``batches`` calibration batches, kept as calibration runs
+    them, so that the summary's SQNR (:meth:`tvmquant.api.QuantizedModel.measure_sqnr`) does not run them again.
+
+    ``runs`` is a list of ``(activations, outputs)`` per batch (activations by tensor name, in the layout the
+    calibration VM runs them in), or None when they would take more than ``max_bytes``.
+    """
+
+    def __init__(self, batches: int, max_bytes: int = 1 << 30):
+        self.batches = batches
+        self.max_bytes = max_bytes
+        self.graph = None  # the annotated module the runs are of
+        self.runs: list | None = []
+        self._bytes = 0
+
+    def keep(self, name: str, array: np.ndarray) -> None:
+        if self.runs is None:
+            return
+        self._bytes += array.nbytes
+        if self._bytes > self.max_bytes:
+            self.runs = None
+            return
+        self.runs[-1][0][name] = array.copy()
+
+
 def calibrate(
     annotated: tvm.IRModule,
     calib_data,
@@ -236,6 +261,7 @@ def calibrate(
     progress: bool = True,
     build=None,
     index_limits: dict | None = None,
+    reference: ReferenceRuns | None = None,
 ) -> dict:
     """Compute quantization parameters for every marked tensor.
 
@@ -255,6 +281,8 @@ def calibrate(
     index_limits : dict, optional
         ``{input: rows}`` of index inputs (token ids, :func:`tvmquant.frontend.prepare.index_limits`): a value
         outside ``[0, rows)`` is refused, naming the batch and the input.
+    reference : ReferenceRuns, optional
+        Filled with the activations and outputs of the first ``reference.batches`` batches.
 
     Returns
     -------
@@ -271,11 +299,17 @@ def calibrate(
     # one compiled VM serves all three (compile_vm keeps it).
     vm = compile_vm(annotated, build=build)
 
+    keeping = [False]
+
     def collect(name, tensor):
         observer = observers.get(name)
         if observer is not None:
             observer.collect(tensor)
+            if keeping[0]:
+                reference.keep(name, tensor)
 
+    if reference is not None:
+        reference.graph, reference.runs = annotated, []
     seen = 0
     batches = iter_batches(calib_data, inputs)
     # Activations are observed per tensor: any layout gives the same statistics.
@@ -285,7 +319,12 @@ def calibrate(
             check_finite(batch, seen)
             if index_limits:
                 check_index_range(batch, index_limits, f"calibration batch {seen}")
-            run_vm(vm, batch, inputs)
+            keeping[0] = reference is not None and reference.runs is not None and seen < reference.batches
+            if keeping[0]:
+                reference.runs.append(({}, None))
+            result = run_vm(vm, batch, inputs)
+            if keeping[0] and reference.runs is not None:
+                reference.runs[-1] = (reference.runs[-1][0], [np.array(o) for o in flatten_outputs(result)])
             seen += 1
     if seen == 0:
         raise CalibrationDataError("calibration data is empty: give at least one batch for every model input")

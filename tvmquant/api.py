@@ -202,7 +202,9 @@ def quantize(
     )
     # The summary's FP32 reference: the first batches as calibration runs them (not run a second time).
     model_batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
-    reference = ReferenceRuns(_sqnr_batches(report_batches, model_batch, calib_inputs) if report_batches else 0)
+    # (Not with AutoSkip, whose runs would hold them, and which calibrates again when it skips layers.)
+    keep = report_batches and config.auto_skip is None
+    reference = ReferenceRuns(_sqnr_batches(report_batches, model_batch, calib_inputs) if keep else 0)
     table = calibrate(
         calib_annotated,
         calib_data,

@@ -233,10 +233,11 @@ class ReferenceRuns:
     them, so that the summary's SQNR (:meth:`tvmquant.api.QuantizedModel.measure_sqnr`) does not run them again.
 
     ``runs`` is a list of ``(activations, outputs)`` per batch (activations by tensor name, in the layout the
-    calibration VM runs them in), or None when they would take more than ``max_bytes``.
+    calibration VM runs them in), or None when they would take more than ``max_bytes`` (then the summary runs
+    them again: MobileNetV2's 8 images keep 60 MB, ResNet-50's would keep 370 MB through calibration).
     """
 
-    def __init__(self, batches: int, max_bytes: int = 1 << 30):
+    def __init__(self, batches: int, max_bytes: int = 256 << 20):
         self.batches = batches
         self.max_bytes = max_bytes
         self.graph = None  # the annotated module the runs are of

@@ -608,13 +608,14 @@ class QuantizedModel:
         limits = self.index_limits
         kept = None
         if reference is not None and reference.graph is graph and reference.runs is not None and sim_vm is None:
-            kept = reference.runs if len(reference.runs) >= batches else None
+            runs = reference.runs[:batches]
+            kept = runs if len(runs) == batches and all(run is not None for run in runs) else None
         for index, batch_data in enumerate(iter_batches(calib_data, inputs)):
             if index >= batches:
                 break
             check_index_range(batch_data, limits, f"calibration batch {index}")
             if kept is not None:  # calibration ran this batch on this VM and kept what it saw
-                activations, reference_outputs = kept[index]
+                (activations, reference_outputs), reference.runs[index] = kept[index], None  # freed once used
                 for name, array in activations.items():
                     terms.keep(name, array, copy=False)
             else:

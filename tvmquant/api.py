@@ -615,7 +615,8 @@ class QuantizedModel:
                 break
             check_index_range(batch_data, limits, f"calibration batch {index}")
             if kept is not None:  # calibration ran this batch on this VM and kept what it saw
-                (activations, reference_outputs), reference.runs[index] = kept[index], None  # freed once used
+                activations, reference_outputs = kept[index]
+                kept[index] = reference.runs[index] = None  # freed once used
                 for name, array in activations.items():
                     terms.keep(name, array, copy=False)
             else:

@@ -200,21 +200,27 @@ def quantize(
     calib_annotated, calib_inputs = _calibration_module(
         model, params, annotated, inputs, config, calib_data, calib_batch
     )
-    # The summary's FP32 reference: the first batches as calibration runs them (not run a second time).
     model_batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
-    # (Not with AutoSkip, whose runs would hold them, and which calibrates again when it skips layers.)
-    keep = report_batches and config.auto_skip is None
-    reference = ReferenceRuns(_sqnr_batches(report_batches, model_batch, calib_inputs) if keep else 0)
-    table = calibrate(
-        calib_annotated,
-        calib_data,
-        calib_inputs,
-        config,
-        progress=progress,
-        build=host_build,
-        index_limits=limits,
-        reference=reference,
-    )
+
+    def calibrate_keeping(graph, graph_inputs, keep: bool):
+        """Calibrate ``graph``; with ``keep``, the summary's FP32 reference too: its first batches as calibration
+        runs them (the summary does not run them again)."""
+        batches = _sqnr_batches(report_batches, model_batch, graph_inputs) if keep and report_batches else 0
+        reference = ReferenceRuns(batches)
+        found = calibrate(
+            graph,
+            calib_data,
+            graph_inputs,
+            config,
+            progress=progress,
+            build=host_build,
+            index_limits=limits,
+            reference=reference,
+        )
+        return found, reference
+
+    # Not kept under AutoSkip, whose runs would hold them, and which calibrates again when it skips layers.
+    table, reference = calibrate_keeping(calib_annotated, calib_inputs, keep=config.auto_skip is None)
     auto_reasons: dict = {}
     if config.auto_skip is not None:
         from .passes.sensitivity import choose_auto_skips
@@ -240,16 +246,7 @@ def quantize(
             calib_annotated, calib_inputs = _calibration_module(
                 model, params, annotated, inputs, config, calib_data, calib_batch
             )
-            reference = ReferenceRuns(_sqnr_batches(report_batches, model_batch, calib_inputs) if report_batches else 0)
-            table = calibrate(
-                calib_annotated,
-                calib_data,
-                calib_inputs,
-                config,
-                progress=progress,
-                build=host_build,
-                reference=reference,
-            )
+            table, reference = calibrate_keeping(calib_annotated, calib_inputs, keep=True)
     corrections: dict = {}
     if config.bias_correction:
         from .passes.bias_correction import ApplyBiasCorrection, bias_corrections

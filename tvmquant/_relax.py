@@ -221,6 +221,8 @@ def _keep_inferred_type(new, old) -> None:
     """
     if not (isinstance(new, relax.Call) and isinstance(old, relax.Call)) or new.same_as(old):
         return
+    if not isinstance(getattr(old, "ty", None), relax.TensorType):  # a tensor type inferred before
+        return
     if not isinstance(new.op, tvm.ir.Op) or not new.op.same_as(old.op) or len(new.args) != len(old.args):
         return
     if new.attrs is not old.attrs and (new.attrs is None or not new.attrs.same_as(old.attrs)):

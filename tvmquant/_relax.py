@@ -14,7 +14,16 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ._compat import StringImm, Var, is_const, op_name, python_pass_instance, register_ffi_error, structural_equal
+from ._compat import (
+    StringImm,
+    TensorType,
+    Var,
+    is_const,
+    op_name,
+    python_pass_instance,
+    register_ffi_error,
+    structural_equal,
+)
 
 #: Function attributes of ``main`` that keep the source model's own names through every tvmquant pass.
 SOURCE_NAMES_ATTR = "tvmquant.source_names"  # JSON {Relax variable name: ONNX node name}
@@ -221,7 +230,7 @@ def _keep_inferred_type(new, old) -> None:
     """
     if not (isinstance(new, relax.Call) and isinstance(old, relax.Call)) or new.same_as(old):
         return
-    if not isinstance(getattr(old, "ty", None), relax.TensorType):  # a tensor type inferred before
+    if not isinstance(getattr(old, "ty", None), TensorType):  # a tensor type inferred before
         return
     if not isinstance(new.op, tvm.ir.Op) or not new.op.same_as(old.op) or len(new.args) != len(old.args):
         return

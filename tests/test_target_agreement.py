@@ -13,12 +13,16 @@ tvm = pytest.importorskip("tvm")
 from tvmquant import cli  # noqa: E402
 from tvmquant.schedules import x86  # noqa: E402
 from tvmquant.schedules.x86 import database  # noqa: E402
-from tvmquant.target import as_target, host_mcpu, host_target  # noqa: E402
+from tvmquant.target import as_target, cpu_flags, host_mcpu, host_target  # noqa: E402
 
 
-def test_host_target_is_llvm_detected_cpu_and_the_default_everywhere():
+def test_host_target_is_the_detected_cpu_and_the_default_everywhere():
     host = host_target()
-    assert str(host.attrs["mcpu"]) == host_mcpu() == str(tvm.target.codegen.llvm_get_system_cpu())
+    assert str(host.attrs["mcpu"]) == host_mcpu()
+    # LLVM's own name, unless the CPU flags show INT8 features it lacks (a hypervisor's misreported model).
+    features = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(host)}
+    flags = cpu_flags()
+    assert ("amx_int8" in flags) == ("amx-int8" in features) and ("avx512_vnni" in flags) == ("avx512vnni" in features)
     # tune (tuning.tune, x86.tune) and compile (compile.build, QuantizedModel.compile) all start from these.
     for default in (as_target(None), as_target("llvm"), x86.x86_target()):
         assert database._key(default) == database._key(host)
@@ -84,3 +88,25 @@ def test_unknown_mcpu_is_a_one_line_error(capsys, tmp_path):
     assert cli.main(["compile", "model.tvmq", "-o", str(tmp_path / "x.so"), "--target", target]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nosuchlake" in err, err
+
+
+def test_host_cpu_follows_the_flags_when_the_model_number_misleads_llvm(tmp_path):
+    """A hypervisor's Xeon with AMX that reports model 167 (LLVM: "rocketlake", no AMX) is built for as one
+    with AMX; flags that LLVM's name already covers keep LLVM's name."""
+    amx = tmp_path / "amx"
+    amx.write_text(
+        "flags\t\t: fpu avx2 fma avx512f avx512bw avx512vl avx512_vnni avx_vnni avx512_bf16 avx512_fp16 "
+        "amx_tile amx_int8 amx_bf16\n"
+    )
+    mcpu = host_mcpu(str(amx))
+    features = {
+        str(f) for f in tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+    }
+    assert (
+        {"amx-int8", "amx-tile", "avx512vnni"} <= features
+        and "amx-fp16" not in features
+        or "amx-fp16" in str(tvm.target.codegen.llvm_get_system_cpu())
+    )
+    plain = tmp_path / "sse"
+    plain.write_text("flags\t\t: fpu sse sse2\n")
+    assert host_mcpu(str(plain)) == str(tvm.target.codegen.llvm_get_system_cpu())

@@ -126,6 +126,7 @@ def machine_info() -> dict:
     """CPU model, LLVM's name for it, the INT8 instruction sets it has, and its core count."""
     from tvm.target import codegen
 
+    from .target import host_mcpu
     from .threads import default_num_threads
 
     try:
@@ -142,7 +143,8 @@ def machine_info() -> dict:
     return {
         "platform": platform.platform(),
         "cpu": model or platform.processor(),
-        "llvm_mcpu": str(codegen.llvm_get_system_cpu()),
+        "llvm_mcpu": host_mcpu(),
+        "llvm_detected_mcpu": str(codegen.llvm_get_system_cpu()),
         "cores": default_num_threads(),
         "avx512_vnni": "avx512_vnni" in flags,
         "amx_int8": "amx_int8" in flags,

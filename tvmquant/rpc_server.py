@@ -53,7 +53,12 @@ def setup(num_threads: int) -> str:
     config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
     if config is not None:
         config(1, threads)  # 1: kBig, the "big" cores (all of them on x86)
-    system_cpu = tvm.get_global_func("target.llvm_get_system_cpu", allow_missing=True)
+    try:  # tvmquant's correction of LLVM's name where a hypervisor misreports the model (target.host_mcpu)
+        from .target import host_mcpu
+
+        mcpu = host_mcpu()
+    except ImportError:  # a runtime-only TVM: no LLVM to ask
+        mcpu = ""
     cuda = []
     for index in range(8):
         device = tvm.cuda(index)
@@ -61,7 +66,7 @@ def setup(num_threads: int) -> str:
             break
         cuda.append(str(device.compute_version))
     info = {
-        "mcpu": str(system_cpu()) if system_cpu is not None else "",
+        "mcpu": mcpu,
         "amx": bool(amx),
         "threads": threads,
         "cuda": cuda,

@@ -7,6 +7,7 @@ may run on (:func:`tvmquant.threads.default_num_threads`).
 
 from __future__ import annotations
 
+import functools
 import json
 
 import tvm
@@ -44,9 +45,70 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
-def host_mcpu() -> str:
-    """LLVM's name for the host CPU (``"znver4"``, ``"sapphirerapids"``, ...)."""
-    return str(codegen.llvm_get_system_cpu())
+#: The instruction-set features INT8 code generation depends on: LLVM's name -> the kernel's ``/proc/cpuinfo`` flag.
+_INT8_ISA_FLAGS = {
+    "avx2": "avx2",
+    "fma": "fma",
+    "avx512f": "avx512f",
+    "avx512bw": "avx512bw",
+    "avx512vl": "avx512vl",
+    "avx512vnni": "avx512_vnni",
+    "avxvnni": "avx_vnni",
+    "avx512bf16": "avx512_bf16",
+    "avx512fp16": "avx512_fp16",
+    "amx-tile": "amx_tile",
+    "amx-int8": "amx_int8",
+    "amx-bf16": "amx_bf16",
+    "amx-fp16": "amx_fp16",
+}
+
+#: CPUs :func:`host_mcpu` may name instead of LLVM's guess, most capable first.
+_KNOWN_CPUS = (
+    "graniterapids",
+    "emeraldrapids",
+    "sapphirerapids",
+    "znver5",
+    "znver4",
+    "icelake-server",
+    "cascadelake",
+    "skylake-avx512",
+    "znver3",
+    "haswell",
+)
+
+
+def _int8_isa(mcpu: str) -> frozenset[str]:
+    features = {str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))}
+    return frozenset(features & _INT8_ISA_FLAGS.keys())
+
+
+@functools.lru_cache(maxsize=8)
+def host_mcpu(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The LLVM name of the host CPU (``"znver4"``, ``"sapphirerapids"``, ...).
+
+    LLVM names the CPU from its family and model numbers. Some hypervisors report a model that does not match
+    the features they pass through (an Intel Xeon with AMX-INT8 that calls itself model 167, which LLVM names
+    ``"rocketlake"``: no AMX). When the kernel's flags show INT8 features (:data:`_INT8_ISA_FLAGS`) that LLVM's
+    name lacks, the answer is the most capable known CPU whose INT8 features the host has all of.
+
+    Parameters
+    ----------
+    cpuinfo : str
+        Path of the ``cpuinfo`` file (a parameter so tests can feed a fixture).
+    """
+    detected = str(codegen.llvm_get_system_cpu())
+    flags = cpu_flags(cpuinfo)
+    if not flags:
+        return detected
+    host_isa = frozenset(name for name, flag in _INT8_ISA_FLAGS.items() if flag in flags)
+    detected_isa = _int8_isa(detected) if codegen.llvm_is_valid_cpu(detected, "x86_64") else frozenset()
+    if host_isa <= detected_isa:
+        return detected
+    for mcpu in _KNOWN_CPUS:
+        isa = _int8_isa(mcpu)
+        if isa <= host_isa and len(isa) > len(detected_isa):
+            return mcpu
+    return detected
 
 
 def target_has_amx(target) -> bool:

@@ -393,6 +393,11 @@ def emulated():
             register_amx_intrinsic(depth)
 
 
+def emulating() -> bool:
+    """Whether :func:`emulated` is in force (schedules made now hold the emulated intrinsic's body)."""
+    return _EMULATE
+
+
 def amx_enabled(target) -> bool:
     """Whether kernels for ``target`` may use AMX (the target has it, or :func:`emulated` is in force)."""
     return _EMULATE or target_has_amx(target)

@@ -100,7 +100,8 @@ class ScheduleUntunedFromSketch:
 
 
 #: Default schedules already found in this process:
-#: ``{(structural hash, target, seed, threads, policy, verify): [(func, schedule)]}``.
+#: ``{(structural hash, target, seed, threads, policy, verify, AMX emulated): [(func, schedule)]}`` (a tensorized
+#: schedule holds the body of the intrinsic that was registered when it was made).
 #: Models repeat kernel shapes (ResNet blocks), and a process often builds the same model more than once
 #: (INT8, simulated, FP32; a test suite): a kernel's default schedule is searched for once.
 _SKETCH_CACHE: dict = {}
@@ -143,7 +144,7 @@ def default_schedule(
     database as a tuning record, so that tuning starts from it). Memoised per process on the kernel's
     structure (:data:`_SKETCH_CACHE`).
     """
-    key = (structural_hash(func), str(target), seed, str(num_threads), policy, verify)
+    key = (structural_hash(func), str(target), seed, str(num_threads), policy, verify, amx.emulating())
     for known, sch in _SKETCH_CACHE.get(key, ()):
         if structural_equal(known, func):
             return sch

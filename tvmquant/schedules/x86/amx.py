@@ -54,6 +54,8 @@ SCHEDULE_RULE = "tvmquant_amx_gemm"
 #: Block names of the computes (the rule and the fixed schedule look them up).
 GEMM_BLOCK = "amx_gemm_int8"
 IM2COL_BLOCK = "im2col_int8"
+#: Annotation of the im2col block: ``[R, S, channels, channel block, dilation along W]``.
+IM2COL_LAYOUT = "tvmquant.im2col_layout"
 #: Below these, a GEMM goes to VNNI: AMX pays a tile configuration per 32 x 32 block and pads M, N, K.
 MIN_M = 32
 MIN_N = 32
@@ -151,7 +153,9 @@ def im2col_int8(data: te.Tensor, kernel_hw, strides, dilation) -> te.Tensor:
         return tirx.if_then_else(tirx.all(m < rows, k < depth), value, zero)
 
     del batch
-    return te.compute((rows_pad, depth_pad), gather, name=IM2COL_BLOCK)
+    # The schedule splits K along these (taps, channel blocks, channels) so no index needs a division.
+    layout = {IM2COL_LAYOUT: [k_h, k_w, channels, block, d_w]}
+    return te.compute((rows_pad, depth_pad), gather, name=IM2COL_BLOCK, attrs=layout)
 
 
 def _gemm(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
@@ -175,20 +179,23 @@ def _gemm(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
     )
 
 
-def conv2d_amx_int8(cols: te.Tensor, weight: te.Tensor, out_shape) -> te.Tensor:
-    """The conv as an AMX GEMM on :func:`im2col_int8`'s matrix, gathered into the blocked output.
+def conv2d_amx_int8(data: te.Tensor, weight: te.Tensor, kernel_hw, strides, dilation, out_shape) -> te.Tensor:
+    """The conv as an AMX GEMM on the im2col matrix of ``data`` (:func:`im2col_int8`, in the same kernel:
+    the schedule builds each 32-row block of it right before its tiles are loaded), gathered into the blocked
+    output.
 
     Parameters
     ----------
-    cols : te.Tensor
-        u8 ``[M_pad, K_pad]``.
+    data : te.Tensor
+        u8 ``[N, C/cb, H, W, cb]``, pre-padded.
     weight : te.Tensor
         s8 ``[K_pad/4, N_pad, 4]`` (:func:`pack_amx_weight` of :func:`conv_weight_as_gemm`).
+    kernel_hw, strides, dilation : pairs of int
     out_shape : tuple of int
         ``(N, K/16, OH, OW, 16)``: the layout of the VNNI conv (``conv2d_nchwc_int8``), so either kernel
         fits the same graph.
     """
-    gemm = _gemm(cols, weight)
+    gemm = _gemm(im2col_int8(data, kernel_hw, strides, dilation), weight)
     batch, blocks, out_h, out_w, block = (int(v) for v in out_shape)
     del batch, blocks
     return te.compute(
@@ -235,8 +242,12 @@ def _desc(depth: int):
 
 
 def _impl(depth: int):
-    """The hardware implementation: ``ldtilecfg``, load the C tiles, per 64 bytes of K load 2 A and 2 B
-    tiles and issue 4 ``tdpbusd``, store the C tiles. Tiles 0-3: C, 4-5: A, 6-7: B."""
+    """The hardware implementation: ``ldtilecfg``, zero the C tiles, per 64 bytes of K load 2 A and 2 B
+    tiles and issue 4 ``tdpbusd``, store the C tiles. Tiles 0-3: C, 4-5: A, 6-7: B.
+
+    The C tiles start from zero, not from ``C``: one call covers the whole K of its 32 x 32 block (the
+    intrinsic's depth is the GEMM's), so the block's zero-fill before it (``decompose_reduction``; TVM's
+    tensorize takes no block with an init) is all ``C`` can hold."""
     quads = depth // 4
 
     @T.prim_func(s_tir=True)
@@ -256,17 +267,8 @@ def _impl(depth: int):
                     w == 0, 1, T.Select(w >= 4 and w < 8, 0x00400040, T.Select(w >= 12 and w < 14, 0x10101010, 0))
                 )
             T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", cfg.access_ptr("r")))
-            for mb in T.unroll(_MB):
-                for nb in T.unroll(_NB):
-                    T.evaluate(
-                        T.call_llvm_intrin(
-                            "void",
-                            "llvm.x86.tileloadd64",
-                            T.int8(mb * _NB + nb),
-                            C.access_ptr("r", offset=mb * 16 * sc + nb * 16),
-                            T.int64(sc * 4),
-                        )
-                    )
+            for t in T.unroll(_C_TILES):
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(t)))
             for kk in T.serial(depth // TILE_K):
                 for mb in T.unroll(_MB):
                     T.evaluate(
@@ -338,8 +340,8 @@ def _emulated_impl(depth: int):
             c_tiles = T.decl_buffer((_C_TILES, 16, 16), "int32", scope="local")
             a_tiles = T.decl_buffer((_MB, 16, 64), "uint8", scope="local")
             b_tiles = T.decl_buffer((_NB, 16, 64), "int8", scope="local")
-            for mb, nb, row, col in T.grid(_MB, _NB, 16, 16):
-                c_tiles[mb * _NB + nb, row, col] = c_flat[mb * 16 * sc + nb * 16 + row * sc + col]
+            for t, row, col in T.grid(_C_TILES, 16, 16):
+                c_tiles[t, row, col] = 0
             for kk in T.serial(depth // TILE_K):
                 for mb, row, byte in T.grid(_MB, 16, 64):
                     a_tiles[mb, row, byte] = a_flat[mb * 16 * sa + kk * 64 + row * sa + byte]
@@ -490,22 +492,117 @@ def amx_schedule(func: tirx.PrimFunc, num_cores: int) -> tvm.s_tir.Schedule | No
     """The schedule of :func:`schedule_amx_kernel` (its ``trace`` replays it; None when ``func`` is not an AMX
     kernel).
 
-    The GEMM in 32 x 32 blocks of tiles (K whole inside the intrinsic), the blocks of M in parallel; the
-    gather into the output layout and the fused epilogue as one loop nest, rows in parallel, the 16 output
-    channels of a block as one vector.
+    Per block of 32 output pixels (rows of the GEMM; the blocks run in parallel): build those 32 rows of the
+    im2col matrix (16-byte copies of the blocked input, one channel block at a time), run the 32 x 32 x K
+    intrinsic over every block of 32 output channels, then requantize that block of rows into the output
+    (the gather and the fused epilogue, 16 channels a vector). The int32 accumulators and the im2col rows of
+    a block stay in cache; no kernel writes a whole im2col matrix or int32 result to memory. A kernel whose
+    epilogue changes the output's layout gets :func:`_amx_schedule_unfused` instead.
     """
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
-    block = _gemm_block(sch)
-    if block is None:
+    if _gemm_block(sch) is None:
         return None
+    try:
+        _schedule_fused(sch, num_cores)
+        return sch
+    except (tvm.s_tir.schedule.ScheduleError, ValueError, tvm.error.InternalError) as err:
+        logger.debug("AMX: per-block schedule does not apply (%s); whole-matrix schedule", str(err).splitlines()[0])
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    _amx_schedule_unfused(sch, num_cores)
+    return sch
+
+
+def _inline_elementwise(sch, keep) -> list:
+    """Inline every block but ``keep`` (names) and the outputs; returns the output blocks."""
     root = sch.get_sblock("root")
-    outputs = {str(sch.get(b).name_hint) for b in sch.get_output_blocks(root)}
+    outputs = [b for b in sch.get_output_blocks(root)]
+    names = {str(sch.get(b).name_hint) for b in outputs} | set(keep)
     for child in sch.get_child_blocks(root):
-        name = str(sch.get(child).name_hint)
-        if name in outputs or name == GEMM_BLOCK:
+        if str(sch.get(child).name_hint) in names:
             continue
         with contextlib.suppress(Exception):
             sch.compute_inline(child)
+    return outputs
+
+
+def _schedule_fused(sch, num_cores: int) -> None:
+    outputs = _inline_elementwise(sch, (GEMM_BLOCK, IM2COL_BLOCK))
+    if len(outputs) != 1:
+        raise ValueError(f"{len(outputs)} output blocks")
+    out = outputs[0]
+    gemm = _gemm_block(sch)
+    # The output's loops as (block of 32 rows, the rest): a conv's blocked [N, K/16, OH, OW, 16] walks
+    # pixels (rows of the GEMM) outside channel blocks; a dense's [..., cols] its leading axes.
+    # The block iterates over GEMM rows (pixels) directly, so that a block of 32 of them reads exactly 32 rows
+    # of the GEMM (with fused loops, the row index (p // OW) * OW + p % OW is relaxed to whole image rows).
+    extents = [int(sch.get(loop).extent) for loop in sch.get_loops(out)]
+    if len(extents) == 5:
+        _, _, out_h, out_w, _ = extents
+        sch.transform_block_layout(out, lambda n, ob, oh, ow, oi: ((n * out_h + oh) * out_w + ow, ob, oi))
+        rows, ob, oi = sch.get_loops(out)
+        inner = [ob, oi]
+    elif len(extents) >= 2:
+        if len(extents) > 2:
+            sch.transform_block_layout(out, lambda *idx: (_flat_index(idx[:-1], extents[:-1]), idx[-1]))
+        rows, col = sch.get_loops(out)
+        inner = [col]
+    else:
+        raise ValueError("a 1-D output")
+    block_rows, row = sch.split(rows, [None, TILE_M])
+    sch.reorder(block_rows, *inner[:-1], row, inner[-1])
+    if len(inner) == 1:  # dense: 16 output columns a vector
+        _, lanes = sch.split(inner[-1], [None, 16])
+    else:
+        lanes = inner[-1]
+    # The GEMM's blocks of 32 x 32 tiles, computed for one block of rows at a time.
+    depth = int(np.prod([int(sch.get(loop).extent) for loop in sch.get_loops(gemm)[-2:]]))
+    name = register_amx_intrinsic(depth)
+    loop = tvm.s_tir.schedule.transform.tile_with_tensor_intrin(sch, gemm, name)
+    if loop is None:
+        raise ValueError(f"the GEMM block does not match {name}")
+    tiles = sch.blockize(loop)
+    sch.compute_at(tiles, block_rows)
+    try:
+        cols = sch.get_sblock(IM2COL_BLOCK)
+    except Exception:  # noqa: BLE001  (a dense reads its input as it is)
+        cols = None
+    if cols is not None:
+        sch.compute_at(cols, block_rows)
+        _schedule_im2col(sch, cols)
+    sch.vectorize(lanes)
+    if num_cores > 1:
+        sch.parallel(block_rows)  # before tensorizing: the tensorized block is no longer a reduction block
+    # The zero-fill of each 32 x 32 block right before its intrinsic (in L1), above a unit loop of its own.
+    init = sch.decompose_reduction(tiles, sch.add_unit_loop(tiles))
+    sch.vectorize(sch.get_loops(sch.get_child_blocks(init)[0])[-1])
+    sch.tensorize(tiles, name)
+
+
+def _flat_index(index, extents):
+    flat = index[0]
+    for value, extent in zip(index[1:], extents[1:]):
+        flat = flat * extent + value
+    return flat
+
+
+def _schedule_im2col(sch, cols) -> None:
+    """Vector copies for the im2col block ``cols`` (its loops: rows, K): K split into taps and channel blocks
+    (copies of one channel block each; no division left in the indices), or, for an input of one channel
+    block (the stem's 4 channels), into kernel rows and one copy of ``S x channels`` contiguous bytes."""
+    k_h, k_w, channels, block, d_w = (int(v) for v in sch.get(cols).annotations[IM2COL_LAYOUT])
+    k = sch.get_loops(cols)[-1]
+    if channels == block and d_w == 1:
+        sch.vectorize(sch.split(k, [None, k_w * channels])[-1])
+    else:
+        sch.vectorize(sch.split(k, [None, k_w, channels // block, block])[-1])
+
+
+def _amx_schedule_unfused(sch, num_cores: int) -> None:
+    """The GEMM in 32 x 32 blocks of tiles over the whole matrix (K whole inside the intrinsic), the blocks
+    of M in parallel; the im2col matrix before it and the gather into the output layout with the fused
+    epilogue after it, each as one parallel loop nest."""
+    block = _gemm_block(sch)
+    outputs = {str(sch.get(b).name_hint) for b in _inline_elementwise(sch, (GEMM_BLOCK, IM2COL_BLOCK))}
     rows = int(sch.get(sch.get_loops(block)[0]).extent) // TILE_M
     cols = int(sch.get(sch.get_loops(block)[1]).extent) // TILE_N
     j_inner = max(d for d in (1, 2, 4) if cols % d == 0)
@@ -517,6 +614,11 @@ def amx_schedule(func: tirx.PrimFunc, num_cores: int) -> tvm.s_tir.Schedule | No
     sch.decompose_reduction(outer, k_loop)
     sch.tensorize(outer, str(sch.get(outer).annotations["meta_schedule.auto_tensorize"]))
     sch.unannotate(outer, "meta_schedule.auto_tensorize")
+    with contextlib.suppress(Exception):
+        im2col = sch.get_sblock(IM2COL_BLOCK)
+        if num_cores > 1:
+            sch.parallel(sch.get_loops(im2col)[0])
+        _schedule_im2col(sch, im2col)
     # The gather into the output layout with the epilogue inlined: rows in parallel, channels as vectors.
     for out_name in outputs:
         out_block = sch.get_sblock(out_name)
@@ -524,7 +626,6 @@ def amx_schedule(func: tirx.PrimFunc, num_cores: int) -> tvm.s_tir.Schedule | No
         if num_cores > 1 and len(loops) > 1:
             sch.parallel(sch.fuse(*loops[:-2]) if len(loops) > 2 else loops[0])
         sch.vectorize(sch.get_loops(out_block)[-1])
-    return sch
 
 
 def space_generator():

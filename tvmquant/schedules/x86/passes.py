@@ -255,27 +255,26 @@ class _Int8Rewriter(relax.PyExprMutator):
 
     def _blocked_conv(self, padded, weight_np, ic_block, strides, dilation, groups):
         """The u8 x s8 -> s32 conv on blocked, pre-padded data as a ``call_te``, output
-        ``[N, K/16, OH, OW, 16]``: the AMX GEMM on an im2col matrix where :func:`amx.choose_int8_unit` says
-        so, else the VNNI-shaped :func:`conv2d_nchwc_int8`. Weights are packed here, once."""
+        ``[N, K/16, OH, OW, 16]``: the AMX GEMM on the im2col matrix (built in the same kernel) where
+        :func:`amx.choose_int8_unit` says so, else the VNNI-shaped :func:`conv2d_nchwc_int8`. Weights are packed
+        here, once."""
         shape = _static_shape(padded)
         out_ch, _, k_h, k_w = weight_np.shape
         if groups == 1 and shape is not None and self.target is not None and amx.amx_enabled(self.target):
             rows, depth, out_h, out_w = amx.conv_gemm_shape(shape, (k_h, k_w), strides, dilation)
             what = f"conv2d {shape[1] * shape[4]}->{out_ch} {k_h}x{k_w}/{strides[0]} at {out_h}x{out_w}"
             if amx.choose_int8_unit(rows, out_ch, depth, self.target, what) == "amx":
-                cols = self.builder_.emit(
-                    self.builder_.call_te(
-                        amx.im2col_int8, padded, (k_h, k_w), strides, dilation, primfunc_name_hint="im2col_int8"
-                    )
-                )
                 packed = amx.pack_amx_weight(amx.conv_weight_as_gemm(weight_np, shape[1] * shape[4]))
                 amx.register_amx_intrinsic(packed.shape[0] * packed.shape[2])
                 out_shape = (shape[0], _round_up(out_ch, OC_BLOCK) // OC_BLOCK, out_h, out_w, OC_BLOCK)
                 self.amx += 1
                 return self.builder_.call_te(
                     amx.conv2d_amx_int8,
-                    cols,
+                    padded,
                     relax.const(packed, "int8"),
+                    (k_h, k_w),
+                    strides,
+                    dilation,
                     out_shape,
                     primfunc_name_hint="conv2d_int8_amx",
                 )

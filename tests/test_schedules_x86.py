@@ -29,6 +29,11 @@ needs_avx2 = pytest.mark.skipif("avx2" not in HOST_FLAGS, reason="host CPU has n
 NO_AMX = ["-amx-int8", "-amx-tile"]
 
 
+def vnni_host():
+    """The host target with its AMX kernels off: these tests check the VNNI kernels (AMX has its own file)."""
+    return x86.x86_target(num_cores=2, mattr=NO_AMX if "amx_int8" in HOST_FLAGS else None)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model builders and numpy references
 def conv2d_reference(data, weight, stride=1, padding=0, groups=1):
@@ -239,7 +244,7 @@ def test_vnni_conv_exact_and_uses_vpdpbusd(shape, out_ch, kernel, stride, paddin
     rng = np.random.default_rng(4)
     mod, (weight,), (bias,) = conv_module(shape, [(out_ch, kernel, stride, padding, groups)], rng)
     data = rng.integers(0, 256, shape).astype("uint8")
-    executable = x86.build(mod, x86.x86_target(num_cores=2))
+    executable = x86.build(mod, vnni_host())
     expected = conv2d_reference(data, weight, stride, padding, groups) + bias
     np.testing.assert_array_equal(run(executable, data), expected)
     if groups != shape[1]:
@@ -262,7 +267,7 @@ def test_vnni_dilated_conv_matches_stock_tvm(channels):
         bb.emit_func_output(out)
     mod = bb.get()
     data = rng.integers(0, 256, (1, channels, 13, 13)).astype("uint8")
-    executable = x86.build(mod, x86.x86_target(num_cores=2))
+    executable = x86.build(mod, vnni_host())
     np.testing.assert_array_equal(run(executable, data), stock_reference(mod, data))
     assert "vpdpbusd" in assembly(executable)
 
@@ -277,7 +282,7 @@ def test_vnni_requantized_chain_matches_stock_tvm():
     data = rng.integers(0, 256, (1, 3, 16, 16)).astype("uint8")
     expected = stock_reference(mod, data)
     assert 20 < expected.mean() < 235  # the multipliers keep the outputs in range (not all clipped)
-    np.testing.assert_array_equal(run(x86.build(mod, x86.x86_target(num_cores=2)), data), expected)
+    np.testing.assert_array_equal(run(x86.build(mod, vnni_host()), data), expected)
 
 
 @needs_vnni
@@ -312,7 +317,7 @@ def test_vnni_residual_and_pool_match_stock_tvm():
     data = rng.integers(0, 256, (1, channels, 12, 12)).astype("uint8")
     expected = stock_reference(mod, data)
     assert 20 < expected.mean() < 235
-    np.testing.assert_array_equal(run(x86.build(mod, x86.x86_target(num_cores=2)), data), expected)
+    np.testing.assert_array_equal(run(x86.build(mod, vnni_host()), data), expected)
 
 
 @needs_vnni
@@ -320,7 +325,22 @@ def test_vnni_residual_and_pool_match_stock_tvm():
     "batch_shape,depth,cols",
     # (1, 1280) x (1280, 1000): MobileNetV2's classifier, whose first design-space sketch passes the
     # postprocessors but fails in codegen; the untuned fallback must skip to one that compiles.
-    [((4,), 100, 40), ((1,), 64, 32), ((2, 3), 30, 17), ((1,), 1280, 1000)],
+    [
+        ((4,), 100, 40),
+        pytest.param(
+            (1,),
+            64,
+            32,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="exact, but not on VNNI: every tensorized sketch of this 1x64x32 dense fails TVM's codegen "
+                "('Cannot broadcast lanes=16 to 64', a vectorized loop around the VNNI body) and the default "
+                "schedule falls back to a plain one (seen on emeraldrapids, znver4 and cascadelake targets)",
+            ),
+        ),
+        ((2, 3), 30, 17),
+        ((1,), 1280, 1000),
+    ],
 )
 def test_vnni_dense_exact(batch_shape, depth, cols):
     rng = np.random.default_rng(6)
@@ -336,7 +356,7 @@ def test_vnni_dense_exact(batch_shape, depth, cols):
     mod = bb.get()
     assert "dense_int8_packed" in "".join(_called_functions(x86.prepare(mod)))
     data = rng.integers(0, 256, (*batch_shape, depth)).astype("uint8")
-    executable = x86.build(mod, x86.x86_target(num_cores=2))
+    executable = x86.build(mod, vnni_host())
     expected = (data.astype(np.int64) @ weight.astype(np.int64) + bias).astype(np.int32)
     np.testing.assert_array_equal(run(executable, data), expected)
     assert "vpdpbusd" in assembly(executable)
@@ -770,4 +790,4 @@ def test_pad_after_a_conv_is_written_whole():
     mod, _, _ = conv_module((1, 16, 14, 14), layers, rng, requantize=True)
     data = rng.integers(0, 256, (1, 16, 14, 14)).astype("uint8")
     expected = stock_reference(mod, data)
-    np.testing.assert_array_equal(run(x86.build(mod, x86.x86_target(num_cores=2)), data), expected)
+    np.testing.assert_array_equal(run(x86.build(mod, vnni_host()), data), expected)

@@ -120,6 +120,18 @@ def target_has_amx(target) -> bool:
     return {"amx-int8", "amx-tile"} <= features
 
 
+#: LLVM feature change for CPUs with AMX-INT8: full 512-bit vectors. LLVM's tuning for Sapphire/Emerald Rapids
+#: splits 16-lane vectors into two 256-bit halves (``prefer-256-bit``); the requantize epilogues of the AMX
+#: kernels ran 9-12% faster end to end on ResNet-50-style without it (emeraldrapids, 1 and 2 threads).
+WIDE_VECTORS = "-prefer-256-bit"
+
+
+def _default_mattr(mcpu: str | None) -> list[str] | None:
+    if not mcpu:
+        return None
+    return [WIDE_VECTORS] if "amx-int8" in _int8_isa(mcpu) else None
+
+
 def x86_target(
     mcpu: str | None = None, num_cores: int | None = None, mattr: list[str] | None = None
 ) -> tvm.target.Target:
@@ -138,7 +150,8 @@ def x86_target(
         on (:func:`tvmquant.threads.default_num_threads`, the rule TVM's thread pool is given too).
     mattr : list of str, optional
         LLVM feature changes, e.g. ``["-amx-int8", "-amx-tile"]`` (a Sapphire Rapids without its AMX kernels:
-        VNNI only) or ``["+amx-int8", "+amx-tile"]``.
+        VNNI only) or ``["+amx-int8", "+amx-tile"]``. Defaults to :data:`WIDE_VECTORS` on CPUs with AMX-INT8,
+        to nothing elsewhere.
 
     Returns
     -------
@@ -159,13 +172,16 @@ def x86_target(
     if num_cores is None:
         num_cores = default_num_threads()
     spec = {"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores)}
+    if mattr is None:
+        mattr = _default_mattr(mcpu)
     if mattr:
         spec["mattr"] = list(mattr)
     return tvm.target.Target(spec)
 
 
 def host_target(num_cores: int | None = None) -> tvm.target.Target:
-    """The LLVM target of the CPU this process runs on: LLVM's detected ``mcpu``, the physical cores.
+    """The LLVM target of the CPU this process runs on: the detected ``mcpu`` (:func:`host_mcpu`), the physical
+    cores, and :data:`WIDE_VECTORS` on a CPU with AMX-INT8.
 
     A host LLVM cannot name (``"generic"``) gets a target without ``mcpu``.
     """
@@ -173,6 +189,9 @@ def host_target(num_cores: int | None = None) -> tvm.target.Target:
     spec: dict = {"kind": "llvm", "num-cores": int(num_cores or default_num_threads())}
     if mcpu and mcpu != "generic":
         spec["mcpu"] = mcpu
+        mattr = _default_mattr(mcpu)
+        if mattr:
+            spec["mattr"] = mattr
     return tvm.target.Target(spec)
 
 

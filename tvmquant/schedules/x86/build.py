@@ -15,7 +15,7 @@ from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
 
 from ..._compat import structural_equal, structural_hash
 from ...target import x86_target
-from ...threads import default_num_threads
+from ...threads import default_num_threads, request_amx_permission
 from .. import intrinsics
 from .._ms_worker import build_candidate
 from . import amx, defaults
@@ -309,6 +309,10 @@ def build(
     if fallback not in ("sketch", "first-sketch", "none"):
         raise ValueError(f"build: fallback must be 'sketch', 'first-sketch' or 'none', got {fallback!r}")
     target = x86_target() if target is None else target
+    if amx.amx_enabled(target):
+        # The executable is usually run by this process (relax.VirtualMachine(ex, tvm.cpu())): without the tile
+        # state its first AMX kernel dies with SIGILL. A no-op on CPUs without AMX (a cross-compile).
+        request_amx_permission()
     prepared = prepare(mod, target)
     if db_dir is not None and not os.path.isfile(os.path.join(db_dir, "database_tuning_record.json")):
         warnings.warn(

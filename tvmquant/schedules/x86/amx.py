@@ -438,15 +438,21 @@ def is_amx_kernel(func) -> bool:
     return False
 
 
-def _tile_gemm(sch, block, tiles=None):
-    """Tile ``block`` around the intrinsic; ``tiles`` = ``(i_outer, i_inner, j_outer, j_inner)`` factors of
-    the 32-blocks (sampled when None). Returns the blockized block and the two outer loops."""
+def _blockize_for_intrinsic(sch, block):
+    """Tile the GEMM ``block`` by 32 x 32 x K (the intrinsic of its K, registered) and blockize the tile;
+    returns the outer block and the intrinsic's name."""
     depth = int(np.prod([int(sch.get(loop).extent) for loop in sch.get_loops(block)[-2:]]))
     name = register_amx_intrinsic(depth)
     loop = tvm.s_tir.schedule.transform.tile_with_tensor_intrin(sch, block, name)
     if loop is None:
         raise ValueError(f"AMX: the GEMM block does not match {name}")
-    outer = sch.blockize(loop)
+    return sch.blockize(loop), name
+
+
+def _tile_gemm(sch, block, tiles=None):
+    """Tile ``block`` around the intrinsic; ``tiles`` = ``(i_outer, i_inner, j_outer, j_inner)`` factors of
+    the 32-blocks (sampled when None). Returns the blockized block and the two outer loops."""
+    outer, name = _blockize_for_intrinsic(sch, block)
     sch.annotate(outer, "meta_schedule.auto_tensorize", name)
     io, jo = sch.get_loops(outer)[:2]
     if tiles is None:
@@ -555,12 +561,7 @@ def _schedule_fused(sch, num_cores: int) -> None:
     else:
         lanes = inner[-1]
     # The GEMM's blocks of 32 x 32 tiles, computed for one block of rows at a time.
-    depth = int(np.prod([int(sch.get(loop).extent) for loop in sch.get_loops(gemm)[-2:]]))
-    name = register_amx_intrinsic(depth)
-    loop = tvm.s_tir.schedule.transform.tile_with_tensor_intrin(sch, gemm, name)
-    if loop is None:
-        raise ValueError(f"the GEMM block does not match {name}")
-    tiles = sch.blockize(loop)
+    tiles, name = _blockize_for_intrinsic(sch, gemm)
     sch.compute_at(tiles, block_rows)
     try:
         cols = sch.get_sblock(IM2COL_BLOCK)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
-from test_schedules_x86 import assembly, conv_module, needs_avx2, run, stock_reference  # noqa: E402
+from test_schedules_x86 import assembly, conv_module, needs_avx2, needs_vnni, run, stock_reference, vnni_host  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from tvmquant._compat import structural_equal  # noqa: E402
@@ -270,3 +270,55 @@ def test_fp32_conv_reduces_the_input_channels_whose_operands_fit_in_l1(kernel, c
     plan = defaults._plan(loops, operand_bytes, defaults.cpu_model(target), 32, False, False)
     assert plan["ic_inner"] == (1, 8)
     assert plan["ic_outer"] == (channels // 8 // chunk, chunk)
+
+
+def _dequantized_dense_module(rng, batch: int, depth: int, cols: int):
+    """A BERT-style INT8 linear layer: u8 x s8 -> s32, bias, dequantized to float32 (the FFN's epilogue)."""
+    bb = relax.BlockBuilder()
+    weight = rng.integers(-128, 128, (depth, cols)).astype("int8")
+    bias = rng.integers(-1000, 1000, (cols,)).astype("int32")
+    scale = rng.uniform(1e-4, 1e-3, (cols,)).astype("float32")
+    x = relax.Var("x", relax.TensorType((batch, depth), "uint8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.add(relax.op.matmul(x, relax.const(weight), out_dtype="int32"), relax.const(bias)))
+            out = bb.emit_output(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale)))
+        bb.emit_func_output(out)
+    return bb.get(), (weight, bias, scale)
+
+
+def _accumulators(func) -> int:
+    """Spatial iterations inside the innermost reduction loop around the tensorized dense block: the register
+    tile, one ``vpdpbusd`` accumulator each."""
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("dense_packed_int8_o_update"))]
+    last_reduction = max(i for i, loop in enumerate(loops) if str(loop.loop_var.name).startswith("k"))
+    return int(np.prod([int(loop.extent) for loop in loops[last_reduction + 1 :]]))
+
+
+def test_vnni_dense_default_has_a_register_tile_and_a_vectorized_epilogue():
+    """A 64 x 256 x 384 dequantizing dense (sapphirerapids without AMX, cross-compiled): meta-schedule's vectorize
+    postprocessor would vectorize the register tile's row loop around the VNNI body (LLVM refuses it), so the
+    default keeps the rows x column-blocks tile (the ``epilogue-vectors`` mode) and vectorizes the epilogue
+    itself. Before, the tile was cut to one column block (4 accumulators) and the epilogue left to LLVM."""
+    rng = np.random.default_rng(31)
+    target = x86.x86_target("sapphirerapids", num_cores=2, mattr=["-amx-int8", "-amx-tile"])
+    register_x86_intrinsics()
+    mod, _ = _dequantized_dense_module(rng, 64, 256, 384)
+    [(name, func)] = [(n, f) for n, f in _untuned_kernels(mod, target) if "dense_int8" in n]
+    scheduled = defaults.choose_schedule(func, target, name, 2)
+    assert scheduled is not None and "vpdpbusd" in scheduled.script()
+    assert _accumulators(scheduled) >= 8
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": scheduled}))
+    epilogue = sch.get(sch.get_loops(sch.get_sblock("T_multiply"))[-1])
+    assert epilogue.kind == tvm.tirx.ForKind.VECTORIZED and int(epilogue.extent) == 16
+
+
+@needs_vnni
+def test_vnni_dequantizing_dense_exact():
+    """The same kind of kernel, run on this VNNI host: equal to numpy (int64 accumulation, float32 epilogue)."""
+    rng = np.random.default_rng(32)
+    mod, (weight, bias, scale) = _dequantized_dense_module(rng, 48, 320, 160)
+    data = rng.integers(0, 256, (48, 320)).astype("uint8")
+    expected = (data.astype(np.int64) @ weight.astype(np.int64) + bias).astype(np.float32) * scale
+    np.testing.assert_array_equal(run(x86.build(mod, vnni_host()), data), expected)

@@ -9,13 +9,14 @@ def is_scheduled(func) -> bool:
     return attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"])
 
 
-def fusion_passes() -> list:
+def fusion_passes(legalize_map: dict | None = None) -> list:
     """Legalize to TIR and fuse (the sequence of meta-schedule's ``compile_relax``), shared by the x86 and
-    CUDA pipelines so that tuning and building see the same fused kernels."""
+    CUDA pipelines so that tuning and building see the same fused kernels. ``legalize_map`` overrides the
+    legalization of some operators (``LegalizeOps(customize_legalize_map=...)``)."""
     from tvm import relax
 
     return [
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(legalize_map),
         relax.transform.AnnotateTIROpPattern(),
         KeepGrowingOpsUnfused(),
         relax.transform.FoldConstant(),

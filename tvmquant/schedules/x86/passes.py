@@ -18,7 +18,7 @@ from ..._relax import MarkerLayout, dps_marker, parse_dps_marker
 from ...target import x86_target
 from ..common import fusion_passes
 from ..layout import SinkLayoutTransform
-from . import amx
+from . import amx, fast_math
 from .compute import (
     _dtype,
     _ic_block_for,
@@ -704,7 +704,8 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.I
     target = x86_target() if target is None else target
     amx.register_schedule_rule()  # before StripUnregisteredScheduleRules, which keeps registered rules only
     passes = [optimize_int8_for_x86(target=target), *_cpu_backend.library_dispatch_passes(target)]
-    passes += [*fusion_passes(), ScheduleDataMovement(int(target.attrs.get("num-cores", 1) or 1))]
+    cores = int(target.attrs.get("num-cores", 1) or 1)
+    passes += [*fusion_passes(fast_math.LEGALIZE_MAP), ScheduleDataMovement(cores)]
     passes += [StripUnregisteredScheduleRules(target)]
     with target, tvm.transform.PassContext(opt_level=3):
         return tvm.transform.Sequential(passes)(mod)

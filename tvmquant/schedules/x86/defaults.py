@@ -800,10 +800,13 @@ def heuristic_schedule(
     preference = [_sketch_preference(sketch) for sketch in sketches]
     order = sorted(range(len(sketches)), key=lambda i: (preference[i], i))
     lanes = cpu_model(target).vector_bits // 32
-    for mode, index in itertools.product(MODES, order):
-        tensorized = not preference[index][0]
-        if mode == "epilogue-vectors" and not tensorized:
-            continue
+    tensorized_sketches = [index for index in order if not preference[index][0]]
+    # Every way of tensorizing first (a plain sketch of a small dense compiled before the tensorized ones'
+    # epilogue-vectors mode was tried); ``safe`` changes nothing in a plain sketch.
+    attempts = list(itertools.product(MODES, tensorized_sketches))
+    attempts += [("plain", index) for index in order if index not in tensorized_sketches]
+    for mode, index in attempts:
+        tensorized = index in tensorized_sketches
         try:
             sch = heuristic_trace(func, sketches[index].trace, target, mode == "safe", mode != "epilogue-vectors")
         except Exception as err:  # noqa: BLE001  (a decision the sketch's primitives refuse)

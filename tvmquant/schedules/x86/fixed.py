@@ -125,6 +125,107 @@ def _schedule_depthwise(sch, conv, num_cores: int) -> None:
         sch.parallel(rows)
 
 
+def schedule_row_reductions(func: tirx.PrimFunc, num_cores: int, lanes: int) -> tirx.PrimFunc | None:
+    """A fixed schedule for a kernel of reductions along the last axis of its element-wise output: softmax,
+    LayerNorm (and what FuseOps fused after them: a quantize, a scale).
+
+    One row at a time (rows in parallel): each reduction is split into ``lanes`` partial results
+    (``rfactor``) reduced by vector instructions, then the lanes are added up; the output and the
+    intermediate element-wise values read by more than one block (softmax's exponentials, LayerNorm's mean)
+    are computed once per row, into a row-sized buffer, one vector at a time; every other element-wise
+    block is inlined. The partial sums change the order of the float additions (a last-bit difference).
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc or None
+        The scheduled function marked ``tirx.is_scheduled``; None when ``func`` is not such a kernel.
+
+    Notes
+    -----
+    Why not meta-schedule: its sketch inlines softmax's exponentials into both the sum and the quotient
+    (computed twice) and runs each reduction as one serial scalar chain. BERT-base's softmax + quantize
+    kernel (12 x 128 x 128, one Zen 5 core): 0.76 ms with it, 0.10 ms here; LayerNorm (128 x 768) 0.17 ms,
+    0.02 ms here.
+    """
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    if not _has_root_block(sch):
+        return None
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    outputs = sch.get_output_blocks(root)
+    if len(outputs) != 1 or _block_has_reduction(sch, outputs[0]):
+        return None
+    out = outputs[0]
+    out_extents = _loop_extents(sch, out)
+    if out_extents is None or len(out_extents) < 2 or out_extents[-1] % lanes:
+        return None
+    reductions = [b for b in blocks if _block_has_reduction(sch, b)]
+    if not reductions:
+        return None
+    for block in reductions:
+        iters = sch.get(block).iter_vars
+        kinds = [int(iv.iter_type) for iv in iters]
+        # Spatial over the rows, one reduction over the row's elements, in that loop order.
+        if kinds != [0] * (len(out_extents) - 1) + [2] or _loop_extents(sch, block) != out_extents:
+            return None
+    try:
+        out_name = str(sch.get(out).name_hint)
+        keep = []  # element-wise blocks computed once per row
+        for block in blocks:
+            name = str(sch.get(block).name_hint)
+            if name == out_name or _block_has_reduction(sch, block):
+                continue
+            if len(sch.get_consumers(block)) > 1:
+                keep.append(name)
+            else:
+                sch.compute_inline(block)
+        partial = {}
+        for block in reductions:
+            loops = sch.get_loops(block)
+            _, inner = sch.split(loops[-1], [None, lanes])
+            partial[str(sch.get(block).name_hint)] = sch.rfactor(inner, len(loops) - 1)
+        row = sch.fuse(*sch.get_loops(out)[:-1])
+        if num_cores > 1:
+            sch.parallel(row)
+        _split_vectorize(sch, sch.get_loops(out)[-1], lanes)
+        # Producers last to first, so that each lands before its consumers in the row.
+        order = [str(sch.get(b).name_hint) for b in sch.get_child_blocks(root)]
+        by_name = {str(sch.get(rf).name_hint): rf for rf in partial.values()}
+        for name in reversed(order):
+            if name != out_name:
+                sch.compute_at(by_name[name] if name in by_name else sch.get_sblock(name), row)
+        for name in keep:
+            loops = sch.get_loops(sch.get_sblock(name))
+            if len(loops) > 1:
+                _split_vectorize(sch, loops[-1], lanes)
+        for rf in partial.values():
+            loops = sch.get_loops(rf)  # row, lanes, steps: the lanes go inside and become the vector
+            sch.reorder(loops[-1], loops[-2])
+            sch.vectorize(loops[-2])
+            sch.decompose_reduction(rf, loops[-1])
+    except (tvm.s_tir.schedule.ScheduleError, ValueError) as err:
+        logger.debug("schedule_row_reductions: leaving %s to meta-schedule (%s)", func, str(err).splitlines()[0])
+        return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _split_vectorize(sch, loop, lanes: int) -> None:
+    extent = int(sch.get(loop).extent)
+    if extent > lanes:
+        _, loop = sch.split(loop, [None, lanes])
+    sch.vectorize(loop)
+
+
+def _loop_extents(sch, block) -> list[int] | None:
+    extents = []
+    for loop in sch.get_loops(block):
+        extent = sch.get(loop).extent
+        if not isinstance(extent, tirx.IntImm):
+            return None
+        extents.append(int(extent))
+    return extents
+
+
 def _block_elements(sch, block) -> int:
     total = 1
     for loop in sch.get_loops(block):
@@ -151,13 +252,18 @@ class ScheduleDataMovement:
     They are then marked ``tirx.is_scheduled``, so :func:`tune` does not spend trials on them and
     :func:`build` does not report them as untuned. Run after ``FuseTIR``.
 
+    Kernels of reductions along the last axis (softmax, LayerNorm) get :func:`schedule_row_reductions`.
+
     Parameters
     ----------
     num_cores : int
+    lanes : int
+        FP32 lanes of a vector register (16 with AVX-512, 8 with AVX2).
     """
 
-    def __init__(self, num_cores: int = 1):
+    def __init__(self, num_cores: int = 1, lanes: int = 8):
         self.num_cores = num_cores
+        self.lanes = lanes
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mod = mod.clone()
@@ -167,6 +273,8 @@ class ScheduleDataMovement:
             scheduled = schedule_data_movement(func, self.num_cores)
             if scheduled is None:
                 scheduled = schedule_depthwise(func, self.num_cores)
+            if scheduled is None:
+                scheduled = schedule_row_reductions(func, self.num_cores, self.lanes)
             if scheduled is not None:
                 mod[gvar] = scheduled
         return mod

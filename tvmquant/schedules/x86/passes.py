@@ -705,7 +705,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target | None = None) -> tvm.I
     amx.register_schedule_rule()  # before StripUnregisteredScheduleRules, which keeps registered rules only
     passes = [optimize_int8_for_x86(target=target), *_cpu_backend.library_dispatch_passes(target)]
     cores = int(target.attrs.get("num-cores", 1) or 1)
-    passes += [*fusion_passes(fast_math.LEGALIZE_MAP), ScheduleDataMovement(cores)]
+    passes += [*fusion_passes(fast_math.LEGALIZE_MAP), ScheduleDataMovement(cores, float_lanes(target))]
     passes += [StripUnregisteredScheduleRules(target)]
     with target, tvm.transform.PassContext(opt_level=3):
         return tvm.transform.Sequential(passes)(mod)

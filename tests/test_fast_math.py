@@ -92,3 +92,20 @@ def test_gelu_softmax_model_runs_close_to_numpy():
     z = x.astype(np.float64) * (1 + np.array([[math.erf(v) for v in row] for row in x.astype(np.float64)]))
     z = np.exp(z - z.max(-1, keepdims=True))
     np.testing.assert_allclose(got, z / z.sum(-1, keepdims=True), rtol=2e-6, atol=1e-7)
+
+
+def test_a_gelu_kernel_runs_in_parallel_and_a_copy_of_its_size_does_not():
+    """BERT-base's FFN activations (128 x 3072) are below the data-movement kernels' parallel size, but a GELU
+    with the polynomial erf computes enough to be worth both cores; a transpose of the same size stays serial."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((128, 3072), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            gelu = bb.emit(relax.op.multiply(x, relax.op.add(relax.op.erf(x), relax.const(np.float32(1)))))
+            out = bb.emit_output(relax.Tuple([gelu, bb.emit(relax.op.permute_dims(x, [1, 0]))]))
+        bb.emit_func_output(out)
+    prepared = x86.prepare(bb.get(), x86.x86_target("znver4", num_cores=2))
+    kernels = {gv.name_hint: f.script() for gv, f in prepared.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    [gelu] = [text for name, text in kernels.items() if "erf" in name]
+    [copy] = [text for name, text in kernels.items() if "transpose" in name or "permute" in name]
+    assert "T.parallel" in gelu and "T.parallel" not in copy

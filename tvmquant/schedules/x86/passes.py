@@ -18,6 +18,7 @@ from ..._relax import MarkerLayout, dps_marker, parse_dps_marker
 from ...target import x86_target
 from ..common import fusion_passes
 from ..layout import SinkLayoutTransform
+from ..reshapes import FoldRowReshapes
 from . import amx, fast_math
 from .compute import (
     _dtype,
@@ -659,8 +660,8 @@ def optimize_int8_for_x86(block: int = IC_BLOCK, target: tvm.target.Target | Non
     Returns
     -------
     tvm.transform.Pass
-        ``Sequential([ExpandClip, ConvertInt8ConvLayout, BlockInt8Conv2d, PackInt8Dense, BlockFloatConv2d,
-        SinkLayoutTransform, GatherLayoutTransform, DeadCodeElimination])``.
+        ``Sequential([FoldRowReshapes, ExpandClip, ConvertInt8ConvLayout, BlockInt8Conv2d, PackInt8Dense,
+        BlockFloatConv2d, SinkLayoutTransform, GatherLayoutTransform, DeadCodeElimination])``.
 
     Examples
     --------
@@ -668,6 +669,7 @@ def optimize_int8_for_x86(block: int = IC_BLOCK, target: tvm.target.Target | Non
     """
     return tvm.transform.Sequential(
         [
+            FoldRowReshapes(),
             ExpandClip(),
             ConvertInt8ConvLayout(block),
             BlockInt8Conv2d(target),

@@ -13,12 +13,15 @@ here are polynomials of plain arithmetic, which vectorize:
     it is +inf.
 ``erf``
     Eigen's rational approximation on [-4, 4] (odd degree-13 numerator, even degree-8 denominator), +-1
-    outside. Within 3.4e-7 of the exact value everywhere (erf is at most 1 in magnitude), relative error 2e-7
-    near 0.
+    outside (and for NaN). Within 3.4e-7 of the exact value everywhere (erf is at most 1 in magnitude),
+    relative error 2e-7 near 0.
 ``sigmoid``
     ``1 / (1 + exp(-x))`` with the ``exp`` above.
 
-NaN stays NaN in each of them. :data:`LEGALIZE_MAP` is the ``LegalizeOps`` override of the x86 pipeline
+NaN stays NaN in ``exp`` and ``softmax``; ``erf`` and ``sigmoid`` keep no select for it (see
+:func:`exp_expr`), which a model notices anyway: GELU and SiLU multiply by ``x``.
+
+:data:`LEGALIZE_MAP` is the ``LegalizeOps`` override of the x86 pipeline
 (:func:`tvmquant.schedules.x86.passes.prepare`): float32 ``relax.exp``, ``relax.erf``, ``relax.sigmoid`` and
 ``relax.nn.softmax`` legalize to these; other dtypes keep TVM's legalization. Every model the x86 pipeline
 compiles gets them, the float graphs tvmquant runs itself (calibration, SQNR) as much as the INT8 library.
@@ -63,21 +66,23 @@ def _horner(x: tirx.PrimExpr, coefficients) -> tirx.PrimExpr:
     return result
 
 
-def _keep_nan(x: tirx.PrimExpr, value: tirx.PrimExpr) -> tirx.PrimExpr:
-    # The clamps (min/max lower to compare-and-select) would turn NaN into a bound. (Not ``x != x``: TVM's
-    # simplifier folds that to false.)
-    return tirx.Select(tirx.isnan(x), x, value)
+def exp_expr(x: tirx.PrimExpr, limits: bool = True) -> tirx.PrimExpr:
+    """``exp(x)`` of a float32 expression, as arithmetic LLVM vectorizes (see the module docstring).
 
-
-def exp_expr(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``exp(x)`` of a float32 expression, as arithmetic LLVM vectorizes (see the module docstring)."""
+    ``limits=False`` leaves out the select that gives +inf above the overflow threshold and NaN for NaN (the
+    result then stays at 2.4e38, and NaN becomes a number): meta-schedule does not inline a block with a
+    select into its consumer, and a sigmoid does not need it (1 / (1 + 2.4e38) is 0 as 1 / (1 + inf) is).
+    """
     c = tirx.max(tirx.min(x, _f32(_EXP_HI)), _f32(_EXP_LO))
     n = tirx.floor(c * _f32(_LOG2E) + _f32(0.5))
     r = c - n * _f32(_LN2_HI) - n * _f32(_LN2_LO)
     y = _horner(r, _EXP_POLY) * r * r + r + _f32(1.0)
     exponent = tirx.shift_left(tirx.Cast("int32", n) + tirx.const(127, "int32"), tirx.const(23, "int32"))
+    value = y * tirx.reinterpret("float32", exponent)
+    if not limits:
+        return value
     # Past the clamp: inf above the overflow threshold, and NaN stays NaN (x + inf is NaN for NaN).
-    return tirx.Select(x < _f32(_EXP_OVERFLOW), y * tirx.reinterpret("float32", exponent), x + _f32(float("inf")))
+    return tirx.Select(x < _f32(_EXP_OVERFLOW), value, x + _f32(float("inf")))
 
 
 def erf_expr(x: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -86,7 +91,10 @@ def erf_expr(x: tirx.PrimExpr) -> tirx.PrimExpr:
     c2 = c * c
     numerator = c * _horner(c2, _ERF_NUM)
     denominator = _horner(c2, _ERF_DEN) * c2 + _f32(_ERF_DEN_LAST)
-    return _keep_nan(x, numerator / denominator)
+    # No select for NaN (the clamp makes it +-1): meta-schedule's AutoInline does not inline a block with a
+    # select, which kept BERT's GELU out of the matmul's register tile. GELU, x * (1 + erf(x / sqrt 2)) / 2,
+    # still gives NaN for NaN.
+    return numerator / denominator
 
 
 def fast_exp(x: te.Tensor) -> te.Tensor:
@@ -99,7 +107,9 @@ def fast_erf(x: te.Tensor) -> te.Tensor:
 
 def fast_sigmoid(x: te.Tensor) -> te.Tensor:
     one = _f32(1.0)
-    return te.compute(x.shape, lambda *i: one / (one + exp_expr(-x(*i))), name="T_fast_sigmoid", tag="elemwise")
+    return te.compute(
+        x.shape, lambda *i: one / (one + exp_expr(-x(*i), limits=False)), name="T_fast_sigmoid", tag="elemwise"
+    )
 
 
 def fast_softmax(x: te.Tensor, axis: int = -1) -> te.Tensor:

@@ -41,6 +41,7 @@ from tvm.sym import Analyzer
 from tvm.target import codegen as _llvm_codegen
 
 from .._ms_worker import build_candidate
+from .fixed import _block_has_reduction
 
 logger = logging.getLogger(__name__)
 
@@ -712,10 +713,6 @@ def _vectorize_epilogues(sch: tvm.s_tir.Schedule, lanes: int) -> None:
         else:
             loop = loops[-1]
         sch.vectorize(loop)
-
-
-def _block_has_reduction(sch, block) -> bool:
-    return any(int(iv.iter_type) != 0 for iv in _get(sch, block).iter_vars)  # 0: data parallel
 
 
 def _unroll_float_init(sch: tvm.s_tir.Schedule, names: set[str]) -> None:

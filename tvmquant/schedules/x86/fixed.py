@@ -207,7 +207,7 @@ def schedule_row_reductions(func: tirx.PrimFunc, num_cores: int, lanes: int) -> 
             sch.reorder(loops[-1], loops[-2])
             sch.vectorize(loops[-2])
             sch.decompose_reduction(rf, loops[-1])
-    except (tvm.s_tir.schedule.ScheduleError, ValueError) as err:
+    except (tvm.s_tir.schedule.ScheduleError, ValueError, RuntimeError) as err:
         logger.debug("schedule_row_reductions: leaving %s to meta-schedule (%s)", func, str(err).splitlines()[0])
         return None
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

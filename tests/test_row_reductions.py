@@ -13,7 +13,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
 from tvmquant.schedules import x86  # noqa: E402
-from tvmquant.schedules.x86 import fixed  # noqa: E402
+from tvmquant.schedules.common import is_scheduled  # noqa: E402
 from tvmquant.target import host_target  # noqa: E402
 
 SHAPE = (2, 4, 24, 48)  # (batch, heads, rows, row length)
@@ -107,4 +107,37 @@ def test_reductions_along_another_axis_are_left_alone():
             out = bb.emit_output(relax.op.subtract(x, mean))
         bb.emit_func_output(out)
     func = next(f for name, f in _kernels(bb.get(), x86.x86_target("znver4", num_cores=2)).items() if "mean" in name)
-    assert fixed.schedule_row_reductions(func.without_attr("tirx.is_scheduled"), 2, 16) is None
+    assert not is_scheduled(func)  # left to the default schedules of build()
+
+
+def test_a_per_row_max_written_out_is_scheduled_per_row_and_exact():
+    """Dynamic quantization's per-token range: ``max(x, axis=-1)`` is the kernel's output itself."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 24, 48), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.max(relax.op.abs(x), axis=[-1], keepdims=True))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    [func] = [f for name, f in _kernels(mod, x86.x86_target("znver4", num_cores=2)).items() if "max" in name]
+    blocks = _blocks(func)
+    [partial] = [name for name in blocks if name.endswith("_rf_update")]
+    assert blocks[partial][-1].kind == tvm.tirx.ForKind.VECTORIZED
+    data = np.random.default_rng(4).normal(0, 3, (2, 24, 48)).astype(np.float32)
+    vm = relax.VirtualMachine(x86.build(mod, host_target()), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(data)).numpy(), np.abs(data).max(-1, keepdims=True))
+
+
+def test_a_batch_matmul_and_a_sum_over_tokens_are_left_alone():
+    """Reductions written out whose reduction variable is not the last index of what they read."""
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType((1, 2, 32, 32), "int32"))  # BERT's PV product, smaller
+    b = relax.Var("b", relax.TensorType((1, 2, 32, 16), "int32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.Tuple([bb.emit(relax.op.matmul(a, b)), bb.emit(relax.op.sum(a, axis=[2]))]))
+        bb.emit_func_output(out)
+    kernels = _kernels(bb.get(), x86.x86_target("znver4", num_cores=2))
+    for name in ("matmul", "sum"):
+        [func] = [f for n, f in kernels.items() if n.startswith(name)]
+        assert not is_scheduled(func), name

@@ -343,3 +343,15 @@ def test_amx_tuning_records_replay_exactly_emulated(tmp_path):
         assert any(structural_equal(func, default) for func in replayed)
         executable = x86.build(mod, target, db_dir=db)
     np.testing.assert_array_equal(run(executable, data), expected)
+
+
+@pytest.mark.parametrize("target", [SAPPHIRE_RAPIDS, x86.x86_target("cascadelake", num_cores=2)], ids=["amx", "vnni"])
+def test_requantize_epilogue_rounds_whole_vectors(target):
+    # The requantize epilogue rounds half to even (tirx.nearbyint, from topi.round). TVM 0.27's VectorizeLoop
+    # scalarized any vector loop holding one: 16 scalar roundings and byte-wise stores per vector, 2.4x the
+    # time of a low-K 1x1 AMX conv (tvmquant._compat.vectorizable_nearbyint marks it vectorizable).
+    rng = np.random.default_rng(2)
+    mod, _, _ = conv_module((1, 64, 8, 8), [(64, 1, 1, 0, 1)], rng, requantize=True)
+    asm = assembly(x86.build(mod, target))
+    assert "vrndscaleps" in asm and "vpextrb" not in asm
+    assert any("vrndscaleps" in line and "%zmm" in line for line in asm.splitlines())

@@ -136,10 +136,24 @@ def fast_tvmscript_parsing() -> None:
         entry.inspect = _FastStackInspect()
 
 
+def vectorizable_nearbyint() -> None:
+    """Let TVM's ``VectorizeLoop`` vectorize ``tirx.nearbyint`` (round half to even, what ``topi.round`` and so
+    every requantize epilogue uses).
+
+    TVM 0.27 marks ``tirx.round`` vectorizable but not ``tirx.nearbyint``, so a vectorized loop holding one is
+    scalarized whole: a requantize epilogue went from one 16-lane ``vrndscaleps`` to sixteen scalar ones plus
+    byte-wise stores. LLVM lowers both forms to ``llvm.nearbyint`` (the same instruction, rounding by MXCSR);
+    C-like backends (CUDA) print a vector call lane by lane."""
+    op = tvm.ir.Op.get("tirx.nearbyint")
+    if op.get_attr("TVectorizable") is None:  # (has_attr says whether any op has the attribute)
+        op.set_attr("TVectorizable", True)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Compiler part
 if not RUNTIME_ONLY:
     fast_tvmscript_parsing()
+    vectorizable_nearbyint()
     from tvm import relax
     from tvm.ir import GenericConst, StringImm
     from tvm.relax.expr_functor import PyExprMutator, mutator

@@ -137,6 +137,22 @@ def test_amx_library_has_tile_instructions():
     assert "tdpbusd" in assembly(x86.build(dense, SAPPHIRE_RAPIDS))
 
 
+def test_default_amx_schedule_configures_tiles_once_per_row_of_blocks():
+    # ldtilecfg costs about as much as four tdpbusd: the untuned schedule loads the configuration before the first
+    # 32-column block of each row of blocks only, and skips the zero-fill of C that the intrinsic's tilezero
+    # makes redundant (exactness: the emulated tests above, and on AMX hardware below).
+    mod, _, _ = _conv_case(AMX_CONVS[1])  # 128 output channels: four column blocks per row of blocks
+    prepared = x86.prepare(mod, SAPPHIRE_RAPIDS)
+    [name] = _amx_kernels(prepared)
+    scheduled = amx.schedule_amx_kernel(prepared[name], num_cores=2)
+    lowered = scheduled.script()
+    [config] = [line for line in lowered.splitlines() if "ldtilecfg" in line]
+    assert lowered.count("ldtilecfg") == 1 and "tdpbusd" in lowered
+    guard = lowered.splitlines()[lowered.splitlines().index(config) - 1]
+    assert guard.strip().startswith("if ") and "% " in guard, guard
+    assert "T.Broadcast(0, 32)" not in lowered and "= 0\n" not in lowered  # no zero-fill of the int32 blocks
+
+
 def test_amx_design_space_holds_the_tensorize_step():
     from tvm.s_tir import meta_schedule as ms
 

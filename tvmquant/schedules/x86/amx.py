@@ -213,9 +213,12 @@ def dense_amx_int8(data: te.Tensor, weight: te.Tensor, rows: int, cols: int) -> 
 
 # ----------------------------------------------------------------------------------------------------------
 # The intrinsic
-def intrinsic_name(depth: int) -> str:
-    """Name of the 32 x 32 x ``depth`` intrinsic (``depth`` a multiple of 64)."""
-    return f"tvmquant_amx_u8s8s32_{TILE_M}x{TILE_N}x{depth}"
+def intrinsic_name(depth: int, configure: str = "always") -> str:
+    """Name of the 32 x 32 x ``depth`` intrinsic (``depth`` a multiple of 64); ``configure="first-column"``
+    names the variant that loads the tile configuration only for the first column block of a row of blocks
+    (see :func:`_impl`)."""
+    name = f"tvmquant_amx_u8s8s32_{TILE_M}x{TILE_N}x{depth}"
+    return name if configure == "always" else f"{name}_rowcfg"
 
 
 #: Tile configuration (64 bytes as 16 int32 words): palette 1, tiles 0-7 of 16 rows x 64 bytes.
@@ -241,14 +244,21 @@ def _desc(depth: int):
     return desc
 
 
-def _impl(depth: int):
+def _impl(depth: int, configure: str = "always"):
     """The hardware implementation: ``ldtilecfg``, zero the C tiles, per 64 bytes of K load 2 A and 2 B
     tiles and issue 4 ``tdpbusd``, store the C tiles. Tiles 0-3: C, 4-5: A, 6-7: B.
 
     The C tiles start from zero, not from ``C``: one call covers the whole K of its 32 x 32 block (the
     intrinsic's depth is the GEMM's), so the block's zero-fill before it (``decompose_reduction``; TVM's
-    tensorize takes no block with an init) is all ``C`` can hold."""
+    tensorize takes no block with an init) is all ``C`` can hold.
+
+    ``ldtilecfg`` costs about as much as a K = 64 block's four ``tdpbusd`` (18% of a low-K 1x1 conv, measured).
+    With ``configure="first-column"`` it runs only when ``C`` starts a row of the int32 result (its offset a
+    multiple of the row stride: the first 32-column block of a row of blocks). The configuration is the
+    thread's state and every AMX kernel loads the same one, so this is right for a schedule that, per
+    thread, walks a row of blocks from its first column in order (:func:`_schedule_fused`)."""
     quads = depth // 4
+    every_block = T.bool(configure == "always")
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -266,7 +276,8 @@ def _impl(depth: int):
                 cfg[w] = T.Select(
                     w == 0, 1, T.Select(w >= 4 and w < 8, 0x00400040, T.Select(w >= 12 and w < 14, 0x10101010, 0))
                 )
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", cfg.access_ptr("r")))
+            if every_block or C.elem_offset % sc == 0:
+                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", cfg.access_ptr("r")))
             for t in T.unroll(_C_TILES):
                 T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(t)))
             for kk in T.serial(depth // TILE_K):
@@ -312,6 +323,41 @@ def _impl(depth: int):
                             T.int64(sc * 4),
                         )
                     )
+
+    return impl
+
+
+#: The zero-fill of a 32 x 32 block of C that the intrinsic's ``tilezero`` makes redundant (see :func:`_impl`).
+SKIP_INIT = "tvmquant_amx_skip_zero_fill_32x32"
+
+
+def _zero_fill_desc():
+    @T.prim_func(s_tir=True)
+    def desc(c: T.handle) -> None:
+        C = T.match_buffer(c, (TILE_M, TILE_N), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:TILE_M, 0:TILE_N])
+            for i, j in T.grid(TILE_M, TILE_N):
+                with T.sblock("init"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    C[vi, vj] = 0
+
+    return desc
+
+
+def _skip_zero_fill_impl():
+    """Writes nothing: the intrinsic that follows the zero-fill starts its C tiles from zero (``tilezero``; the
+    emulated one from zeroed local tiles) and stores every element of ``C``."""
+
+    @T.prim_func(s_tir=True)
+    def impl(c: T.handle) -> None:
+        sc = T.int32()
+        C = T.match_buffer(c, (TILE_M, TILE_N), "int32", offset_factor=1, strides=[sc, 1])
+        with T.sblock("root"):
+            T.reads()
+            T.writes(C[0:TILE_M, 0:TILE_N])
+            T.evaluate(0)
 
     return impl
 
@@ -371,8 +417,11 @@ def register_amx_intrinsic(depth: int) -> str:
         raise ValueError(f"AMX intrinsic: K={depth} is not a multiple of {TILE_K}")
     name = intrinsic_name(depth)
     if _REGISTERED.get(depth) is not _EMULATE:
-        impl = _emulated_impl(depth) if _EMULATE else _impl(depth)
-        TensorIntrin.register(name, _desc(depth), impl, override=True)
+        for configure in ("always", "first-column"):
+            impl = _emulated_impl(depth) if _EMULATE else _impl(depth, configure)
+            TensorIntrin.register(intrinsic_name(depth, configure), _desc(depth), impl, override=True)
+        if not _REGISTERED:
+            TensorIntrin.register(SKIP_INIT, _zero_fill_desc(), _skip_zero_fill_impl(), override=True)
         _REGISTERED[depth] = _EMULATE
     return name
 
@@ -575,8 +624,8 @@ def _schedule_fused(sch, num_cores: int) -> None:
         sch.parallel(block_rows)  # before tensorizing: the tensorized block is no longer a reduction block
     # The zero-fill of each 32 x 32 block right before its intrinsic (in L1), above a unit loop of its own.
     init = sch.decompose_reduction(tiles, sch.add_unit_loop(tiles))
-    sch.vectorize(sch.get_loops(sch.get_child_blocks(init)[0])[-1])
-    sch.tensorize(tiles, name)
+    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], SKIP_INIT)
+    sch.tensorize(tiles, name + "_rowcfg")  # each thread walks a row of blocks from its first column
 
 
 def _flat_index(index, extents):

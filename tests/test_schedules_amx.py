@@ -117,10 +117,10 @@ def test_amx_weight_packing_layout():
     rng = np.random.default_rng(2)
     w = rng.integers(-128, 128, (100, 40)).astype("int8")
     packed = amx.pack_amx_weight(w)
-    assert packed.shape == (128 // 4, 64, 4)
+    assert packed.shape == (64 // 32, 128 // 4, 32, 4)  # [N/32, K/4, 32, 4]: a column block's K contiguous
     k, n = 77, 33
-    assert packed[k // 4, n, k % 4] == w[k, n]
-    assert not packed[25:].any() and not packed[:, 40:].any()  # zero padding of K and N
+    assert packed[n // 32, k // 4, n % 32, k % 4] == w[k, n]
+    assert not packed[:, 25:].any() and not packed[1, :, 8:].any()  # zero padding of K and N
     conv = rng.integers(-128, 128, (8, 3, 2, 2)).astype("int8")
     gemm = amx.conv_weight_as_gemm(conv, channels=4)  # rows (r * S + s) * C + c
     assert gemm.shape == (2 * 2 * 4, 8)

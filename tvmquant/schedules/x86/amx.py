@@ -7,7 +7,7 @@ What is here, in the order a model meets it:
   choice is logged).
 - The computes: :func:`im2col_int8` (the blocked, pre-padded conv input as a ``[M, K]`` u8 matrix, a
   data-movement kernel of its own) and :func:`gemm_amx_int8` (``C[M, N] = A[M, K] x W[K, N]`` with the
-  weight packed ``[K/4, N, 4]`` at compile time, :func:`pack_amx_weight`, followed in the same kernel by the
+  weight packed ``[N/32, K/4, 32, 4]`` at compile time, :func:`pack_amx_weight`, followed in the same kernel by the
   gather into the layout the rest of the graph uses: blocked ``[N, K/16, OH, OW, 16]`` for a conv, ``[M, N]``
   for a dense; the requantize epilogue fuses after it).
 - The intrinsic :func:`register_amx_intrinsic`: one 32 x 32 x K block of tiles (four int32 C tiles stay in
@@ -94,20 +94,27 @@ def choose_int8_unit(m: int, n: int, k: int, target, what: str = "kernel") -> st
 # ----------------------------------------------------------------------------------------------------------
 # Weight packing and computes
 def pack_amx_weight(weight_kn: np.ndarray) -> np.ndarray:
-    """``[K, N]`` int8 -> ``[K/4, N, 4]`` (K padded to 64, N to 32, with zeros): rows of a B tile.
+    """``[K, N]`` int8 -> ``[N/32, K/4, 32, 4]`` (K padded to 64, N to 32, with zeros): per block of 32
+    output columns, the rows of its B tiles one after the other.
+
+    A block's whole K is one contiguous stream (the intrinsic's B tile rows are 128 bytes apart), which the
+    hardware prefetchers follow; in a ``[K/4, N, 4]`` layout the rows were ``4 N`` bytes apart (2 KB for 512
+    columns: two cache lines per page), and a kernel whose weights do not stay in L2 between runs (ResNet's
+    last stage: 1-2.4 MB a conv) waited on each line.
 
     Examples
     --------
-    >>> w = np.arange(64 * 32).reshape(64, 32).astype("int8")
+    >>> w = np.arange(64 * 64).reshape(64, 64).astype("int8")
     >>> p = pack_amx_weight(w)
-    >>> p.shape, int(p[3, 5, 2]) == int(w[14, 5])
-    ((16, 32, 4), True)
+    >>> p.shape, int(p[1, 3, 5, 2]) == int(w[14, 32 + 5])
+    ((2, 16, 32, 4), True)
     """
     depth, cols = weight_kn.shape
     depth_pad, cols_pad = _round_up(depth, TILE_K), _round_up(cols, TILE_N)
     padded = np.zeros((depth_pad, cols_pad), dtype=np.int8)
     padded[:depth, :cols] = weight_kn
-    return np.ascontiguousarray(padded.reshape(depth_pad // 4, 4, cols_pad).transpose(0, 2, 1))
+    blocks = padded.reshape(depth_pad // 4, 4, cols_pad // TILE_N, TILE_N)
+    return np.ascontiguousarray(blocks.transpose(2, 0, 3, 1))
 
 
 def conv_weight_as_gemm(weight_oihw: np.ndarray, channels: int) -> np.ndarray:
@@ -160,18 +167,20 @@ def im2col_int8(data: te.Tensor, kernel_hw, strides, dilation) -> te.Tensor:
 
 def _gemm(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
     rows, depth = (int(v) for v in data.shape)
-    quads, cols, quad = (int(v) for v in weight.shape)
-    if quads * quad != depth or rows % TILE_M or cols % TILE_N or depth % TILE_K:
+    col_blocks, quads, block, quad = (int(v) for v in weight.shape)
+    cols = col_blocks * block
+    if quads * quad != depth or rows % TILE_M or block != TILE_N or depth % TILE_K:
         raise ValueError(
-            f"gemm_amx_int8: data {rows}x{depth} and weight {quads}x{cols}x{quad} do not fill whole AMX tiles "
-            f"(M, N multiples of {TILE_M}, K of {TILE_K}, weight [K/4, N, 4])"
+            f"gemm_amx_int8: data {rows}x{depth} and weight {list(weight.shape)} do not fill whole AMX tiles "
+            f"(M a multiple of {TILE_M}, K of {TILE_K}, weight [N/{TILE_N}, K/4, {TILE_N}, 4])"
         )
     r_quad = te.reduce_axis((0, quads), name="k_outer")
     r_elem = te.reduce_axis((0, quad), name="k_inner")
     return te.compute(
         (rows, cols),
         lambda i, j: te.sum(
-            data[i, r_quad * quad + r_elem].astype("int32") * weight[r_quad, j, r_elem].astype("int32"),
+            data[i, r_quad * quad + r_elem].astype("int32")
+            * weight[j // TILE_N, r_quad, j % TILE_N, r_elem].astype("int32"),
             axis=[r_quad, r_elem],
         ),
         name=GEMM_BLOCK,
@@ -189,7 +198,7 @@ def conv2d_amx_int8(data: te.Tensor, weight: te.Tensor, kernel_hw, strides, dila
     data : te.Tensor
         u8 ``[N, C/cb, H, W, cb]``, pre-padded.
     weight : te.Tensor
-        s8 ``[K_pad/4, N_pad, 4]`` (:func:`pack_amx_weight` of :func:`conv_weight_as_gemm`).
+        s8 ``[N_pad/32, K_pad/4, 32, 4]`` (:func:`pack_amx_weight` of :func:`conv_weight_as_gemm`).
     kernel_hw, strides, dilation : pairs of int
     out_shape : tuple of int
         ``(N, K/16, OH, OW, 16)``: the layout of the VNNI conv (``conv2d_nchwc_int8``), so either kernel
@@ -206,7 +215,8 @@ def conv2d_amx_int8(data: te.Tensor, weight: te.Tensor, kernel_hw, strides, dila
 
 
 def dense_amx_int8(data: te.Tensor, weight: te.Tensor, rows: int, cols: int) -> te.Tensor:
-    """u8 ``[M_pad, K_pad]`` x packed s8 ``[K_pad/4, N_pad, 4]`` -> s32 ``[rows, cols]`` (padding dropped)."""
+    """u8 ``[M_pad, K_pad]`` x packed s8 ``[N_pad/32, K_pad/4, 32, 4]`` -> s32 ``[rows, cols]`` (padding
+    dropped)."""
     gemm = _gemm(data, weight)
     return te.compute((rows, cols), lambda i, j: gemm[i, j], name="amx_unpack")
 

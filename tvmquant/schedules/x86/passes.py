@@ -266,7 +266,7 @@ class _Int8Rewriter(relax.PyExprMutator):
             what = f"conv2d {shape[1] * shape[4]}->{out_ch} {k_h}x{k_w}/{strides[0]} at {out_h}x{out_w}"
             if amx.choose_int8_unit(rows, out_ch, depth, self.target, what) == "amx":
                 packed = amx.pack_amx_weight(amx.conv_weight_as_gemm(weight_np, shape[1] * shape[4]))
-                amx.register_amx_intrinsic(packed.shape[0] * packed.shape[2])
+                amx.register_amx_intrinsic(packed.shape[1] * packed.shape[3])
                 out_shape = (shape[0], _round_up(out_ch, OC_BLOCK) // OC_BLOCK, out_h, out_w, OC_BLOCK)
                 self.amx += 1
                 return self.builder_.call_te(

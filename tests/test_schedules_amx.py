@@ -58,7 +58,7 @@ AMX_CONVS = [
 #: K; the others are slow-marked (they run with -m slow, and on AMX hardware below without emulation).
 EMULATED_CONVS = [case if case is AMX_CONVS[2] else pytest.param(case, marks=pytest.mark.slow) for case in AMX_CONVS]
 #: (batch shape, K, N) of denses AMX takes.
-AMX_DENSES = [((64,), 256, 96), ((2, 40), 192, 64)]
+AMX_DENSES = [((64,), 256, 96), ((2, 40), 192, 64), ((64,), 1024, 384)]  # the last one in groups of columns
 
 
 def _dense_module(batch_shape, depth, cols, rng):
@@ -151,6 +151,22 @@ def test_default_amx_schedule_configures_tiles_once_per_row_of_blocks():
     guard = lowered.splitlines()[lowered.splitlines().index(config) - 1]
     assert guard.strip().startswith("if ") and "% " in guard, guard
     assert "T.Broadcast(0, 32)" not in lowered and "= 0\n" not in lowered  # no zero-fill of the int32 blocks
+
+
+def test_denses_with_large_weights_run_in_groups_of_columns():
+    # Weights beyond amx.GROUP_WEIGHT_BYTES: groups of 128 columns outside the blocks of rows (each group's
+    # weights read once per call), fused into one parallel loop; exactness is the emulated and hardware tests.
+    rng = np.random.default_rng(4)
+    for (batch_shape, depth, cols), group in zip(AMX_DENSES, (None, None, 128)):
+        mod, _, _ = _dense_module(batch_shape, depth, cols, rng)
+        prepared = x86.prepare(mod, SAPPHIRE_RAPIDS)
+        [name] = _amx_kernels(prepared)
+        sch = tvm.s_tir.Schedule(tvm.IRModule({"main": prepared[name]}))
+        extents = [int(sch.get(loop).extent) for loop in sch.get_loops(amx._inline_elementwise(sch, ())[0])]
+        assert amx._column_group(sch, amx._gemm_block(sch), extents) == group
+        loops = amx.amx_schedule(prepared[name], 2).mod["main"].script()
+        parallel = [line for line in loops.splitlines() if "T.parallel" in line]
+        assert len(parallel) == 1 and (group is None or f"T.parallel(T.int64({(cols // group) * 2}))" in parallel[0])
 
 
 def test_amx_design_space_holds_the_tensorize_step():

@@ -167,6 +167,20 @@ def test_denses_with_large_weights_run_in_groups_of_columns():
         loops = amx.amx_schedule(prepared[name], 2).mod["main"].script()
         parallel = [line for line in loops.splitlines() if "T.parallel" in line]
         assert len(parallel) == 1 and (group is None or f"T.parallel(T.int64({(cols // group) * 2}))" in parallel[0])
+    # The first-column tile configuration is right only because each group's int32 block is its own (32 x group)
+    # buffer, starting at the group's first column: check the lowered allocation.
+    lowered = []
+
+    @tvm.instrument.pass_instrument
+    class Capture:
+        def run_after_pass(self, module, info):
+            if info.name == "tirx.StorageRewrite":
+                lowered.append(module.script())
+
+    scheduled = amx.schedule_amx_kernel(prepared[name], 2).with_attr("global_symbol", "main")
+    with tvm.transform.PassContext(opt_level=3, instruments=[Capture()]):
+        tvm.compile(tvm.IRModule({"main": scheduled}), target=SAPPHIRE_RAPIDS)
+    assert f'amx_gemm_int8 = T.alloc_buffer(({32 * 128},), "int32")' in lowered[0]
 
 
 def test_amx_design_space_holds_the_tensorize_step():

@@ -640,7 +640,8 @@ def _schedule_fused(sch, num_cores: int) -> None:
         block_rows = sch.fuse(col_group, block_rows)
     if num_cores > 1:
         sch.parallel(block_rows)  # before tensorizing: the tensorized block is no longer a reduction block
-    # The zero-fill of each 32 x 32 block right before its intrinsic (in L1), above a unit loop of its own.
+    # The zero-fill of each 32 x 32 block (decomposed above a unit loop of its own) becomes a no-op: the
+    # intrinsic zeroes its tiles itself.
     init = sch.decompose_reduction(tiles, sch.add_unit_loop(tiles))
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], SKIP_INIT)
     sch.tensorize(tiles, name + "_rowcfg")  # each thread walks a row of blocks from its first column

@@ -660,13 +660,14 @@ def _column_group(sch, gemm, extents) -> int | None:
     :data:`GROUP_WEIGHT_BYTES`, or None (rows outside, all columns inside).
 
     With the blocks of rows outermost, each block streams all the weights: BERT-base's 768 x 3072 FFN weights
-    (2.4 MB, beyond L2) came from L3 four times per call at sequence 128, and its 768 x 768 projections ran
-    2.5x slower in the model than alone. In groups of columns (the groups and the blocks of rows fused into
-    the parallel loop, groups outside) each group's weights are read once and reused from L2 by every block
-    of rows; the rows of the input, which are much fewer bytes, are what is re-read."""
+    (2.4 MB, beyond L2) came from L3 four times per call at sequence 128. In groups of columns (the groups and
+    the blocks of rows fused into the parallel loop, groups outside) each group's weights are read once and
+    reused from L2 by every block of rows; the rows of the input, which are much fewer bytes, are what is
+    re-read. Measured on an AMX Xeon, 1 thread, in the model: the two FFN denses 8.1 + 6.4 -> 6.2 + 5.1 ms per
+    run; the 768 x 768 projections did not change (5.7 -> 5.9 ms: still 2.5x their time alone)."""
     loops = [int(sch.get(loop).extent) for loop in sch.get_loops(gemm)]
     cols, depth = loops[1], loops[-2] * loops[-1]
-    rows, out_cols = extents[0] if len(extents) == 2 else int(np.prod(extents[:-1])), extents[-1]
+    rows, out_cols = int(np.prod(extents[:-1])), extents[-1]
     if rows <= TILE_M or cols * depth <= GROUP_WEIGHT_BYTES:
         return None
     for group in (GROUP_COLUMNS, GROUP_COLUMNS // 2, TILE_N):

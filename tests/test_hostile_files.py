@@ -197,6 +197,37 @@ def test_tuning_database_cut_mid_record_loads_its_complete_records(tmp_path, cap
         open_json_database(str(tmp_path))
 
 
+def test_tuning_record_that_does_not_replay_is_named_with_its_reason(tmp_path):
+    # TVM's loader replays every record in threads and says only "(not rendered)"; the error names the line.
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmquant.schedules.common import DatabaseError, open_json_database
+
+    _tiny_database(tmp_path)
+    a = te.placeholder((8, 8), name="A")
+    func = te.create_prim_func([a, te.compute((8, 8), lambda i, j: a[i, j] * 2, name="B")])
+    mod = tvm.IRModule({"main": func})
+    sch = tvm.s_tir.Schedule(mod)
+    sch.split(sch.get_loops(sch.get_sblock("B"))[0], [2, 4])
+    database = open_json_database(str(tmp_path))
+    database.commit_tuning_record(
+        ms.database.TuningRecord(
+            sch.trace,
+            database.commit_workload(mod),
+            [0.5],
+            tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}),
+            ms.arg_info.ArgInfo.from_prim_func(func),
+        )
+    )
+    records = tmp_path / "database_tuning_record.json"
+    lines = records.read_text().splitlines()
+    assert '"B"' in lines[3]
+    records.write_text("\n".join([*lines[:3], lines[3].replace('"B"', '"B_elsewhere"')]) + "\n")
+    with pytest.raises(DatabaseError, match=r"line 4: .*Cannot find a block with the name: B_elsewhere"):
+        open_json_database(str(tmp_path))
+
+
 def test_library_metadata_must_match_its_library(artifact, tmp_path):
     from tvmquant.deploy import load_library
 

@@ -122,3 +122,33 @@ def test_a_tune_stopped_after_seeding_builds_the_defaults_and_searches_next_time
     monkeypatch.setattr(tune_module, "seed_default_schedules", lambda *a, **k: pytest.fail("seeded again"))
     x86.tune(mod, target, trials=8, db_dir=db, progress=False)
     assert sorted(ctx.task_name for ctx in seen["tasks"]) == sorted(task.task_name for task in tasks)
+
+
+def _renamed(func):
+    """``func`` with every block renamed: structurally equal (names are not compared), as the same layer is
+    when imported again (a reduction's block is named after its input, ``lv361_red`` or ``lv769_red``)."""
+    text = func.script()
+    for name in set(x86.amx.block_names(func)) - {"root"}:
+        text = text.replace(f'T.sblock("{name}")', f'T.sblock("{name}_other")')
+    renamed = tvm.script.from_source(text)
+    assert structural_equal(renamed, func) and x86.amx.block_names(renamed) != x86.amx.block_names(func)
+    return renamed
+
+
+def test_seeds_replay_when_the_same_kernel_was_scheduled_under_other_block_names(tmp_path, monkeypatch):
+    # The kernel's default schedule is memoised by structure: a build of another import of the model (its
+    # blocks named otherwise) must not lend its trace to the seed, or the database no longer loads
+    # ("GetSBlock ... not found" when meta-schedule replays the record on the stored workload).
+    mod, _ = _model()
+    target = x86.x86_target(num_cores=2)
+    tasks = x86.extract_tasks(mod, target)
+    for task in tasks:
+        x86.default_schedule(_renamed(task.dispatched[0]["main"]), target, task.task_name, 2)
+    monkeypatch.setattr(x86.ms.tune, "tune_tasks", lambda **_kwargs: None)  # seeding only
+    db = str(tmp_path / "db")
+    x86.tune(mod, target, trials=len(tasks), db_dir=db, progress=False)
+    records = database.records_for_target(db, target)  # loads: every record replays on its workload
+    for task in tasks:
+        (seed,) = _records_of(records, task)
+        default = x86.default_schedule(task.dispatched[0]["main"], target, task.task_name, 2).mod["main"]
+        assert structural_equal(_replayed(seed, task), default), task.task_name

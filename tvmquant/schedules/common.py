@@ -99,9 +99,52 @@ def open_json_database(db_dir: str, create: bool = True):
     except Exception as err:  # TVM reads each line into objects: a line of valid JSON that is no record
         lines = [line for line in str(err).splitlines() if line.strip()]
         detail = lines[-1][:300] if lines else type(err).__name__
+        if detail.endswith("(not rendered)"):  # a record's replay failed in TVM's loader threads: find it here
+            detail = _first_bad_record(db_dir) or detail
         raise DatabaseError(
             f"tuning database {db_dir!r} does not load ({detail}); remove it (and re-tune) or restore it"
         ) from None
+
+
+def _first_bad_record(db_dir: str) -> str | None:
+    """Which tuning record of ``db_dir`` does not load and why, found by loading them one at a time (as
+    ``JSONDatabase`` does in threads whose errors it does not render); None when each loads alone."""
+    import json
+    import os
+
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        with open(os.path.join(db_dir, DATABASE_FILES[0])) as stream:
+            workloads = [json.loads(line) for line in stream if line.strip()]
+        with open(os.path.join(db_dir, DATABASE_FILES[1])) as stream:
+            records = [json.loads(line) for line in stream if line.strip()]
+    except (OSError, ValueError):
+        return None
+    loaded = {}
+    for number, (index, body) in enumerate(records, start=1):
+        try:
+            if index not in loaded:
+                loaded[index] = ms.database.Workload.from_json(workloads[index])
+            ms.database.TuningRecord.from_json(body, loaded[index])
+        except Exception as err:  # noqa: BLE001  (the reason is the message)
+            reason = _replay_error(loaded.get(index), body) or str(err)
+            lines = [line for line in reason.splitlines() if line.strip()]
+            return f"{DATABASE_FILES[1]} line {number}: {lines[-1][:300] if lines else type(err).__name__}"
+    return None
+
+
+def _replay_error(workload, body) -> str | None:
+    """The message of replaying record ``body``'s trace on ``workload`` with errors rendered in full (the
+    loader's are "(not rendered)"), or None when it replays."""
+    import tvm
+
+    try:
+        sch = tvm.s_tir.Schedule(workload.mod, error_render_level="detail")
+        tvm.s_tir.schedule.Trace.apply_json_to_schedule(body[0], sch)
+    except Exception as err:  # noqa: BLE001
+        return str(err)
+    return None
 
 
 def repair_json_database(db_dir: str) -> list:

@@ -473,16 +473,15 @@ def _gemm_block(sch):
         return None
 
 
-def is_amx_kernel(func) -> bool:
-    """Whether ``func`` (a PrimFunc, scheduled or not) holds the AMX GEMM compute or its tensorized form."""
-    if not isinstance(func, tirx.PrimFunc):
-        return False
+def block_names(func) -> list[str]:
+    """The names of ``func``'s blocks (a PrimFunc, scheduled or not), in a fixed order of its body: the names
+    a schedule's trace looks its blocks up by."""
+    names = []
     todo = [func.body]
     while todo:
         node = todo.pop()
         if isinstance(node, tvm.s_tir.stmt.SBlock):
-            if str(node.name_hint).startswith(GEMM_BLOCK):
-                return True
+            names.append(str(node.name_hint))
             todo.append(node.body)
             if node.init is not None:
                 todo.append(node.init)
@@ -494,7 +493,12 @@ def is_amx_kernel(func) -> bool:
             todo.extend(n for n in (node.then_case, node.else_case) if n is not None)
         elif hasattr(node, "body"):
             todo.append(node.body)
-    return False
+    return names
+
+
+def is_amx_kernel(func) -> bool:
+    """Whether ``func`` (a PrimFunc, scheduled or not) holds the AMX GEMM compute or its tensorized form."""
+    return isinstance(func, tirx.PrimFunc) and any(name.startswith(GEMM_BLOCK) for name in block_names(func))
 
 
 def _blockize_for_intrinsic(sch, block):

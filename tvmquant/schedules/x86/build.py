@@ -142,11 +142,14 @@ def default_schedule(
 
     The trace replays the schedule on ``func`` (:func:`tvmquant.schedules.x86.tune` commits it to the
     database as a tuning record, so that tuning starts from it). Memoised per process on the kernel's
-    structure (:data:`_SKETCH_CACHE`).
+    structure and block names (:data:`_SKETCH_CACHE`): the trace looks blocks up by name, and structural
+    equality ignores names, so a kernel of the same structure whose blocks are named otherwise (another import
+    of the same layer) is scheduled anew; a cached trace would not replay on it.
     """
     key = (structural_hash(func), str(target), seed, str(num_threads), policy, verify, amx.emulating())
+    names = amx.block_names(func)
     for known, sch in _SKETCH_CACHE.get(key, ()):
-        if structural_equal(known, func):
+        if structural_equal(known, func) and amx.block_names(known) == names:
             return sch
     sch = None
     if amx.is_amx_kernel(func):

@@ -352,6 +352,37 @@ def test_vnni_dense_exact(batch_shape, depth, cols):
     assert "vpdpbusd" in assembly(executable)
 
 
+@needs_vnni
+@pytest.mark.parametrize(
+    "batch_shape,rows,depth,cols",
+    [
+        ((2, 12), 128, 64, 128),  # BERT-base attention QK^T (batch 2, 12 heads, head size 64)
+        ((3,), 20, 30, 17),  # K and N off the 4 / 16 blocks: zero padding, a slice
+        ((), 16, 8, 16),  # no batch dims
+    ],
+)
+def test_vnni_matmul_of_two_activations_exact(batch_shape, rows, depth, cols):
+    # Attention's QK^T: the second operand a run-time tensor (a transposed one), packed by a kernel of its own.
+    rng = np.random.default_rng(7)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((*batch_shape, rows, depth), "uint8"))
+    y = relax.Var("y", relax.TensorType((*batch_shape, cols, depth), "int8"))
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            axes = [*range(len(batch_shape)), len(batch_shape) + 1, len(batch_shape)]
+            y_t = bb.emit(relax.op.permute_dims(y, axes))
+            out = bb.emit_output(relax.op.matmul(x, y_t, out_dtype="int32"))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert "batch_dense_int8_packed" in "".join(_called_functions(x86.prepare(mod)))
+    data = rng.integers(0, 256, (*batch_shape, rows, depth)).astype("uint8")
+    other = rng.integers(-128, 128, (*batch_shape, cols, depth)).astype("int8")
+    executable = x86.build(mod, vnni_host())
+    expected = np.matmul(data.astype(np.int64), np.swapaxes(other, -1, -2).astype(np.int64)).astype(np.int32)
+    np.testing.assert_array_equal(run(executable, data, other), expected)
+    assert "vpdpbusd" in assembly(executable)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # (b) design space: the VNNI tensorize step, on fixed targets (no hardware needed)
 def _conv_task(target):

@@ -286,15 +286,43 @@ class _Realizer(BindingRewriter):
             scale = (np.float32(x_aff.scale) * w_scale).astype(np.float32)
             aff = Affine(acc, scale, np.zeros(columns, np.int64), out_ndim - 1, offset)
             return self._record(self._to_float(aff), aff)
-        # activation x activation (attention): subtract zero points in int32 unless both are zero
-        a, b = x_aff.base, w_aff.base
-        if int(x_aff.zero_point) != 0 or int(w_aff.zero_point) != 0 or x_aff.dtype != "int8" or w_aff.dtype != "int8":
-            a = self.emit(relax.op.subtract(relax.op.astype(a, "int32"), const(np.int32(int(x_aff.zero_point)))))
-            b = self.emit(relax.op.subtract(relax.op.astype(b, "int32"), const(np.int32(int(w_aff.zero_point)))))
-        acc = self.emit(relax.op.matmul(a, b, out_dtype="int32"))
+        # activation x activation (attention)
+        acc = self._matmul_activations(x_aff, w_aff)
         scale = np.float32(np.float32(x_aff.scale) * np.float32(w_aff.scale))
         aff = Affine(acc, scale, np.zeros((), np.int64), None, None)
         return self._record(self._to_float(aff), aff)
+
+    def _matmul_activations(self, x_aff: Affine, w_aff: Affine):
+        """The int32 product ``(a - za) @ (b - zb)`` of two quantized activations (attention's ``QK^T``, ``PV``).
+
+        A uint8 ``a`` times an 8-bit ``b`` runs as one u8 x s8 matmul, the instruction VNNI and AMX have: a
+        uint8 ``b`` becomes ``b - 128`` (exact in int8) with zero point ``zb - 128``, and the zero points come
+        out as sums, exactly in int32 (no reduced extent in the formula: it holds for a symbolic one)::
+
+            (a - za) @ (s - zs) = a @ s - zs * rowsum(a) - za * colsum(s - zs)
+
+        Other dtype pairs subtract the zero points in int32 (an int32 matmul) unless both are zero.
+        """
+        a, b = x_aff.base, w_aff.base
+        za, zb = int(x_aff.zero_point), int(w_aff.zero_point)
+        if x_aff.dtype == "int8" and w_aff.dtype == "int8" and za == zb == 0:
+            return self.emit(relax.op.matmul(a, b, out_dtype="int32"))
+        if x_aff.dtype != "uint8" or w_aff.dtype not in ("uint8", "int8"):
+            a = self.emit(relax.op.subtract(relax.op.astype(a, "int32"), const(np.int32(za))))
+            b = self.emit(relax.op.subtract(relax.op.astype(b, "int32"), const(np.int32(zb))))
+            return self.emit(relax.op.matmul(a, b, out_dtype="int32"))
+        if w_aff.dtype == "uint8":
+            b = self.emit(relax.op.astype(relax.op.subtract(relax.op.astype(b, "int32"), const(np.int32(128))), "int8"))
+            zb -= 128
+        acc = self.emit(relax.op.matmul(a, b, out_dtype="int32"))
+        if zb != 0:
+            rows = self.emit(relax.op.sum(relax.op.astype(a, "int32"), axis=[-1], keepdims=True))
+            acc = self.emit(relax.op.subtract(acc, relax.op.multiply(rows, const(np.int32(zb)))))
+        if za != 0:
+            centred = relax.op.subtract(relax.op.astype(b, "int32"), const(np.int32(zb)))
+            cols = self.emit(relax.op.sum(centred, axis=[-2], keepdims=True))
+            acc = self.emit(relax.op.subtract(acc, relax.op.multiply(cols, const(np.int32(za)))))
+        return acc
 
     def _bias_add(self, value):
         lhs, rhs = value.args

@@ -242,6 +242,46 @@ def dense_packed_int8(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
     return te.compute((*batch, n_blocks * oc_block), compute, name="dense_packed_int8")
 
 
+def pack_dense_operand(operand: te.Tensor) -> te.Tensor:
+    """Pack an int8 ``[..., K, N]`` tensor computed at run time (attention's ``K^T`` or ``V``) as
+    :func:`pack_dense_weight` packs a constant: ``[..., N/16, K/4, 16, 4]``, zeros past ``K`` and ``N``."""
+    *batch, depth, cols = (int(v) for v in operand.shape)
+    quads, blocks = _round_up(depth, IC_QUAD) // IC_QUAD, _round_up(cols, OC_BLOCK) // OC_BLOCK
+
+    def compute(*idx):
+        *outer, block, quad, lane, elem = idx
+        k, n = quad * IC_QUAD + elem, block * OC_BLOCK + lane
+        inside = te.all(k < depth, n < cols) if (depth % IC_QUAD or cols % OC_BLOCK) else None
+        value = operand[(*outer, te.min(k, depth - 1), te.min(n, cols - 1)) if inside is not None else (*outer, k, n)]
+        return value if inside is None else te.if_then_else(inside, value, te.const(0, "int8"))
+
+    return te.compute((*batch, blocks, quads, OC_BLOCK, IC_QUAD), compute, name="pack_dense_operand")
+
+
+def batch_dense_packed_int8(data: te.Tensor, weight: te.Tensor) -> te.Tensor:
+    """u8 x s8 -> s32 batched matmul of two run-time tensors: ``data [..., M, K]`` (K a multiple of 4) times
+    the :func:`pack_dense_operand` of ``[..., K, N]``, ``weight [..., N/16, K/4, 16, 4]`` (same batch dims).
+    Per batch index, the compute of :func:`dense_packed_int8`; returns int32 ``[..., M, N/16 * 16]``."""
+    *batch, rows, depth = (int(v) for v in data.shape)
+    *wbatch, n_blocks, k_quads, oc_block, quad = (int(v) for v in weight.shape)
+    if k_quads * quad != depth or wbatch != batch:
+        raise ValueError(
+            f"batch_dense_packed_int8: packed operand {list(weight.shape)} does not match data {list(data.shape)}"
+        )
+    r_quad = te.reduce_axis((0, k_quads), name="k_outer")
+    r_elem = te.reduce_axis((0, quad), name="k_inner")
+
+    def compute(*idx):
+        *outer, row, col = idx
+        return te.sum(
+            data[(*outer, row, r_quad * quad + r_elem)].astype("int32")
+            * weight[(*outer, col // oc_block, r_quad, col % oc_block, r_elem)].astype("int32"),
+            axis=[r_quad, r_elem],
+        )
+
+    return te.compute((*batch, rows, n_blocks * oc_block), compute, name="dense_packed_int8")
+
+
 def _dtype(expr) -> str | None:
     ty = getattr(expr, "ty", None)
     return str(ty.dtype) if ty is not None and hasattr(ty, "dtype") else None

@@ -26,6 +26,7 @@ from .compute import (
     _is_u8s8_int32,
     _round_up,
     _static_shape,
+    batch_dense_packed_int8,
     conv2d_nchwc_float,
     conv2d_nchwc_int8,
     dense_packed_int8,
@@ -34,6 +35,7 @@ from .compute import (
     depthwise_packing,
     float_conv2d_packing,
     pack_conv2d_weight,
+    pack_dense_operand,
     pack_dense_weight,
     pack_depthwise_weight,
 )
@@ -353,8 +355,11 @@ class _Int8Rewriter(relax.PyExprMutator):
             return call
         data, weight = call.args
         data_shape = _static_shape(data)
-        if not isinstance(weight, GenericConst) or data_shape is None:
+        if data_shape is None:
             return call
+        if not isinstance(weight, GenericConst):
+            out = self._rewrite_activation_matmul(data, weight, data_shape)
+            return call if out is None else out
         weight_np = weight.value.numpy()
         if weight_np.ndim != 2 or len(data_shape) < 2:
             return call  # vector-matrix products are rare in quantized graphs; keep the generic op
@@ -375,6 +380,27 @@ class _Int8Rewriter(relax.PyExprMutator):
         out = self.builder_.call_te(dense_packed_int8, data, packed, primfunc_name_hint="dense_int8_packed")
         cols_pad = _round_up(cols, OC_BLOCK)
         if cols_pad != cols:
+            out = relax.op.strided_slice(self.builder_.emit(out), axes=[len(data_shape) - 1], begin=[0], end=[cols])
+        return out
+
+    def _rewrite_activation_matmul(self, data, operand, data_shape):
+        """u8 ``[..., M, K]`` x s8 ``[..., K, N]`` computed at run time (attention): the second operand packed
+        by a kernel of its own (:func:`pack_dense_operand`, which fuses with the transpose that makes it),
+        then :func:`batch_dense_packed_int8`. Batch dims must match (no broadcasting)."""
+        operand_shape = _static_shape(operand)
+        if operand_shape is None or len(operand_shape) != len(data_shape) or len(data_shape) < 2:
+            return None
+        if operand_shape[:-2] != data_shape[:-2] or operand_shape[-2] != data_shape[-1]:
+            return None
+        depth, cols = operand_shape[-2:]
+        depth_pad = _round_up(depth, IC_QUAD)
+        if depth_pad != depth:
+            width = [0, 0] * (len(data_shape) - 1) + [0, depth_pad - depth]
+            data = self.builder_.emit(relax.op.nn.pad(data, width, pad_value=0.0))
+        packed = self.builder_.emit_te(pack_dense_operand, operand, primfunc_name_hint="pack_dense_operand")
+        self.rewritten += 1
+        out = self.builder_.call_te(batch_dense_packed_int8, data, packed, primfunc_name_hint="batch_dense_int8_packed")
+        if _round_up(cols, OC_BLOCK) != cols:
             out = relax.op.strided_slice(self.builder_.emit(out), axes=[len(data_shape) - 1], begin=[0], end=[cols])
         return out
 

@@ -361,11 +361,13 @@ def test_vnni_dense_exact(batch_shape, depth, cols):
         ((), 16, 8, 16),  # no batch dims
     ],
 )
-def test_vnni_matmul_of_two_activations_exact(batch_shape, rows, depth, cols):
+@pytest.mark.parametrize("data_dtype", ["uint8", "int8"])
+def test_vnni_matmul_of_two_activations_exact(batch_shape, rows, depth, cols, data_dtype):
     # Attention's QK^T: the second operand a run-time tensor (a transposed one), packed by a kernel of its own.
+    # int8 x int8 (dynamic quantization's symmetric rows) runs shifted to uint8, a column sum taking it back.
     rng = np.random.default_rng(7)
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((*batch_shape, rows, depth), "uint8"))
+    x = relax.Var("x", relax.TensorType((*batch_shape, rows, depth), data_dtype))
     y = relax.Var("y", relax.TensorType((*batch_shape, cols, depth), "int8"))
     with bb.function("main", [x, y]):
         with bb.dataflow():
@@ -375,7 +377,8 @@ def test_vnni_matmul_of_two_activations_exact(batch_shape, rows, depth, cols):
         bb.emit_func_output(out)
     mod = bb.get()
     assert "batch_dense_int8_packed" in "".join(_called_functions(x86.prepare(mod)))
-    data = rng.integers(0, 256, (*batch_shape, rows, depth)).astype("uint8")
+    low, high = np.iinfo(data_dtype).min, np.iinfo(data_dtype).max + 1
+    data = rng.integers(low, high, (*batch_shape, rows, depth)).astype(data_dtype)
     other = rng.integers(-128, 128, (*batch_shape, cols, depth)).astype("int8")
     executable = x86.build(mod, vnni_host())
     expected = np.matmul(data.astype(np.int64), np.swapaxes(other, -1, -2).astype(np.int64)).astype(np.int32)

@@ -351,15 +351,15 @@ class _Int8Rewriter(relax.PyExprMutator):
 
     # -- matmul ----------------------------------------------------------------------------------------
     def _rewrite_matmul(self, call):
-        if not _is_u8s8_int32(call, call.attrs.out_dtype):
-            return call
         data, weight = call.args
         data_shape = _static_shape(data)
-        if data_shape is None:
+        if data_shape is None or str(call.attrs.out_dtype) != "int32":
             return call
-        if not isinstance(weight, GenericConst):
+        if not isinstance(weight, GenericConst) and _dtype(weight) == "int8" and _dtype(data) in ("uint8", "int8"):
             out = self._rewrite_activation_matmul(data, weight, data_shape)
             return call if out is None else out
+        if not _is_u8s8_int32(call, call.attrs.out_dtype):
+            return call
         weight_np = weight.value.numpy()
         if weight_np.ndim != 2 or len(data_shape) < 2:
             return call  # vector-matrix products are rare in quantized graphs; keep the generic op
@@ -384,14 +384,20 @@ class _Int8Rewriter(relax.PyExprMutator):
         return out
 
     def _rewrite_activation_matmul(self, data, operand, data_shape):
-        """u8 ``[..., M, K]`` x s8 ``[..., K, N]`` computed at run time (attention): the second operand packed
-        by a kernel of its own (:func:`pack_dense_operand`, which fuses with the transpose that makes it),
-        then :func:`batch_dense_packed_int8`. Batch dims must match (no broadcasting)."""
+        """u8 or s8 ``[..., M, K]`` x s8 ``[..., K, N]`` computed at run time (attention): the second operand
+        packed by a kernel of its own (:func:`pack_dense_operand`, which fuses with the transpose that makes it),
+        then :func:`batch_dense_packed_int8`. Batch dims must match (no broadcasting). An int8 first operand
+        (dynamic quantization's symmetric rows) runs as ``u = a + 128`` (exact in uint8):
+        ``a @ b = u @ b - 128 * colsum(b)``."""
         operand_shape = _static_shape(operand)
         if operand_shape is None or len(operand_shape) != len(data_shape) or len(data_shape) < 2:
             return None
         if operand_shape[:-2] != data_shape[:-2] or operand_shape[-2] != data_shape[-1]:
             return None
+        signed = _dtype(data) == "int8"
+        if signed:
+            shifted = relax.op.add(relax.op.astype(data, "int32"), relax.const(np.int32(128)))
+            data = self.builder_.emit(relax.op.astype(shifted, "uint8"))
         depth, cols = operand_shape[-2:]
         depth_pad = _round_up(depth, IC_QUAD)
         if depth_pad != depth:
@@ -402,6 +408,9 @@ class _Int8Rewriter(relax.PyExprMutator):
         out = self.builder_.call_te(batch_dense_packed_int8, data, packed, primfunc_name_hint="batch_dense_int8_packed")
         if _round_up(cols, OC_BLOCK) != cols:
             out = relax.op.strided_slice(self.builder_.emit(out), axes=[len(data_shape) - 1], begin=[0], end=[cols])
+        if signed:
+            sums = self.builder_.emit(relax.op.sum(relax.op.astype(operand, "int32"), axis=[-2], keepdims=True))
+            out = relax.op.subtract(self.builder_.emit(out), relax.op.multiply(sums, relax.const(np.int32(128))))
         return out
 
     def _amx_matmul(self, data, weight_np, data_shape, rows):

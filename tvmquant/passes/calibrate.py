@@ -169,8 +169,8 @@ _VM_CACHE_SIZE = 2
 
 
 def compile_vm(mod, target=None, build=None):
-    """Compile ``mod`` for this CPU (:func:`tvmquant.target.host_target`: its ``mcpu`` and cores) and return a
-    Relax VM.
+    """Compile ``mod`` for this CPU (:func:`tvmquant.target.host_target`: its ``mcpu`` and cores, LLVM ``-O2``)
+    and return a Relax VM.
 
     ``build(mod, target)`` compiles; the library passes :func:`tvmquant.compile.build` (the target's pipeline
     with default schedules: a ResNet-50 FP32 batch runs in milliseconds, not seconds). Left ``None`` (passes
@@ -178,9 +178,9 @@ def compile_vm(mod, target=None, build=None):
     A module compiled again (structurally equal, same target and ``build``) reuses the VM built last time.
     """
     from .._compat import structural_equal, structural_hash
-    from ..target import host_target
+    from ..target import HOST_GRAPH_OPT_LEVEL, host_target
 
-    target = target or host_target()
+    target = target or host_target(opt_level=HOST_GRAPH_OPT_LEVEL)
     build = build or _stock_build
     key = (structural_hash(mod, map_free_vars=True), str(target), build)
     for index, (cached_key, cached_mod, vm) in enumerate(_VM_CACHE):

@@ -22,7 +22,7 @@ from tvm import relax
 
 from .._compat import const, const_value, is_const, op_name, register_ffi_error, tensor_shape, to_tensor
 from .._io import CalibrationDataError, flatten_outputs, iter_batches  # numpy-only, shared with deploy
-from .._relax import MARKER_INTO, BindingRewriter, MarkerLayout, dps_marker, tvmquant_module_pass
+from .._relax import MARKER_ALIAS, MARKER_INTO, BindingRewriter, MarkerLayout, dps_marker, tvmquant_module_pass
 from ..calibration import CalibrationError, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
 from ..frontend.prepare import ModelError, check_index_range
@@ -107,8 +107,29 @@ def _observe_into(tensor, name, role, out):
     callback = _ACTIVE_CALLBACK[0]
     if callback is None or _PENDING_ERROR[0] is not None:
         return
-    function, any_layout = callback
-    name = str(name)
+    _show(callback, str(name), role, out)
+
+
+@tvm.register_global_func(MARKER_ALIAS, override=True)
+def _observe_alias(tensor, name, role):
+    # The marker of the graphs the x86 build compiles (tvmquant._relax.alias_markers): the VM leaves ``tensor``
+    # unplanned, so returning it is safe. A callback that only reads sees it as it is, no copy; one that may
+    # write gets a copy, which is what flows on (the input may have other users).
+    callback = _ACTIVE_CALLBACK[0]
+    if callback is None or _PENDING_ERROR[0] is not None:
+        return tensor
+    if callback[2]:
+        _show(callback, str(name), role, tensor)
+        return tensor
+    out = tvm.runtime.empty(tensor.shape, tensor.dtype, tensor.device)
+    out.copyfrom(tensor)
+    _show(callback, str(name), role, out)
+    return out
+
+
+def _show(callback, name: str, role, out) -> None:
+    """Call the observing callback on the marker's tensor ``out`` (see :func:`observing`)."""
+    function, any_layout, read_only = callback
     try:
         view = np.from_dlpack(out)
         layout = _LAYOUTS.get(role)
@@ -119,7 +140,8 @@ def _observe_into(tensor, name, role, out):
         else:  # a blocked tensor, to a callback that wants it plain (and may change it)
             plain = layout.unblock(view)
             function(name, plain)
-            view[...] = layout.block(plain)
+            if not read_only:
+                view[...] = layout.block(plain)
     except StopRun:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised unchanged by run_vm, outside TVM's FFI
@@ -145,7 +167,7 @@ def destination_markers(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 @contextlib.contextmanager
-def observing(callback, any_layout=False):
+def observing(callback, any_layout=False, read_only=False):
     """Within the block, every executed marker calls ``callback(name, numpy array)``.
 
     The array is the tensor in its model layout (NCHW activations, OIHW weights), whatever layout the compiled
@@ -153,9 +175,13 @@ def observing(callback, any_layout=False):
     in the layout they run in instead, saving a copy each way: right for anything the layout cannot change
     (per-tensor statistics, per-tensor fake-quantization, sums over the tensor), wrong for per-channel work
     and for values compared with another graph's.
+
+    ``read_only`` promises that the callback never writes into the array (statistics, copies): the markers of
+    the x86 build then show it the tensor itself, without copying it first. Otherwise what the callback
+    writes is what flows on.
     """
     previous = _ACTIVE_CALLBACK[0]
-    _ACTIVE_CALLBACK[0] = None if callback is None else (callback, any_layout)
+    _ACTIVE_CALLBACK[0] = None if callback is None else (callback, any_layout, read_only)
     try:
         yield
     finally:
@@ -314,7 +340,7 @@ def calibrate(
     seen = 0
     batches = iter_batches(calib_data, inputs)
     # Activations are observed per tensor: any layout gives the same statistics.
-    with observing(collect, any_layout=True), warnings.catch_warnings():
+    with observing(collect, any_layout=True, read_only=True), warnings.catch_warnings():
         warnings.simplefilter("always")
         for batch in _progress(batches, count_samples(calib_data, inputs), "calibrating", progress):
             check_finite(batch, seen)

@@ -14,6 +14,7 @@ from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as _cpu_backend
 
 from ..._compat import structural_equal, structural_hash
+from ..._relax import alias_markers
 from ...target import x86_target
 from ...threads import default_num_threads, request_amx_permission
 from .. import intrinsics
@@ -344,7 +345,7 @@ def build(
 
     @tvm.transform.module_pass(opt_level=0, name="TvmquantX86Finalize")
     def finalize(module: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return tvm.transform.Sequential(lower)(module)
+        return tvm.transform.Sequential(lower)(alias_markers(module))
 
     def compile_with(verify):
         scheduled = prepared

@@ -113,14 +113,18 @@ def test_fp32_convs_run_blocked_and_their_residual_add_too(fp32_residual):
     assert ("relax.add", 5, False) in ops
 
 
-def test_fp32_blocked_convs_match_stock_tvm(fp32_residual):
+def _assert_x86_build_matches_stock_tvm(mod, seed: int) -> None:
     target = x86.x86_target(num_cores=2)
-    blocked = relax.VirtualMachine(x86.build(fp32_residual, target), tvm.cpu())
-    stock = relax.VirtualMachine(tvm.compile(fp32_residual, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
-    for image in calibration_images(2, seed=3):
+    blocked = relax.VirtualMachine(x86.build(mod, target), tvm.cpu())
+    stock = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    for image in calibration_images(2, seed=seed):
         x = tvm.runtime.tensor(image[None])
         expected = stock["main"](x).numpy()
         np.testing.assert_allclose(blocked["main"](x).numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_fp32_blocked_convs_match_stock_tvm(fp32_residual):
+    _assert_x86_build_matches_stock_tvm(fp32_residual, seed=3)
 
 
 def test_fp32_convs_of_channels_that_are_not_whole_vectors_run_in_8_lane_blocks():
@@ -133,12 +137,7 @@ def test_fp32_convs_of_channels_that_are_not_whole_vectors_run_in_8_lane_blocks(
     names = [name for name, _, _ in _ops(x86.optimize_int8_for_x86(target=target)(mod))]
     assert "relax.nn.conv2d" not in names, names
     assert names.count("conv2d_nchwc_float") == 5 and names.count("depthwise_nchwc_float") == 1, names
-    blocked = relax.VirtualMachine(x86.build(mod, target), tvm.cpu())
-    stock = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
-    for image in calibration_images(2, seed=4):
-        x = tvm.runtime.tensor(image[None])
-        expected = stock["main"](x).numpy()
-        np.testing.assert_allclose(blocked["main"](x).numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    _assert_x86_build_matches_stock_tvm(mod, seed=4)
 
 
 def _markers(mod):

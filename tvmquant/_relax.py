@@ -82,6 +82,11 @@ def alias_markers(mod: tvm.IRModule) -> tvm.IRModule:
 
     if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         return mod
+    body = mod["main"].body
+    if not isinstance(body, relax.SeqExpr) or not any(
+        parse_dps_marker(binding.value) for block in body.blocks for binding in block.bindings
+    ):
+        return mod  # a deployment library: no markers
     mutator = _Alias(mod)
     gvar = mod.get_global_var("main")
     mutator.builder_.update_func(gvar, mutator.visit_expr(mod["main"]))

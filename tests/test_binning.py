@@ -99,3 +99,37 @@ def test_importing_the_passes_installs_the_kernel():
     import tvmquant.passes  # noqa: F401
 
     assert histogram_module._KERNEL[0] is binning.bin_counts
+
+
+def test_kernels_compiled_ahead_are_used_and_a_failed_ahead_compile_is_redone_where_it_raises(monkeypatch):
+    from tvmquant.passes import host_kernels
+
+    make = binning._KERNELS["bin_signed"]
+    host_kernels.compile_ahead({"test_ahead_bin": make}).join()
+    compiled = host_kernels.function("test_ahead_bin", lambda: pytest.fail("compiled again"))
+    values = np.array([0.5, 1.5, 1.7, 3.2], np.float32)
+    partial = np.empty((1, binning._WAYS, 4), np.int32)
+    from tvmquant._compat import tensor_view
+
+    compiled(tensor_view(values), tensor_view(partial), np.float32(1.0), 0)
+    assert partial.sum(axis=(0, 1)).tolist() == [1, 2, 0, 1]
+
+    real = host_kernels._compile
+    calls = []
+
+    def failing_once(prims):
+        calls.append(sorted(prims))
+        if len(calls) == 1:
+            raise RuntimeError("LLVM failed in the background")
+        return real(prims)
+
+    monkeypatch.setattr(host_kernels, "_compile", failing_once)
+    host_kernels.compile_ahead({"test_ahead_retry": make}).join()
+    assert callable(host_kernels.function("test_ahead_retry", make))  # compiled again, on this thread
+    assert calls == [["test_ahead_retry"], ["test_ahead_retry"]]
+
+    monkeypatch.setattr(host_kernels, "_compile", lambda prims: (_ for _ in ()).throw(RuntimeError("no LLVM")))
+    host_kernels.compile_ahead({"test_ahead_broken": make}).join()
+    with pytest.raises(RuntimeError, match="no LLVM"):
+        host_kernels.function("test_ahead_broken", make)
+    assert host_kernels.compile_ahead({"test_ahead_bin": make}) is None  # already compiled: nothing to do

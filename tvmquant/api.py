@@ -25,6 +25,7 @@ from .config import DEFAULT, QuantConfig
 from .frontend.onnx import InputSpec, import_onnx
 from .frontend.prepare import ModelError, check_index_range, check_static, index_limits, prepare
 from .op_table import LayerInfo
+from .passes import error_kernels
 from .passes.annotate import AnnotateQuant, layers_of
 from .passes.calibrate import (
     BindQuantParams,
@@ -223,6 +224,8 @@ def quantize(
         )
         return found, reference
 
+    if report_batches:
+        error_kernels.compile_ahead()  # the summary's kernels, compiled in the background as calibration starts
     # Not kept under AutoSkip, whose runs would hold them, and which calibrates again when it skips layers.
     table, reference = calibrate_keeping(calib_annotated, calib_inputs, keep=config.auto_skip is None)
     auto_reasons: dict = {}

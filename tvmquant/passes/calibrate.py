@@ -322,6 +322,8 @@ def calibrate(
     observers = {name: make_observer(specs[name], name, config.nan_policy) for name in activation_names}
     if not observers:
         return table
+    # The observers' kernels compile on a background thread while the graph's Python passes run here.
+    binning.compile_ahead()
     # The annotated module as it is (weight markers too): the summary's SQNR and AutoSkip run the same graph, so
     # one compiled VM serves all three (compile_vm keeps it).
     vm = compile_vm(annotated, build=build)

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["fake_quantize_error"]
+__all__ = ["compile_ahead", "fake_quantize_error"]
 
 #: Lanes of the float64 accumulators.
 _LANES = 8
 
 #: Fewer values than this go to numpy (a kernel call and waking the pool cost tens of microseconds).
 _KERNEL_MIN = 1 << 16
-
-_FUNCS: dict = {}
 
 
 def _kernel(quantize: bool, write: bool):
@@ -68,18 +66,24 @@ def _kernel(quantize: bool, write: bool):
     return error_sums
 
 
+def _name(quantize: bool, write: bool) -> str:
+    return f"error_sums_q{int(quantize)}_w{int(write)}"
+
+
 def _function(quantize: bool, write: bool):
-    key = (quantize, write)
-    func = _FUNCS.get(key)
-    if func is None:
-        import tvm
+    from . import host_kernels
 
-        from ..target import host_target
+    return host_kernels.function(_name(quantize, write), lambda: _kernel(quantize, write))
 
-        kernel = _kernel(quantize, write).with_attr("global_symbol", "error_sums")
-        func = tvm.compile(tvm.IRModule({"error_sums": kernel}), target=host_target())["error_sums"]
-        _FUNCS[key] = func
-    return func
+
+def compile_ahead() -> None:
+    """Start compiling the kernels the summary's SQNR uses on a background thread
+    (:func:`tvmquant.passes.host_kernels.compile_ahead`)."""
+    from . import host_kernels
+
+    host_kernels.compile_ahead(
+        {_name(q, w): (lambda q=q, w=w: _kernel(q, w)) for q, w in ((False, False), (True, False), (True, True))}
+    )
 
 
 def _numpy(x, ref, params, write: bool) -> tuple[float, float]:

@@ -140,6 +140,41 @@ def test_fp32_convs_of_channels_that_are_not_whole_vectors_run_in_8_lane_blocks(
     _assert_x86_build_matches_stock_tvm(mod, seed=4)
 
 
+def test_kernels_compiled_while_others_are_scheduled_are_linked_only_where_they_are_the_lowered_ones(monkeypatch):
+    # x86.build hands kernels to a worker thread as they are scheduled (_EarlyBuild). Here the second kernel
+    # goes in with the first one's body: its module must be compiled again, not linked (wrong outputs).
+    import importlib
+
+    from tvmquant._compat import structural_equal
+    from tvmquant.api import load_model
+
+    build_module = importlib.import_module("tvmquant.schedules.x86.build")
+    monkeypatch.setattr(build_module, "default_num_threads", lambda: 2)
+    mod, _, _, _ = load_model(residual_cnn(channels=24, size=16))
+    added, taken = [], []
+    real_add, real_take = build_module._EarlyBuild.add, build_module._EarlyBuild.take
+
+    def add(self, name, func):
+        added.append((name, func))
+        real_add(self, name, added[0][1] if len(added) == 2 else func)
+
+    def take(self, kernels):
+        self.flush()
+        for _, future in self.jobs:
+            future.exception()  # every module finished: none is cancelled, each is kept or dropped on its merits
+        early, rest = real_take(self, kernels)
+        taken.append((len(self.jobs), {n for funcs, _ in early for n in funcs}, {g.name_hint for g, _ in rest}))
+        return early, rest
+
+    monkeypatch.setattr(build_module._EarlyBuild, "add", add)
+    monkeypatch.setattr(build_module._EarlyBuild, "take", take)
+    _assert_x86_build_matches_stock_tvm(mod, seed=5)
+    assert not structural_equal(added[0][1], added[1][1])
+    jobs, linked, compiled_again = taken[-1]
+    assert jobs >= 2 and added[1][0] in compiled_again and added[0][0] in compiled_again  # the same module
+    assert linked and not linked & compiled_again, (linked, compiled_again)
+
+
 def _markers(mod):
     from tvmquant._relax import parse_dps_marker
 

@@ -65,6 +65,9 @@ class ScheduleUntunedFromSketch:
     verify : {"always", "tensorized"}
         Which heuristic schedules are compiled on their own before they are accepted
         (:func:`tvmquant.schedules.x86.defaults.choose_schedule`); sampled sketches always are.
+    on_scheduled : callable, optional
+        ``on_scheduled(name, func)`` for each kernel as soon as it is scheduled (:func:`build` starts compiling
+        it there, while the next ones are scheduled).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class ScheduleUntunedFromSketch:
         seed: int = 0,
         policy: SketchPolicy = "heuristic",
         verify: Literal["always", "tensorized"] = "always",
+        on_scheduled=None,
     ):
         if policy not in ("heuristic", "first"):
             raise ValueError(f"ScheduleUntunedFromSketch: policy must be 'heuristic' or 'first', got {policy!r}")
@@ -80,6 +84,7 @@ class ScheduleUntunedFromSketch:
         self.seed = seed
         self.policy = policy
         self.verify = verify
+        self.on_scheduled = on_scheduled
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if int8_isa(self.target) in ("amx", "vnni", "avx512"):
@@ -97,6 +102,8 @@ class ScheduleUntunedFromSketch:
             )
             if scheduled is not None:
                 mod[gvar] = scheduled
+                if self.on_scheduled is not None:
+                    self.on_scheduled(name, scheduled)
         return mod
 
 
@@ -213,7 +220,88 @@ def _search_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_
 _CHECK_EVERY_DEFAULT = [False]
 
 
-def _relax_build(mod: tvm.IRModule, target, pipeline, workers: int | None = None) -> relax.VMExecutable:
+class _EarlyBuild:
+    """Kernels compiled to machine code on a worker thread as soon as their schedule is known.
+
+    Scheduling the untuned kernels is Python on one core (MobileNetV2's calibration graph: 0.5 s); LLVM, which
+    releases the GIL, then compiled every kernel on every core. Here the kernels ``prepare`` already scheduled
+    are handed to the workers (the cores but one) at once, and each other kernel as soon as it is scheduled, a
+    few to a module, so LLVM runs on the otherwise idle core meanwhile. When lowering is done, :meth:`take`
+    cancels the modules not started yet (their kernels are compiled with the rest, on every core) and keeps a
+    module only where each of its kernels is, structurally, the one the lowered module holds (lowering adds
+    only ``global_symbol``); anything else (a failed compile, a kernel lowering changed or dropped) is compiled
+    again. MobileNetV2's calibration graph (batch 4, 2-core Xeon): 2.70 -> 2.52 s to a runnable VM.
+    """
+
+    #: Kernels per LLVM module (each module costs a few milliseconds of its own).
+    GROUP = 3
+
+    def __init__(self, target, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.target = target
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="tvmquant-build")
+        self.pending: list = []
+        self.jobs: list = []
+
+    def add(self, name: str, func: tirx.PrimFunc) -> None:
+        self.pending.append((name, func.with_attr("global_symbol", name)))
+        if len(self.pending) >= self.GROUP:
+            self.flush()
+
+    def add_scheduled(self, mod: tvm.IRModule) -> None:
+        """Every kernel of ``mod`` already marked ``tirx.is_scheduled`` (fixed schedules, tuning records)."""
+        untuned = set(untuned_functions(mod))
+        for gvar, func in mod.functions.items():
+            if isinstance(func, tirx.PrimFunc) and gvar.name_hint not in untuned:
+                self.add(gvar.name_hint, func)
+
+    def flush(self) -> None:
+        if self.pending:
+            funcs, self.pending = dict(self.pending), []
+            self.jobs.append((funcs, self.pool.submit(self._build, funcs)))
+
+    def _build(self, funcs: dict):
+        library = tvm.tirx.build(tvm.IRModule(funcs), target=self.target, pipeline="default")
+        library.get_function(next(iter(funcs)), False)  # LLVM generates the module's machine code at its first lookup
+        return library
+
+    def take(self, kernels: list) -> tuple[list, list]:
+        """``(early modules, kernels left)`` for ``kernels`` (a list of ``(GlobalVar, PrimFunc)``): each early
+        module is ``(its kernels by name, a future of its library)``; modules not started yet are cancelled, and
+        their kernels are left, to be compiled with the rest on every core."""
+        self.flush()
+        lowered = {gvar.name_hint: func for gvar, func in kernels}
+        early = []
+        for funcs, future in self.jobs:
+            if future.cancel() or not all(
+                name in lowered and structural_equal(func, lowered[name]) for name, func in funcs.items()
+            ):
+                continue
+            early.append((funcs, future))
+        covered = {name for funcs, _ in early for name in funcs}
+        return early, [(gvar, func) for gvar, func in kernels if gvar.name_hint not in covered]
+
+    def libraries(self, early: list, kernels: list, build) -> list:
+        """The libraries of ``early`` (from :meth:`take`), waited for; a module that failed is compiled again
+        with ``build(IRModule)``, where its error is raised."""
+        by_name = {gvar.name_hint: (gvar, func) for gvar, func in kernels}
+        libraries = []
+        for funcs, future in early:
+            try:
+                libraries.append(future.result())
+            except Exception as err:  # noqa: BLE001  (compiled again here, where an error is raised)
+                logger.debug("build: an early kernel module did not compile (%s); compiling it again", err)
+                libraries.append(build(tvm.IRModule(dict(by_name[name] for name in funcs))))
+        return libraries
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _relax_build(
+    mod: tvm.IRModule, target, pipeline, workers: int | None = None, early: _EarlyBuild | None = None
+) -> relax.VMExecutable:
     """``relax.build(mod, target, relax_pipeline=pipeline)``, with the kernels compiled on ``workers`` threads.
 
     ``relax.build`` hands every kernel to one ``tvm.tirx.build``: one LLVM module, lowered, optimised and (on
@@ -241,9 +329,18 @@ def _relax_build(mod: tvm.IRModule, target, pipeline, workers: int | None = None
         kernels = sorted(tir.functions.items(), key=lambda item: item[0].name_hint) if tir is not None else []
         if len(kernels) < 4 * workers:
             return relax.build(mod, target=target, relax_pipeline=pipeline)
+        all_kernels = kernels
+        started, kernels = early.take(kernels) if early is not None else ([], kernels)
         parts = [tvm.IRModule(dict(kernels[i::workers]), attrs=tir.attrs) for i in range(workers)]
+        parts = [part for part in parts if len(part.functions)]
+
+        def build_part(part):
+            return tvm.tirx.build(part, target=target, pipeline="default")
+
         with ThreadPoolExecutor(workers) as pool:
-            libs = list(pool.map(lambda part: tvm.tirx.build(part, target=target, pipeline="default"), parts))
+            libs = list(pool.map(build_part, parts))
+        if early is not None:  # the modules still compiling early finish meanwhile
+            libs += early.libraries(started, all_kernels, build_part)
         library = libs[0]
         others = []
         for ext in attrs.get("external_mods", []):
@@ -349,12 +446,23 @@ def build(
 
     def compile_with(verify):
         scheduled = prepared
-        if untuned and fallback != "none":
-            policy = "heuristic" if fallback == "sketch" else "first"
-            with target:
-                scheduled = ScheduleUntunedFromSketch(target, policy=policy, verify=verify)(prepared)
-        with target, tvm.transform.PassContext(opt_level=3):
-            return _relax_build(scheduled, target, finalize)
+        workers = default_num_threads()
+        early = _EarlyBuild(target, workers - 1) if workers > 1 else None
+        try:
+            if early is not None:
+                early.add_scheduled(prepared)
+            if untuned and fallback != "none":
+                policy = "heuristic" if fallback == "sketch" else "first"
+                on_scheduled = early.add if early is not None else None
+                with target:
+                    scheduled = ScheduleUntunedFromSketch(
+                        target, policy=policy, verify=verify, on_scheduled=on_scheduled
+                    )(prepared)
+            with target, tvm.transform.PassContext(opt_level=3):
+                return _relax_build(scheduled, target, finalize, workers=workers, early=early)
+        finally:
+            if early is not None:
+                early.close()
 
     if not (untuned and fallback == "sketch") or _CHECK_EVERY_DEFAULT[0]:
         return compile_with("always")

@@ -63,6 +63,9 @@ def main(argv=None):
     parser.add_argument("--no-train-weights", action="store_true")
     parser.add_argument("--loss", choices=["kl", "mse"], default="mse")
     parser.add_argument("--no-learn-scales", action="store_true")
+    parser.add_argument(
+        "--flip", action="store_true", help="train on the calibration images and their mirror images (2x the data)"
+    )
     parser.add_argument("--output", default=os.path.join(HERE, "results", "finetune_imagenet.json"))
     args = parser.parse_args(argv)
     runs = RUNS if args.lr is None else ({"train_weights": not args.no_train_weights, "lr": args.lr},)
@@ -77,12 +80,13 @@ def main(argv=None):
     reference = run_all(qmodel.compile(mode="fp32"), agreement)
     before = measure(qmodel, agreement, reference)
     print(f"before: {before} (quantize {quantize_s:.0f} s)", flush=True)
+    train = np.concatenate([calib, calib[..., ::-1]]) if args.flip else calib  # NCHW: W is the last axis
     results = []
     for run in runs:
         start = time.time()
         tuned = tvmquant.finetune(
             qmodel,
-            calib,
+            train,
             epochs=args.epochs,
             batch_size=args.batch,
             loss=args.loss,
@@ -107,7 +111,8 @@ def main(argv=None):
     result = {
         "model": args.model,
         "config": "default (QuantConfig(): uint8 affine activations, per-channel int8 weights), every conv in INT8",
-        "train_images": int(len(calib)),
+        "train_images": int(len(train)),
+        "train_data": "the calibration images and their mirror images" if args.flip else "the calibration images",
         "evaluation_images": int(len(agreement)),
         "epochs": args.epochs,
         "batch": args.batch,

@@ -133,3 +133,14 @@ def test_kernels_compiled_ahead_are_used_and_a_failed_ahead_compile_is_redone_wh
     with pytest.raises(RuntimeError, match="no LLVM"):
         host_kernels.function("test_ahead_broken", make)
     assert host_kernels.compile_ahead({"test_ahead_bin": make}) is None  # already compiled: nothing to do
+
+
+def test_calibration_compiles_ahead_only_the_kernels_its_tensors_will_call(monkeypatch):
+    from tvmquant.passes import error_kernels, host_kernels
+
+    asked = []
+    monkeypatch.setattr(host_kernels, "compile_ahead", lambda kernels: asked.append(sorted(kernels)))
+    binning.compile_ahead(binning._RANGE_MIN - 1, histograms=False)  # small tensors, max observers: none
+    binning.compile_ahead(binning._RANGE_MIN, histograms=True)
+    error_kernels.compile_ahead(error_kernels._KERNEL_MIN - 1)  # numpy sums these
+    assert asked == [[], ["bin_absolute", "bin_signed", "value_range"]]

@@ -34,6 +34,7 @@ from .passes.calibrate import (
     compile_vm,
     count_samples,
     iter_batches,
+    largest_activation,
     observing,
     run_vm,
     weight_qparams,
@@ -224,8 +225,8 @@ def quantize(
         )
         return found, reference
 
-    if report_batches:
-        error_kernels.compile_ahead()  # the summary's kernels, compiled in the background as calibration starts
+    if report_batches:  # the summary's kernels, compiled in the background as calibration starts
+        error_kernels.compile_ahead(largest_activation(calib_annotated))
     # Not kept under AutoSkip, whose runs would hold them, and which calibrates again when it skips layers.
     table, reference = calibrate_keeping(calib_annotated, calib_inputs, keep=config.auto_skip is None)
     auto_reasons: dict = {}

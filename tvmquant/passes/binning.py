@@ -115,11 +115,14 @@ def _function(name: str):
     return host_kernels.function(name, _KERNELS[name])
 
 
-def compile_ahead() -> None:
-    """Start compiling the kernels on a background thread (:func:`tvmquant.passes.host_kernels.compile_ahead`)."""
+def compile_ahead(largest: int, histograms: bool) -> None:
+    """Start compiling, on a background thread (:func:`tvmquant.passes.host_kernels.compile_ahead`), the kernels
+    a calibration will call: the extremes kernel if its largest activation (``largest`` values) reaches
+    :data:`_RANGE_MIN`, the binning kernels if it has ``histograms``."""
     from . import host_kernels
 
-    host_kernels.compile_ahead(_KERNELS)
+    names = (["value_range"] if largest >= _RANGE_MIN else []) + (["bin_signed", "bin_absolute"] if histograms else [])
+    host_kernels.compile_ahead({name: _KERNELS[name] for name in names})
 
 
 def value_range(array: np.ndarray):

@@ -23,7 +23,7 @@ from tvm import relax
 from .._compat import const, const_value, is_const, op_name, register_ffi_error, tensor_shape, to_tensor
 from .._io import CalibrationDataError, flatten_outputs, iter_batches  # numpy-only, shared with deploy
 from .._relax import MARKER_ALIAS, MARKER_INTO, BindingRewriter, MarkerLayout, dps_marker, tvmquant_module_pass
-from ..calibration import CalibrationError, make_observer
+from ..calibration import CalibrationError, HistogramObserver, PerChannelObserver, make_observer
 from ..config import PerChannel, QuantConfig, TensorSpec
 from ..frontend.prepare import ModelError, check_index_range
 from ..qparams import QParams, Role  # QParams: also importable from here, as before it moved
@@ -322,8 +322,9 @@ def calibrate(
     observers = {name: make_observer(specs[name], name, config.nan_policy) for name in activation_names}
     if not observers:
         return table
-    # The observers' kernels compile on a background thread while the graph's Python passes run here.
-    binning.compile_ahead()
+    # The kernels the observers will call compile on a background thread while the graph's Python passes run here.
+    histograms = any(isinstance(o, (HistogramObserver, PerChannelObserver)) for o in observers.values())
+    binning.compile_ahead(largest_activation(annotated), histograms)
     # The annotated module as it is (weight markers too): the summary's SQNR and AutoSkip run the same graph, so
     # one compiled VM serves all three (compile_vm keeps it).
     vm = compile_vm(annotated, build=build)
@@ -461,6 +462,19 @@ def marker_names(mod) -> list:
             if parsed is not None:
                 result.append((parsed[1], parsed[2]))
     return result
+
+
+def largest_activation(mod) -> int:
+    """Values of the largest activation a marker of ``main`` observes (0 when none has a static shape)."""
+    largest = 0
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            parsed = parse_marker(binding.value)
+            if parsed is not None and parsed[2] == str(Role.ACTIVATION):
+                shape = tensor_shape(parsed[0])
+                if shape and None not in shape:
+                    largest = max(largest, int(np.prod(shape)))
+    return largest
 
 
 def weight_sqnr_terms(annotated: tvm.IRModule, table: dict) -> tuple[dict, dict]:

@@ -76,11 +76,14 @@ def _function(quantize: bool, write: bool):
     return host_kernels.function(_name(quantize, write), lambda: _kernel(quantize, write))
 
 
-def compile_ahead() -> None:
+def compile_ahead(largest: int) -> None:
     """Start compiling the kernels the summary's SQNR uses on a background thread
-    (:func:`tvmquant.passes.host_kernels.compile_ahead`)."""
+    (:func:`tvmquant.passes.host_kernels.compile_ahead`), if its largest tensor (``largest`` values) reaches
+    :data:`_KERNEL_MIN` (smaller ones go to numpy)."""
     from . import host_kernels
 
+    if largest < _KERNEL_MIN:
+        return
     host_kernels.compile_ahead(
         {_name(q, w): (lambda q=q, w=w: _kernel(q, w)) for q, w in ((False, False), (True, False), (True, True))}
     )

@@ -5,8 +5,9 @@ per process, on first use or ahead of it (:func:`compile_ahead`).
 Compiling one takes 0.05-0.1 s, most of it LLVM, which releases the GIL. :func:`compile_ahead` parses the
 kernels' TVMScript on the calling thread and compiles them as one module on a background thread, so that they
 are ready by the time the first calibration batch needs them: ``quantize`` starts them just before the
-calibration graph compiles, whose Python passes leave the second core idle (MobileNetV2: 0.3 s of kernels
-compiled there instead of in the first batch and the summary). A kernel asked for while it is being compiled
+calibration graph compiles, whose Python passes leave the second core idle, and only those the graph's tensors
+are large enough to call (MobileNetV2: 0.3 s of kernels compiled there instead of in the first batch and the
+summary). A kernel asked for while it is being compiled
 ahead is waited for; if that compile failed, it is compiled again on the caller's thread, where its error
 surfaces.
 """

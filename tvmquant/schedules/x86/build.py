@@ -220,6 +220,12 @@ def _search_valid_sketch(func: tirx.PrimFunc, target, name: str, seed: int, num_
 _CHECK_EVERY_DEFAULT = [False]
 
 
+def _build_kernels(funcs: dict, target, attrs=None):
+    """One LLVM module of the kernels ``funcs`` (``{name or GlobalVar: PrimFunc}``), as ``relax.build`` compiles
+    them (TIR's default pipeline); safe on any thread."""
+    return tvm.tirx.build(tvm.IRModule(funcs, attrs=attrs), target=target, pipeline="default")
+
+
 class _EarlyBuild:
     """Kernels compiled to machine code on a worker thread as soon as their schedule is known.
 
@@ -262,7 +268,7 @@ class _EarlyBuild:
             self.jobs.append((funcs, self.pool.submit(self._build, funcs)))
 
     def _build(self, funcs: dict):
-        library = tvm.tirx.build(tvm.IRModule(funcs), target=self.target, pipeline="default")
+        library = _build_kernels(funcs, self.target)
         library.get_function(next(iter(funcs)), False)  # LLVM generates the module's machine code at its first lookup
         return library
 
@@ -282,17 +288,16 @@ class _EarlyBuild:
         covered = {name for funcs, _ in early for name in funcs}
         return early, [(gvar, func) for gvar, func in kernels if gvar.name_hint not in covered]
 
-    def libraries(self, early: list, kernels: list, build) -> list:
+    def libraries(self, early: list, attrs=None) -> list:
         """The libraries of ``early`` (from :meth:`take`), waited for; a module that failed is compiled again
-        with ``build(IRModule)``, where its error is raised."""
-        by_name = {gvar.name_hint: (gvar, func) for gvar, func in kernels}
+        here, where its error is raised."""
         libraries = []
         for funcs, future in early:
             try:
                 libraries.append(future.result())
             except Exception as err:  # noqa: BLE001  (compiled again here, where an error is raised)
                 logger.debug("build: an early kernel module did not compile (%s); compiling it again", err)
-                libraries.append(build(tvm.IRModule(dict(by_name[name] for name in funcs))))
+                libraries.append(_build_kernels(funcs, self.target, attrs))
         return libraries
 
     def close(self) -> None:
@@ -329,18 +334,12 @@ def _relax_build(
         kernels = sorted(tir.functions.items(), key=lambda item: item[0].name_hint) if tir is not None else []
         if len(kernels) < 4 * workers:
             return relax.build(mod, target=target, relax_pipeline=pipeline)
-        all_kernels = kernels
         started, kernels = early.take(kernels) if early is not None else ([], kernels)
-        parts = [tvm.IRModule(dict(kernels[i::workers]), attrs=tir.attrs) for i in range(workers)]
-        parts = [part for part in parts if len(part.functions)]
-
-        def build_part(part):
-            return tvm.tirx.build(part, target=target, pipeline="default")
-
+        parts = [dict(kernels[i::workers]) for i in range(workers) if kernels[i::workers]]
         with ThreadPoolExecutor(workers) as pool:
-            libs = list(pool.map(build_part, parts))
+            libs = list(pool.map(lambda part: _build_kernels(part, target, tir.attrs), parts))
         if early is not None:  # the modules still compiling early finish meanwhile
-            libs += early.libraries(started, all_kernels, build_part)
+            libs += early.libraries(started, tir.attrs)
         library = libs[0]
         others = []
         for ext in attrs.get("external_mods", []):

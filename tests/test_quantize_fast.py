@@ -62,6 +62,36 @@ def test_calibration_compiles_for_this_cpu_with_default_schedules(monkeypatch):
     assert all(int(target.attrs["opt-level"]) == HOST_GRAPH_OPT_LEVEL == 2 for target in targets)
 
 
+def _llvm_source(executable) -> str:
+    modules, stack = [], [executable.mod]
+    while stack:
+        module = stack.pop()
+        stack.extend(module.imports)
+        if module.kind == "llvm":
+            modules.append(module.inspect_source("ll"))
+    return "".join(modules)
+
+
+def test_graphs_tvmquant_runs_itself_compile_without_kernel_argument_checks_and_still_refuse_bad_inputs():
+    from tvm import relax
+
+    from tvmquant.api import load_model
+    from tvmquant.compile import build, host_build
+
+    mod, inputs, _, _ = load_model(residual_cnn())
+    x = calibration_images(1, seed=3)
+    own, deployed = host_build(mod), build(mod)
+    # TVM's message for a tensor of the wrong type, shape or device handed to a kernel: a deployed library keeps
+    # the checks, tvmquant's own graphs (calibration, SQNR, AutoSkip, fine-tuning) do without them.
+    assert "Mismatched type on argument" in _llvm_source(deployed)
+    assert "Mismatched type on argument" not in _llvm_source(own)
+    results = [relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy() for ex in (own, deployed)]
+    np.testing.assert_array_equal(results[0], results[1])
+    # The VM's main still checks what it is given, before any kernel runs.
+    with pytest.raises(Exception, match=r"param=input.*shape\[3\] mismatch"):
+        relax.VirtualMachine(own, tvm.cpu())["main"](tvm.runtime.tensor(calibration_images(1)[..., :-1].copy()))
+
+
 def test_bad_calib_batch_is_refused(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(residual_cnn(), str(path))  # static batch 1

@@ -20,7 +20,7 @@ import os
 from .common import fusion_passes, is_scheduled  # noqa: E402, F401  (re-exported)
 
 
-def build_with_database(mod, target, db: str | os.PathLike | None = None):
+def build_with_database(mod, target, db: str | os.PathLike | None = None, checks: bool = True):
     """Compile a Relax module with the tuning database ``db`` (or none), dispatching on the target kind.
 
     Parameters
@@ -30,6 +30,9 @@ def build_with_database(mod, target, db: str | os.PathLike | None = None):
     target : tvm.target.Target
     db : str or os.PathLike, optional
         Database directory written by :func:`tvmquant.schedules.x86.tune`.
+    checks : bool
+        False: x86 kernels without the checks of their arguments (:func:`tvmquant.schedules.x86.build`), for the
+        graphs tvmquant runs itself; other targets keep them.
 
     Returns
     -------
@@ -46,7 +49,7 @@ def build_with_database(mod, target, db: str | os.PathLike | None = None):
     if target.kind.name == "llvm":
         from . import x86
 
-        return x86.build(mod, target, db_dir=db_dir)
+        return x86.build(mod, target, db_dir=db_dir, checks=checks)
     if target.kind.name == "cuda":
         from . import cuda
 

@@ -17,13 +17,13 @@ import tvmquant
 from tvmquant.compile import build
 from tvmquant.config import PRESETS
 from tvmquant.schedules import cuda, x86
+from tvmquant.testing import library_source
 
 SAPPHIRE_RAPIDS = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
 
 
 def assembly(executable) -> str:
-    lib = executable.mod
-    return "\n".join([lib.inspect_source("asm")] + [m.inspect_source("asm") for m in lib.imports])
+    return library_source(executable, "asm")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from models import calibration_images, residual_cnn, residual_cnn_dynamic_batch
 import tvmquant
 from tvmquant import cli
 from tvmquant.target import HOST_GRAPH_OPT_LEVEL
+from tvmquant.testing import library_source
 
 calibrate_module = importlib.import_module("tvmquant.passes.calibrate")
 
@@ -62,16 +63,6 @@ def test_calibration_compiles_for_this_cpu_with_default_schedules(monkeypatch):
     assert all(int(target.attrs["opt-level"]) == HOST_GRAPH_OPT_LEVEL == 2 for target in targets)
 
 
-def _llvm_source(executable) -> str:
-    modules, stack = [], [executable.mod]
-    while stack:
-        module = stack.pop()
-        stack.extend(module.imports)
-        if module.kind == "llvm":
-            modules.append(module.inspect_source("ll"))
-    return "".join(modules)
-
-
 def test_graphs_tvmquant_runs_itself_compile_without_kernel_argument_checks_and_still_refuse_bad_inputs():
     from tvm import relax
 
@@ -83,8 +74,8 @@ def test_graphs_tvmquant_runs_itself_compile_without_kernel_argument_checks_and_
     own, deployed = host_build(mod), build(mod)
     # TVM's message for a tensor of the wrong type, shape or device handed to a kernel: a deployed library keeps
     # the checks, tvmquant's own graphs (calibration, SQNR, AutoSkip, fine-tuning) do without them.
-    assert "Mismatched type on argument" in _llvm_source(deployed)
-    assert "Mismatched type on argument" not in _llvm_source(own)
+    assert "Mismatched type on argument" in library_source(deployed, "ll")
+    assert "Mismatched type on argument" not in library_source(own, "ll")
     results = [relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy() for ex in (own, deployed)]
     np.testing.assert_array_equal(results[0], results[1])
     # The VM's main still checks what it is given, before any kernel runs.

@@ -19,6 +19,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
 from tvmquant.schedules import x86  # noqa: E402
+from tvmquant.testing import library_source  # noqa: E402
 
 HOST_FLAGS = x86.cpu_flags()
 needs_vnni = pytest.mark.skipif("avx512_vnni" not in HOST_FLAGS, reason="host CPU has no AVX512-VNNI")
@@ -108,8 +109,7 @@ def run(executable, *args):
 
 
 def assembly(executable) -> str:
-    lib = executable.mod
-    return "\n".join([lib.inspect_source("asm")] + [m.inspect_source("asm") for m in lib.imports])
+    return library_source(executable, "asm")
 
 
 def stock_reference(mod, data):

@@ -191,3 +191,21 @@ def test_calibration_reads_the_marked_tensors_without_copying_them(monkeypatch):
     for name, params in aliased.items():
         np.testing.assert_array_equal(params.scale, copied[name].scale, err_msg=name)
         np.testing.assert_array_equal(params.zero_point, copied[name].zero_point, err_msg=name)
+
+
+def test_an_onnx_file_is_read_once_and_its_source_serialized_only_when_asked(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    onnx.save(residual_cnn_dynamic_batch(), str(path))
+    reads = []
+    original = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *args, **kwargs: reads.append(args[0]) or original(*args, **kwargs))
+    qmodel = tvmquant.quantize(str(path), calib_data=calibration_images(8), calib_batch=4, progress=False)
+    assert reads == [str(path)]  # not again for the batch-4 calibration copy, nor to look at its batch axis
+    assert not isinstance(qmodel._source, bytes)  # the ModelProto read, kept as it is until someone asks
+    source = qmodel.source
+    assert isinstance(source, bytes) and qmodel.source is source
+    assert onnx.load_from_string(source).graph.node[0].op_type == residual_cnn_dynamic_batch().graph.node[0].op_type
+    qmodel.save(tmp_path / "m.tvmq", keep_source=True)
+    np.testing.assert_array_equal(
+        tvmquant.load(tmp_path / "m.tvmq").compile()(calibration_images(1)), qmodel.compile()(calibration_images(1))
+    )

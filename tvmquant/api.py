@@ -74,7 +74,11 @@ def _relax_inputs(mod: tvm.IRModule) -> list:
 def load_model(
     model, params: dict | None = None, batch_size: int | None = None, equalize: bool = False, again: bool = False
 ):
-    """``(prepared module, input specs, ONNX bytes or None, is_qdq)`` from an ONNX path/ModelProto or an IRModule.
+    """``(prepared module, input specs, source, is_qdq)`` from an ONNX path/ModelProto or an IRModule.
+
+    ``source`` is the ONNX model as imported: its bytes for a ModelProto the caller holds, the ModelProto itself
+    for a file (read here, so no one else holds it: :class:`QuantizedModel` serializes it when asked, 0.25 s
+    of a ResNet-50's quantize otherwise), None for an IRModule.
 
     A pre-quantized (QDQ) model comes back as its simulated QDQ module, integer weights kept. ``equalize`` runs
     :class:`~tvmquant.passes.equalize.EqualizeCrossLayer` on an FP32 model (``QuantConfig.equalize``).
@@ -100,7 +104,7 @@ def load_model(
         where = f"{os.fspath(model)!r}" if not hasattr(model, "graph") else "the ONNX model"
         mod, _ = import_onnx(proto, batch_size=batch_size, where=where, check=not again)
         mod = prepare_qdq(mod) if is_qdq_module(mod) else prepare(mod)
-        source = None if again else proto.SerializeToString()
+        source = None if again else proto if isinstance(model, (str, os.PathLike)) else proto.SerializeToString()
     check_static(mod)
     if equalize and not is_qdq_module(mod):
         from .passes.equalize import EqualizeCrossLayer
@@ -161,6 +165,8 @@ def quantize(
     """
     config = config or DEFAULT
     fp32, inputs, source, qdq = load_model(model, params, batch_size, equalize=config.equalize)
+    # A file is read once: the calibration copy at another batch is imported from the model read here.
+    again = source if hasattr(source, "SerializeToString") else model
     # An artifact keeps the source only on request (save(keep_source=True)); otherwise it records the file.
     source_file = SourceFile.of(model) if isinstance(model, (str, os.PathLike)) else None
     if qdq:
@@ -204,7 +210,7 @@ def quantize(
                 check_index_range(batch, limits, f"calibration batch {index}")
     annotated = AnnotateQuant(config)(fp32)
     calib_annotated, calib_inputs = _calibration_module(
-        model, params, annotated, inputs, config, calib_data, calib_batch
+        again, params, annotated, inputs, config, calib_data, calib_batch
     )
     model_batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
 
@@ -252,7 +258,7 @@ def quantize(
             annotated = _with_reasons(annotated, auto_reasons)
             config = config.replace(skip=config.skip + tuple(auto_reasons))
             calib_annotated, calib_inputs = _calibration_module(
-                model, params, annotated, inputs, config, calib_data, calib_batch
+                again, params, annotated, inputs, config, calib_data, calib_batch
             )
             table, reference = calibrate_keeping(calib_annotated, calib_inputs, keep=True)
     corrections: dict = {}
@@ -408,8 +414,9 @@ class QuantizedModel:
     table : dict of str to QParams
     config : QuantConfig
     inputs : list of InputSpec
-    source : bytes or None
-        The ONNX model as imported (None for a Relax source).
+    source : bytes, onnx.ModelProto or None
+        The ONNX model as imported (None for a Relax source); a ModelProto is serialized when first read, and
+        must not change meanwhile (:func:`load_model` hands over one that only it held).
     sqnr : dict
         SQNR (dB) per tensor and output, from :meth:`measure_sqnr`.
     qdq : tvm.IRModule or None
@@ -493,6 +500,8 @@ class QuantizedModel:
         """The ONNX model as imported (BatchNorm folded), serialized; None for a Relax source."""
         if self._source is None and self._source_kind == "onnx":
             self._source = self._find_source()
+        elif hasattr(self._source, "SerializeToString"):
+            self._source = self._source.SerializeToString()
         return self._source
 
     @source.setter

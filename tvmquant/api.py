@@ -104,7 +104,12 @@ def load_model(
         where = f"{os.fspath(model)!r}" if not hasattr(model, "graph") else "the ONNX model"
         mod, _ = import_onnx(proto, batch_size=batch_size, where=where, check=not again)
         mod = prepare_qdq(mod) if is_qdq_module(mod) else prepare(mod)
-        source = None if again else proto if isinstance(model, (str, os.PathLike)) else proto.SerializeToString()
+        if again:
+            source = None
+        elif isinstance(model, (str, os.PathLike)):
+            source = proto  # read here, so held only here: serialized when asked for
+        else:
+            source = proto.SerializeToString()
     check_static(mod)
     if equalize and not is_qdq_module(mod):
         from .passes.equalize import EqualizeCrossLayer
@@ -166,7 +171,7 @@ def quantize(
     config = config or DEFAULT
     fp32, inputs, source, qdq = load_model(model, params, batch_size, equalize=config.equalize)
     # A file is read once: the calibration copy at another batch is imported from the model read here.
-    again = source if hasattr(source, "SerializeToString") else model
+    reload_from = source if hasattr(source, "SerializeToString") else model
     # An artifact keeps the source only on request (save(keep_source=True)); otherwise it records the file.
     source_file = SourceFile.of(model) if isinstance(model, (str, os.PathLike)) else None
     if qdq:
@@ -210,7 +215,7 @@ def quantize(
                 check_index_range(batch, limits, f"calibration batch {index}")
     annotated = AnnotateQuant(config)(fp32)
     calib_annotated, calib_inputs = _calibration_module(
-        again, params, annotated, inputs, config, calib_data, calib_batch
+        reload_from, params, annotated, inputs, config, calib_data, calib_batch
     )
     model_batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
 
@@ -258,7 +263,7 @@ def quantize(
             annotated = _with_reasons(annotated, auto_reasons)
             config = config.replace(skip=config.skip + tuple(auto_reasons))
             calib_annotated, calib_inputs = _calibration_module(
-                again, params, annotated, inputs, config, calib_data, calib_batch
+                reload_from, params, annotated, inputs, config, calib_data, calib_batch
             )
             table, reference = calibrate_keeping(calib_annotated, calib_inputs, keep=True)
     corrections: dict = {}

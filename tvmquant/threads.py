@@ -53,6 +53,18 @@ def use_physical_cores() -> int:
     return threads
 
 
+def llvm_modules(library) -> list:
+    """Every LLVM module of ``library`` (a runtime module or a Relax executable), its imports walked to any depth:
+    the x86 build links the kernels as several modules, some imported by others."""
+    modules, stack = [], [getattr(library, "mod", library)]
+    while stack:  # the imports form a tree
+        module = stack.pop()
+        stack.extend(module.imports)
+        if module.kind == "llvm":
+            modules.append(module)
+    return modules
+
+
 def generate_machine_code(library) -> int:
     """Have LLVM generate the machine code of every LLVM module in ``library`` (a runtime module or a Relax
     executable) now, on up to :func:`default_num_threads` threads; return how many modules there were.
@@ -65,13 +77,7 @@ def generate_machine_code(library) -> int:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    root = getattr(library, "mod", library)
-    modules, stack = [], [root]
-    while stack:  # the imports form a tree
-        module = stack.pop()
-        stack.extend(module.imports)
-        if module.kind == "llvm":
-            modules.append(module)
+    modules = llvm_modules(library)
 
     def compile_one(module):
         try:

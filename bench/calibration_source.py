@@ -15,18 +15,19 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "models"))
 
-from imagenet_data import load_imagenet_eval, preprocess  # noqa: E402
+from imagenet_data import load_imagenet_eval, preprocess, require_prepared  # noqa: E402
 
 import tvmquant  # noqa: E402
 from tvmquant.quant_math import sqnr_db  # noqa: E402
 
 
 def main() -> int:
+    path = os.path.join(HERE, "models", "onnx", "mobilenet_v2.onnx")
+    require_prepared(path)
     data = load_imagenet_eval()
     calib = preprocess(data["calib_u8"], "mobilenet_v2")
     photos = preprocess(data["agreement_u8"], "mobilenet_v2")
     half = len(photos) // 2
-    path = os.path.join(HERE, "models", "onnx", "mobilenet_v2.onnx")
     for name, images in (("the 84 calibration images", calib), (f"the first {half} evaluation photos", photos[:half])):
         qmodel = tvmquant.quantize(path, calib_data=images, progress=False, report_batches=0)
         fp32, int8 = qmodel.compile(mode="fp32"), qmodel.compile(mode="int8")

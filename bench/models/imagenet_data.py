@@ -322,6 +322,17 @@ def build_imagenet_eval(seed: int = SEED) -> dict[str, np.ndarray]:
     }
 
 
+def require_prepared(*paths) -> None:
+    """Exit with the commands that make them if the exported model files ``paths`` or the evaluation data are
+    missing (a benchmark would otherwise fail deep inside with a bare "does not exist")."""
+    missing = [str(path) for path in (*paths, DEFAULT_OUTPUT) if not Path(path).exists()]
+    if missing:
+        raise SystemExit(
+            f"missing {', '.join(missing)}: prepare once with `python bench/models/export_imagenet.py && "
+            "python bench/models/imagenet_data.py` (see shared/EVAL.md for the packages they need)"
+        )
+
+
 def load_imagenet_eval(path: str | Path = DEFAULT_OUTPUT) -> dict[str, np.ndarray]:
     """Load the arrays written by this script.
 

@@ -151,6 +151,30 @@ def transformer_block(
     )
 
 
+def inverted_residual_cnn(seed: int = 0, channels: int = 16, size: int = 16) -> onnx.ModelProto:
+    """MobileNetV2-style: a ReLU6 stem whose channels span 40x in range, then two inverted-residual blocks
+    (1x1 expand + ReLU6, 3x3 depthwise + ReLU6, 1x1 project; the second with stride 2 and a channel multiplier
+    of 2), GAP and Gemm. Each depthwise conv reads only its ReLU6 input: what per-channel activation scales take."""
+    g = _Graph(seed)
+    lo, hi = g.const(np.array(0.0, np.float32)), g.const(np.array(6.0, np.float32))
+    stem = g.conv("input", 3, channels)
+    gains = np.geomspace(0.01, 3.0, channels).astype(np.float32)  # trained stems: some channels 40x the others
+    g.rng.shuffle(gains)
+    h = g.node("Clip", [g.node("Mul", [stem, g.const(gains.reshape(1, channels, 1, 1))]), lo, hi])
+    d = g.node("Clip", [g.conv(h, channels, channels, groups=channels), lo, hi])
+    h = g.conv(d, channels, channels, k=1)
+    e = g.node("Clip", [g.conv(h, channels, 2 * channels, k=1), lo, hi])
+    d = g.node("Clip", [g.conv(e, 2 * channels, 4 * channels, stride=2, groups=2 * channels), lo, hi])
+    h = g.conv(d, 4 * channels, channels, k=1)
+    pooled = g.node("Flatten", [g.node("GlobalAveragePool", [h])])
+    g.gemm(pooled, channels, 10)
+    g.nodes[-1].output[0] = "logits"
+    return g.model(
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+    )
+
+
 def residual_cnn_dynamic_batch(**kwargs) -> onnx.ModelProto:
     """:func:`residual_cnn` with a symbolic batch axis (``N``) on its input and output."""
     model = residual_cnn(**kwargs)

@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import pytest
-from models import _Graph, calibration_images, residual_cnn
+from models import _Graph, calibration_images, inverted_residual_cnn, residual_cnn
 from onnx import TensorProto, helper
 from test_passes import _realized_vs_simulated, _well_formed
 
@@ -15,7 +15,7 @@ from tvmquant.passes.bias_correction import ApplyBiasCorrection, bias_correction
 from tvmquant.passes.calibrate import compile_vm, run_vm
 from tvmquant.passes.equalize import EqualizeCrossLayer, find_pairs
 from tvmquant.qparams import Role
-from tvmquant.quant_math import sqnr_db
+from tvmquant.quant_math import fake_quantize, sqnr_db
 
 W4 = TensorSpec("int8", "symmetric", PerChannel(0), bits=4)
 A4 = TensorSpec("uint8", "affine", bits=4)
@@ -202,9 +202,96 @@ def test_cli_bits_and_recovery_flags(tmp_path):
     np.savez(tmp_path / "calib.npz", input=calibration_images(4))
     out = tmp_path / "q.tvmq"
     args = ["quantize", str(path), "--calib", str(tmp_path / "calib.npz"), "-o", str(out), "-q"]
-    assert main(args + ["--weight-bits", "4", "--activation-bits", "4", "--bias-correction", "--equalize"]) == 0
+    flags = [
+        "--weight-bits",
+        "4",
+        "--activation-bits",
+        "4",
+        "--bias-correction",
+        "--equalize",
+        "--depthwise-per-channel",
+    ]
+    assert main(args + flags) == 0
     config = load(out).config
     assert (config.weight.bits, config.activation.bits, config.bias_correction, config.equalize) == (4, 4, True, True)
+    assert config.depthwise_per_channel
     bad = tmp_path / "bad.tvmq"
     assert main(args[:-3] + ["-o", str(bad), "-q", "--weight-bits", "9"]) == 2
     assert not bad.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-channel activations at depthwise convs
+def test_depthwise_inputs_get_channel_scales_that_realize_export_and_save(tmp_path):
+    from tvmquant.testing.ort import ort_session
+
+    data = calibration_images(72)
+    calib, held_out = data[:64], data[64:]
+    plain = quantize(inverted_residual_cnn(), QuantConfig(), calib, progress=False, report_batches=0)
+    config = QuantConfig(depthwise_per_channel=True)
+    qmodel = quantize(inverted_residual_cnn(), config, calib, progress=False, report_batches=0)
+    depthwise = {"conv2d_1.in0": 16, "conv2d_4.in0": 32}  # the two depthwise inputs and their channels
+    for name, params in qmodel.table.items():
+        if params.role != Role.ACTIVATION:
+            continue
+        if name in depthwise:
+            assert params.axis == 1 and params.scale.shape == (depthwise[name],) and not params.zero_point.any()
+        else:
+            assert params.axis is None and plain.table[name] == params  # everything else as before
+    # the stem's 300x spread of channel ranges: each channel quantized on its own range loses far less (the
+    # tensor's total SQNR is its widest channels', alike both ways); the depthwise conv reads each one alone
+    model = inverted_residual_cnn()
+    stem_out = next(n for n in model.graph.node if any(a.name == "group" and a.i == 16 for a in n.attribute))
+    stem_out = stem_out.input[0]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(stem_out, TensorProto.FLOAT, None))
+    session = ort_session(model.SerializeToString())
+    values = np.concatenate([session.run(None, {"input": x[None]})[1] for x in held_out])
+
+    def median_channel_sqnr(params):
+        approx = fake_quantize(values, params.scale, params.zero_point, params.qmin, params.qmax, params.axis)
+        return np.median([sqnr_db(values[:, c], approx[:, c]) for c in range(values.shape[1])])
+
+    gain = median_channel_sqnr(qmodel.table["conv2d_1.in0"]) - median_channel_sqnr(plain.table["conv2d_1.in0"])
+    assert gain > 10
+    # realized on the int8 kernels (every conv), within one LSB of the simulated model
+    worst, realized = _realized_vs_simulated(qmodel, _batches(held_out))
+    assert worst <= 1
+    assert realized.script(show_meta=False).count('out_dtype="int32"') == 7
+    fp32 = _outputs(qmodel.fp32, _batches(held_out), qmodel.inputs)
+    int8 = qmodel.compile(mode="int8")
+    assert sqnr_db(fp32, np.concatenate([int8(x[None]) for x in held_out])) > 30
+    # saved and loaded with its channel scales; the QDQ export quantizes those inputs per axis, and ONNX Runtime
+    # running it gives tvmquant's integer outputs
+    qmodel.save(tmp_path / "dw.tvmq")
+    loaded = load(tmp_path / "dw.tvmq")
+    assert loaded.config.depthwise_per_channel and loaded.table["conv2d_4.in0"] == qmodel.table["conv2d_4.in0"]
+    path = str(tmp_path / "dw.onnx")
+    qmodel.export_onnx(path)
+    exported = onnx.load(path)
+    per_axis = [n for n in exported.graph.node if n.op_type == "QuantizeLinear" and n.attribute]
+    assert len(per_axis) == 2 and all(a.name == "axis" and a.i == 1 for n in per_axis for a in n.attribute)
+    session = ort_session(path)
+    for x in held_out[:4]:
+        ours = np.asarray(int8(x[None]))
+        theirs = session.run(None, {"input": x[None]})[0]
+        assert sqnr_db(ours, theirs) > 40
+
+
+def test_depthwise_per_channel_leaves_shared_or_signed_inputs_per_tensor():
+    # residual_cnn's depthwise conv reads a tensor a max pool reads too: one scale stays, as without the option
+    data = calibration_images(12)
+    plain = quantize(residual_cnn(), QuantConfig(), data, progress=False, report_batches=0)
+    qmodel = quantize(residual_cnn(), QuantConfig(depthwise_per_channel=True), data, progress=False, report_batches=0)
+    assert all(params.axis is None for params in qmodel.table.values() if params.role == Role.ACTIVATION)
+    assert all(plain.table[name] == params for name, params in qmodel.table.items())
+    # a signed per-channel range would need a zero point per channel: it falls back to one scale over all channels
+    from tvmquant.passes.calibrate import activation_qparams
+
+    spec = QuantConfig().activation
+    params = activation_qparams("x", spec, np.array([-1.0, 0.0]), np.array([1.0, 3.0]))
+    assert params.axis is None and params.a_min == -1.0 and params.a_max == 3.0
+    params = activation_qparams("x", spec, np.array([0.0, 0.0, 0.0]), np.array([1.0, 0.0, 3.0]))
+    assert params.axis == 1 and params.a_max.tolist() == [1.0, 3.0, 3.0]  # a dead channel takes the widest range
+    assert QuantConfig.from_dict(QuantConfig(depthwise_per_channel=True).to_dict()).depthwise_per_channel
+    with pytest.raises(ConfigError, match="depthwise_per_channel must be True or False"):
+        QuantConfig(depthwise_per_channel=1)

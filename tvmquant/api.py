@@ -639,9 +639,9 @@ class QuantizedModel:
                 for name, array in activations.items():
                     terms.keep(name, array, copy=False)
             else:
-                # Kept and simulated values of one VM are compared in its own layout; another VM's, in the plain
-                # one.
-                with observing(terms.keep, any_layout=sim_vm is None):
+                # Kept and simulated values of one VM are compared in its own layout (per-channel ones in the
+                # plain layout, as calibration keeps them); another VM's, in the plain one.
+                with observing(terms.keep, any_layout=terms.per_tensor if sim_vm is None else False):
                     reference_outputs = flatten_outputs(run_vm(vm, batch_data, inputs))
             if sim_vm is None:
                 # The same VM, its markers fake-quantizing: the simulated model.

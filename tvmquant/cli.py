@@ -68,7 +68,9 @@ def _config_from_args(args):
         auto_skip = AutoSkip(target_sqnr_db=args.auto_skip, max_layers=args.auto_skip_max)
     activation, weight = _with_bits(args, activation, weight)
     recovery = {
-        flag: getattr(args, flag) for flag in ("bias_correction", "equalize") if getattr(args, flag, None) is not None
+        flag: getattr(args, flag)
+        for flag in ("bias_correction", "equalize", "depthwise_per_channel")
+        if getattr(args, flag, None) is not None
     }
     return config.replace(
         activation=activation, weight=weight, skip=skip, auto_skip=auto_skip, op_methods=op_methods, **recovery
@@ -418,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="cross-layer equalization of conv -> (ReLU/ReLU6) -> conv weight ranges (QuantConfig.equalize)",
+    )
+    q.add_argument(
+        "--depthwise-per-channel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one activation scale per channel at the inputs of depthwise convs (QuantConfig.depthwise_per_channel)",
     )
     q.add_argument("--weight-bits", type=int, metavar="N", help="weight bit width, 2..8 (4: W4 on the int8 kernels)")
     q.add_argument("--activation-bits", type=int, metavar="N", help="activation bit width, 2..8 (A4: 4)")

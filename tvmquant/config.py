@@ -333,6 +333,14 @@ class QuantConfig:
         weight ranges match; the FP32 function is unchanged. See :mod:`tvmquant.passes.equalize`.
         CLI ``--equalize``. Off by default (per-channel weight scales already absorb most of what it evens
         out; see ``bench/results/accuracy_imagenet_recovery.json``).
+    depthwise_per_channel : bool
+        Give the input of each depthwise conv one activation scale per channel instead of one per tensor
+        (QUANT_MATH.md, "Per-channel activations at depthwise convs"). A depthwise conv's output channel reads
+        only its own input channel, so each channel's scale folds into that channel's requantize multiplier:
+        the integer kernels are the same, at the same speed. Applies where the input feeds depthwise convs only
+        and its zero points are all 0 (non-negative ReLU/ReLU6 outputs with ``uint8`` affine activations, any
+        input with symmetric ones); other tensors keep one scale. CLI ``--depthwise-per-channel``. Off by
+        default.
 
     Examples
     --------
@@ -354,9 +362,10 @@ class QuantConfig:
     bias_correction: bool = False
     equalize: bool = False
     op_methods: tuple = ()
+    depthwise_per_channel: bool = False
 
     def __post_init__(self):
-        for flag in ("bias_correction", "equalize"):
+        for flag in ("bias_correction", "equalize", "depthwise_per_channel"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         op_methods = (self.op_methods,) if isinstance(self.op_methods, OpMethod) else tuple(self.op_methods)
@@ -412,6 +421,7 @@ class QuantConfig:
             "bias_correction": self.bias_correction,
             "equalize": self.equalize,
             "op_methods": [entry.to_dict() for entry in self.op_methods],
+            "depthwise_per_channel": self.depthwise_per_channel,
         }
 
     @staticmethod
@@ -424,7 +434,17 @@ class QuantConfig:
             raise ConfigError(f"config version {version!r} is not supported (this tvmquant reads {CONFIG_VERSION})")
         _reject_unknown(
             data,
-            {"activation", "weight", "skip", "nan_policy", "auto_skip", "bias_correction", "equalize", "op_methods"},
+            {
+                "activation",
+                "weight",
+                "skip",
+                "nan_policy",
+                "auto_skip",
+                "bias_correction",
+                "equalize",
+                "op_methods",
+                "depthwise_per_channel",
+            },
             "config",
         )
         kwargs: dict[str, Any] = {}
@@ -439,7 +459,7 @@ class QuantConfig:
         if data.get("auto_skip") is not None:
             _reject_unknown(data["auto_skip"], {"target_sqnr_db", "max_layers", "batches"}, "config.auto_skip")
             kwargs["auto_skip"] = AutoSkip(**data["auto_skip"])
-        for flag in ("bias_correction", "equalize"):
+        for flag in ("bias_correction", "equalize", "depthwise_per_channel"):
             if flag in data:
                 kwargs[flag] = data[flag]
         if "op_methods" in data:

@@ -183,21 +183,28 @@ def _build_qdq(qmodel, sample, fused_adds: bool = False):
     for tensor, params in quantized_tensor.items():
         zero_dtype = np.uint8 if params.dtype == "uint8" else np.int8
         scale_name, zero_name = f"{tensor}_qdq_scale", f"{tensor}_qdq_zero_point"
+        # Per-channel activations (a depthwise conv's input, NCHW channels): per-axis QuantizeLinear.
+        shape, axis = ((-1,), {"axis": 1}) if params.axis is not None else ((), {})
         graph.initializer.extend(
             [
-                numpy_helper.from_array(np.asarray(params.scale, np.float32).reshape(()), scale_name),
-                numpy_helper.from_array(np.asarray(params.zero_point).astype(zero_dtype).reshape(()), zero_name),
+                numpy_helper.from_array(np.asarray(params.scale, np.float32).reshape(shape), scale_name),
+                numpy_helper.from_array(np.asarray(params.zero_point).astype(zero_dtype).reshape(shape), zero_name),
             ]
         )
         new_nodes_after[tensor] = [
             helper.make_node(
-                "QuantizeLinear", [tensor, scale_name, zero_name], [f"{tensor}_q"], name=f"{tensor}_QuantizeLinear"
+                "QuantizeLinear",
+                [tensor, scale_name, zero_name],
+                [f"{tensor}_q"],
+                name=f"{tensor}_QuantizeLinear",
+                **axis,
             ),
             helper.make_node(
                 "DequantizeLinear",
                 [f"{tensor}_q", scale_name, zero_name],
                 [f"{tensor}_dq"],
                 name=f"{tensor}_DequantizeLinear",
+                **axis,
             ),
         ]
         for node, position in consumers.get(tensor, []):
@@ -250,7 +257,7 @@ def _build_qdq(qmodel, sample, fused_adds: bool = False):
         if bias_slot is not None:
             bias_node, bias_position = bias_slot
             bias = numpy_helper.to_array(inits[bias_node.input[bias_position]])
-            x_scale = np.float32(quantized_tensor[x_name].scale)
+            x_scale = quantized_tensor[x_name].scale_per_output(bias.shape[0] if bias.ndim else 1)
             w_scale = np.broadcast_to(np.asarray(params.scale, np.float32).reshape(-1), bias.shape)
             bias_scale = (x_scale * w_scale).astype(np.float32)
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):

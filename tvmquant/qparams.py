@@ -153,6 +153,20 @@ class QParams:
         qmin, qmax = qrange(spec.dtype, spec.scheme, spec.bits)
         return QParams(name, role, spec.dtype, spec.scheme, scale, zero_point, qmin, qmax, axis, a_min, a_max)
 
+    def scale_per_output(self, out_channels: int) -> np.ndarray:
+        """The input scale each output channel of a depthwise conv sees (float32, ``[out_channels]``).
+
+        For the per-channel input of a depthwise conv with ``out_channels = channels * multiplier``: output
+        channel ``o`` reads input channel ``o // multiplier``. A per-tensor scale comes back as it is (0-d).
+        """
+        if self.axis is None:
+            return self.scale.reshape(())
+        if out_channels % self.scale.size:
+            raise ValueError(
+                f"{self.name!r}: {self.scale.size} channel scales do not divide {out_channels} output channels"
+            )
+        return np.repeat(self.scale.reshape(-1), out_channels // self.scale.size).astype(np.float32)
+
 
 def _read_only(value, dtype=None) -> np.ndarray:
     array = np.array(value, dtype=dtype)  # a copy: the caller's array stays the caller's

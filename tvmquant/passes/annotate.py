@@ -331,3 +331,40 @@ def _check_skip_rules(config: QuantConfig, layers: list[LayerInfo]) -> None:
             )
         if isinstance(rule, SkipPredicate) and not any(layer.reason.endswith(rule.description) for layer in layers):
             raise SkipRuleError(f"skip predicate {rule.description!r} matched no layer")
+
+
+def depthwise_inputs(mod: tvm.IRModule) -> set:
+    """Names of the marked activations of ``main`` that only depthwise convs read.
+
+    A depthwise conv here is an NCHW ``conv2d`` with ``groups`` equal to its input channels (any channel
+    multiplier): output channel ``o`` reads input channel ``o // multiplier`` alone, so that input channel's
+    scale folds into the output channel's requantize multiplier (``QuantConfig.depthwise_per_channel``). A marked
+    tensor any other op reads (a residual add, a plain conv) is left out.
+    """
+    bindings = [b for block in mod["main"].body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
+    names = {}
+    for binding in bindings:
+        parsed = parse_marker(binding.value)
+        if parsed is not None and parsed[2] == str(Role.ACTIVATION):
+            names[binding.var] = parsed[1]
+    readers: dict = {}
+    for binding in bindings:
+        for arg in _call_args(binding.value):
+            if arg in names:
+                readers.setdefault(arg, []).append(binding.value)
+    found = set()
+    for var, name in names.items():
+        if readers.get(var) and all(_is_depthwise_data(value, var) for value in readers[var]):
+            found.add(name)
+    return found
+
+
+def _is_depthwise_data(value, var) -> bool:
+    if op_name(value) != "relax.nn.conv2d" or not value.args[0].same_as(var) or value.args[1].same_as(var):
+        return False
+    attrs = value.attrs
+    shape = tensor_shape(var)
+    if str(attrs["data_layout"]) != "NCHW" or str(attrs["kernel_layout"]) != "OIHW" or not shape or len(shape) != 4:
+        return False
+    channels = shape[1]
+    return isinstance(channels, int) and channels > 1 and int(attrs["groups"]) == channels

@@ -14,6 +14,7 @@ Three parts, in order:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 
 import numpy as np
@@ -30,7 +31,7 @@ from ..qparams import QParams, Role  # QParams: also importable from here, as be
 from ..quant_math import DTYPE_RANGES, fake_quantize, quantize
 from ..threads import generate_machine_code, request_amx_permission, use_physical_cores
 from . import binning
-from .annotate import MARKER, layers_of, parse_marker
+from .annotate import MARKER, depthwise_inputs, layers_of, parse_marker
 
 # BindQuantParams raises it; calibration/ imports no TVM, so it is registered here.
 register_ffi_error(CalibrationError)
@@ -319,7 +320,15 @@ def calibrate(
     activation_names = [name for name, role in marker_names(annotated) if role == Role.ACTIVATION]
     op_types = {layer.name: layer.op_type for layer in layers_of(annotated)}
     specs = {name: config.activation_spec(op_types.get(name.rpartition(".")[0])) for name in activation_names}
-    observers = {name: make_observer(specs[name], name, config.nan_policy) for name in activation_names}
+    per_channel = depthwise_inputs(annotated) if config.depthwise_per_channel and not config.dynamic else set()
+    observers = {
+        name: make_observer(
+            dataclasses.replace(specs[name], granularity=PerChannel(1)) if name in per_channel else specs[name],
+            name,
+            config.nan_policy,
+        )
+        for name in activation_names
+    }
     if not observers:
         return table
     # The kernels the observers will call compile on a background thread while the graph's Python passes run here.
@@ -342,8 +351,8 @@ def calibrate(
         reference.graph, reference.runs = annotated, []
     seen = 0
     batches = iter_batches(calib_data, inputs)
-    # Activations are observed per tensor: any layout gives the same statistics.
-    with observing(collect, any_layout=True, read_only=True), warnings.catch_warnings():
+    # Per-tensor statistics are the same in any layout; per-channel ones are taken in the model's (NCHW).
+    with observing(collect, any_layout=lambda name: name not in per_channel, read_only=True), warnings.catch_warnings():
         warnings.simplefilter("always")
         for batch in _progress(batches, count_samples(calib_data, inputs), "calibrating", progress):
             check_finite(batch, seen)
@@ -363,8 +372,25 @@ def calibrate(
             a_min, a_max = observer.compute()
         except CalibrationError as err:
             raise CalibrationError(f"{err} (after {seen} calibration batches)") from None
-        table[name] = QParams.from_range(name, Role.ACTIVATION, specs[name], a_min, a_max)
+        table[name] = activation_qparams(name, specs[name], a_min, a_max)
     return fit_int32_biases(annotated, table)
+
+
+def activation_qparams(name: str, spec: TensorSpec, a_min, a_max) -> QParams:
+    """An activation's parameters for its calibrated range; per channel (axis 1) when the range has one entry
+    per channel (``QuantConfig.depthwise_per_channel``) and every channel's zero point is 0, per tensor over all
+    channels' range otherwise.
+
+    Why zero points of 0: the integer depthwise conv pads its input with the one zero point of the tensor (real
+    zero padding); channels with different ones would need a padding value per channel.
+    """
+    if np.ndim(a_min) == 0:
+        return QParams.from_range(name, Role.ACTIVATION, spec, a_min, a_max)
+    a_min, a_max = _widen_zero_channels(a_min, a_max)
+    params = QParams.from_range(name, Role.ACTIVATION, spec, a_min.astype(np.float32), a_max.astype(np.float32), 1)
+    if np.any(params.zero_point != 0):
+        return QParams.from_range(name, Role.ACTIVATION, spec, float(np.min(a_min)), float(np.max(a_max)))
+    return params
 
 
 #: Largest INT32 bias :func:`fit_int32_biases` allows (half the range: the accumulator still has headroom).
@@ -380,7 +406,6 @@ def fit_int32_biases(annotated: tvm.IRModule, table: dict) -> dict:
     ``|bias| / (scale_x * 2**30)``: its weights, tiny next to its bias, lose a little precision, and every
     bias fits (as ONNX Runtime's quantizer does). Returns the table with those weight parameters replaced.
     """
-    import dataclasses
 
     names, values = {}, {}
     for block in annotated["main"].body.blocks:
@@ -407,9 +432,9 @@ def fit_int32_biases(annotated: tvm.IRModule, table: dict) -> dict:
         kind, x_name, w_name = linear[lhs]
         x_params, w_params = table[x_name], table[w_name]
         bias = const_value(rhs).astype(np.float64)
-        if x_params.axis is not None or not np.issubdtype(bias.dtype, np.floating):
-            continue
         channels = np.asarray(w_params.scale).size
+        if (x_params.axis is not None and channels == 1) or not np.issubdtype(bias.dtype, np.floating):
+            continue
         axis = 1 if kind == "relax.nn.conv2d" else -1
         shape = tensor_shape(lhs)
         try:
@@ -424,7 +449,7 @@ def fit_int32_biases(annotated: tvm.IRModule, table: dict) -> dict:
         magnitude = magnitude if channels > 1 else magnitude.max().reshape(())
         if np.ndim(magnitude) and magnitude.shape[0] != channels:
             continue
-        needed = (magnitude / (float(x_params.scale) * _BIAS_LIMIT)).astype(np.float32)
+        needed = (magnitude / (x_params.scale_per_output(channels).astype(np.float64) * _BIAS_LIMIT)).astype(np.float32)
         scale = np.asarray(w_params.scale, np.float32)
         if np.all(needed <= scale):
             continue
@@ -612,12 +637,18 @@ class _Binder(BindingRewriter):
         if name in ("relax.nn.conv2d", "relax.matmul"):
             x_params = self.dq_params.get(value.args[0])
             w_params = self.dq_params.get(value.args[1])
-            if x_params is None or w_params is None or x_params.axis is not None or w_params.role != Role.WEIGHT:
+            if x_params is None or w_params is None or w_params.role != Role.WEIGHT:
                 return value
             out = self.emit(value)
             ndim = len(tensor_shape(out))
             w_scale = np.asarray(w_params.scale, np.float32).reshape(-1)
-            scale = (np.float32(x_params.scale) * w_scale).astype(np.float32)
+            if x_params.axis is not None:  # a depthwise conv's per-channel input
+                if name != "relax.nn.conv2d" or w_scale.size == 1:
+                    return out
+                x_scale = x_params.scale_per_output(w_scale.size)
+            else:
+                x_scale = np.float32(x_params.scale)
+            scale = (x_scale * w_scale).astype(np.float32)
             self.accumulator_scale[out] = (scale, 1 if name == "relax.nn.conv2d" else ndim - 1)
             return out
         if name != "relax.add":

@@ -144,6 +144,18 @@ class _Realizer(BindingRewriter):
             and not self._clamp_effective(aff)
         )
 
+    def _is_channel_q(self, aff: Affine | None) -> bool:
+        """An int8/uint8 value with one scale per channel (axis 1) and zero points of 0, no offset or clamp: the
+        per-channel input of a depthwise conv (``QuantConfig.depthwise_per_channel``)."""
+        return (
+            aff is not None
+            and aff.dtype in QUANT_DTYPES
+            and aff.axis == 1
+            and aff.offset is None
+            and not aff.has_clamp()
+            and not np.any(aff.zero_point != 0)
+        )
+
     def _clamp_effective(self, aff: Affine) -> bool:
         if not aff.has_clamp():
             return False
@@ -154,29 +166,48 @@ class _Realizer(BindingRewriter):
         return aff.low > (low - zero) * scale or aff.high < (high - zero) * scale
 
     # -- requantization -----------------------------------------------------------------------------------
-    def requantize(self, aff: Affine, scale_out: np.ndarray, zero_out: np.ndarray, dtype: str):
+    def requantize(self, aff: Affine, scale_out: np.ndarray, zero_out: np.ndarray, dtype: str, axis=None):
+        """Emit ``aff`` requantized to ``(scale_out, zero_out)``: one pair, or one per index of ``axis``.
+
+        Returns None where ``aff`` varies along another axis than ``axis`` (the quantize stays as it is).
+        """
         if (
-            self._is_plain_q(aff)
+            axis is None
+            and self._is_plain_q(aff)
             and aff.dtype == dtype
             and np.float32(aff.scale) == np.float32(scale_out)
             and int(aff.zero_point) == int(zero_out)
         ):
             return aff.base  # the chain stays in int8: no dequantize/quantize round trip
+        if axis is not None and aff.axis not in (None, axis):
+            return None
         t = self._base_float(aff, apply_clamp=False)
         ndim = self._ndim(t)
         zero_in = _vector_shape(aff.zero_point, ndim, aff.axis)
         if np.any(zero_in != 0):
             t = self.emit(relax.op.subtract(t, const(zero_in.astype(np.float32))))
-        multiplier = (_vector_shape(aff.scale, ndim, aff.axis).astype(np.float64) / float(scale_out)).astype(np.float32)
+        scale_out = np.asarray(scale_out, np.float32)
+        zero_out = np.asarray(zero_out, np.int64)
+        scale_in = _vector_shape(aff.scale, ndim, aff.axis).astype(np.float64)
+        multiplier = (scale_in / _vector_shape(scale_out, ndim, axis).astype(np.float64)).astype(np.float32)
         t = self.emit(relax.op.round(relax.op.multiply(t, const(multiplier))))
-        if int(zero_out) != 0:
-            t = self.emit(relax.op.add(t, const(np.float32(int(zero_out)))))
-        low, high = DTYPE_RANGES[dtype]
+        zero = _vector_shape(zero_out, ndim, axis)
+        if np.any(zero != 0):
+            t = self.emit(relax.op.add(t, const(zero.astype(np.float32))))
+        dtype_low, dtype_high = DTYPE_RANGES[dtype]
+        low = np.full(zero.shape, dtype_low, np.int64)
+        high = np.full(zero.shape, dtype_high, np.int64)
+        scale = _vector_shape(scale_out, ndim, axis)
         if aff.low > -math.inf:
-            low = max(low, int(np.round(np.float32(aff.low) / np.float32(scale_out))) + int(zero_out))
+            low = np.maximum(low, np.round(np.float32(aff.low) / scale).astype(np.int64) + zero)
         if aff.high < math.inf:
-            high = min(high, int(np.round(np.float32(aff.high) / np.float32(scale_out))) + int(zero_out))
-        t = self.emit(relax.op.clip(t, relax.prim_value(float(low)), relax.prim_value(float(high))))
+            high = np.minimum(high, np.round(np.float32(aff.high) / scale).astype(np.int64) + zero)
+        if low.size == 1 or (np.all(low == low.flat[0]) and np.all(high == high.flat[0])):
+            low_value, high_value = float(low.flat[0]), float(high.flat[0])
+            t = self.emit(relax.op.clip(t, relax.prim_value(low_value), relax.prim_value(high_value)))
+        else:  # per-channel bounds (a ReLU6 clip at per-channel scales)
+            t = self.emit(relax.op.maximum(t, const(low.astype(np.float32))))
+            t = self.emit(relax.op.minimum(t, const(high.astype(np.float32))))
         return relax.op.astype(t, dtype)
 
     # -- the rewrite --------------------------------------------------------------------------------------
@@ -198,9 +229,10 @@ class _Realizer(BindingRewriter):
             params = self._qparams(value)
             source = self.affine.get(value.args[0])
             out_dtype = str(value.attrs["out_dtype"])
-            if params is None or source is None or params[2] is not None or out_dtype not in QUANT_DTYPES:
+            if params is None or source is None or out_dtype not in QUANT_DTYPES:
                 return value
-            return self.requantize(source, params[0], params[1], out_dtype)
+            requantized = self.requantize(source, params[0], params[1], out_dtype, params[2])
+            return value if requantized is None else requantized
         rule = op_table.OP_TABLE.get(name)
         if rule is None:
             return value
@@ -222,8 +254,14 @@ class _Realizer(BindingRewriter):
     def _linear(self, name, value):
         data, weight = value.args[0], value.args[1]
         x_aff, w_aff = self.affine.get(data), self.affine.get(weight)
-        if not self._is_plain_q(x_aff) or w_aff is None:
+        if w_aff is None:
             return None
+        if not self._is_plain_q(x_aff):
+            # A per-channel input is realized only where it folds: into a depthwise conv's output channels.
+            if not (self._is_channel_q(x_aff) and name == "relax.nn.conv2d" and is_const(w_aff.base)):
+                return None
+            if int(value.attrs["groups"]) != tensor_shape(data)[1]:
+                return None
         w_is_const = is_const(w_aff.base)
         if w_is_const:
             if w_aff.dtype != "int8" or np.any(w_aff.zero_point != 0) or w_aff.offset is not None:
@@ -242,7 +280,8 @@ class _Realizer(BindingRewriter):
         out_channels = weight_q.shape[0]
         if w_aff.axis not in (None, 0):
             return None
-        zero_x = int(x_aff.zero_point)
+        # Per-tensor, or per channel with zero points of 0 (a depthwise conv's input, checked by _linear).
+        zero_x = int(x_aff.zero_point) if x_aff.per_tensor else 0
         padding = [int(p) for p in attrs["padding"]]
         data = x_aff.base
         if zero_x != 0 and any(padding):
@@ -266,7 +305,11 @@ class _Realizer(BindingRewriter):
             weight_sums = weight_q.reshape(out_channels, -1).astype(np.int64).sum(axis=1)
             offset = (-zero_x * weight_sums).astype(np.int32).reshape(1, out_channels, 1, 1)
         w_scale = np.broadcast_to(np.asarray(w_aff.scale, np.float32).reshape(-1), (out_channels,))
-        scale = (np.float32(x_aff.scale) * w_scale).astype(np.float32)
+        if x_aff.per_tensor:
+            x_scale = np.float32(x_aff.scale)
+        else:  # output channel o of a depthwise conv reads input channel o // multiplier
+            x_scale = np.repeat(np.asarray(x_aff.scale, np.float32), out_channels // x_aff.scale.size)
+        scale = (x_scale * w_scale).astype(np.float32)
         aff = Affine(acc, scale, np.zeros(out_channels, np.int64), 1, offset)
         return self._record(self._to_float(aff), aff)
 

@@ -13,7 +13,8 @@ Run: ``python bench/accuracy_imagenet.py [--models mobilenet_v2 efficientnet_lit
 Writes ``bench/results/accuracy_imagenet.json``.
 
 ``--recovery`` instead compares the post-training recovery options on the default config (every conv in INT8,
-no FP32 fallback): default, + bias correction, + cross-layer equalization, + both; side by side with OpenVINO
+no FP32 fallback): default, + bias correction, + cross-layer equalization, + both, + per-channel scales at
+depthwise inputs (``depthwise_per_channel``); side by side with OpenVINO
 NNCF (``nncf.quantize`` on the same ONNX and the same calibration images, default preset, its fast bias
 correction on, run by OpenVINO on this CPU) and ONNX Runtime. Writes
 ``bench/results/accuracy_imagenet_recovery.json``.
@@ -133,6 +134,7 @@ RECOVERY = {
     "+bias_correction": {"bias_correction": True},
     "+equalize": {"equalize": True},
     "+equalize+bias_correction": {"equalize": True, "bias_correction": True},
+    "+depthwise_per_channel": {"depthwise_per_channel": True},
 }
 
 

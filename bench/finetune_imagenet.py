@@ -66,6 +66,11 @@ def main(argv=None):
     parser.add_argument(
         "--flip", action="store_true", help="train on the calibration images and their mirror images (2x the data)"
     )
+    parser.add_argument(
+        "--depthwise-per-channel",
+        action="store_true",
+        help="quantize with QuantConfig(depthwise_per_channel=True): per-channel scales at depthwise inputs",
+    )
     parser.add_argument("--output", default=os.path.join(HERE, "results", "finetune_imagenet.json"))
     args = parser.parse_args(argv)
     runs = RUNS if args.lr is None else ({"train_weights": not args.no_train_weights, "lr": args.lr},)
@@ -75,7 +80,8 @@ def main(argv=None):
     agreement = preprocess(data["agreement_u8"], args.model)
     path = os.path.join(args.onnx_dir, f"{args.model}.onnx")
     start = time.time()
-    qmodel = tvmquant.quantize(path, calib_data=calib, progress=False, report_batches=0)
+    config = tvmquant.QuantConfig(depthwise_per_channel=args.depthwise_per_channel)
+    qmodel = tvmquant.quantize(path, config, calib_data=calib, progress=False, report_batches=0)
     quantize_s = time.time() - start
     reference = run_all(qmodel.compile(mode="fp32"), agreement)
     before = measure(qmodel, agreement, reference)
@@ -110,7 +116,8 @@ def main(argv=None):
         )
     result = {
         "model": args.model,
-        "config": "default (QuantConfig(): uint8 affine activations, per-channel int8 weights), every conv in INT8",
+        "config": "default (QuantConfig(): uint8 affine activations, per-channel int8 weights), every conv in INT8"
+        + (", per-channel scales at depthwise inputs (depthwise_per_channel=True)" if args.depthwise_per_channel else ""),
         "train_images": int(len(train)),
         "train_data": "the calibration images and their mirror images" if args.flip else "the calibration images",
         "evaluation_images": int(len(agreement)),

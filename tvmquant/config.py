@@ -335,7 +335,7 @@ class QuantConfig:
         out; see ``bench/results/accuracy_imagenet_recovery.json``).
     depthwise_per_channel : bool
         Give the input of each depthwise conv one activation scale per channel instead of one per tensor
-        (QUANT_MATH.md, "Per-channel activations at depthwise convs"). A depthwise conv's output channel reads
+        (``docs/quant_math.md``, section 4). A depthwise conv's output channel reads
         only its own input channel, so each channel's scale folds into that channel's requantize multiplier:
         the integer kernels are the same, at the same speed. Applies where the input feeds depthwise convs only
         and its zero points are all 0 (non-negative ReLU/ReLU6 outputs with ``uint8`` affine activations, any

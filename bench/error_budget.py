@@ -1,13 +1,13 @@
 """MobileNetV2's quantization error, tensor by tensor: which weights and activations cost the most, and what
 per-channel scales at depthwise inputs and a better rounding of the depthwise weights would buy.
 
-The default config's table (84 calibration images) is applied to the FP32 ONNX model as fake quantization:
-each quantized activation gets a QuantizeLinear/DequantizeLinear pair in front of the layers tvmquant feeds it
-to, each quantized weight is replaced by its fake-quantized value, and ONNX Runtime runs the result with its
-graph optimizations off (so it computes the QDQ definition in FP32, not its own fused integer kernels). That
-reproduces tvmquant's simulated model (default: 80.0% / 13.01 dB here against 77.3% / 12.97 dB) in about a
-second per variant, so every tensor can be scored alone. Scores: FP32-vs-INT8 top-1 agreement and logit SQNR
-on the 110 evaluation photos.
+The default config's table (84 calibration images) is applied to the FP32 ONNX model as fake quantization: each
+quantized activation gets a QuantizeLinear/DequantizeLinear pair in front of the layers tvmquant feeds it to, each
+quantized weight is replaced by its fake-quantized value, and ONNX Runtime runs the result with its graph
+optimizations off (so it computes the QDQ definition in FP32, not its own fused integer kernels). That reproduces
+tvmquant's simulated model (default: 76.4% / 12.98 dB here, against 77.3% / 12.97 dB from
+``bench/activation_error.py``) in about a second per variant, so every tensor can be scored alone. Scores: FP32-vs-
+INT8 top-1 agreement and logit SQNR on the 110 evaluation photos.
 
 Rows: the whole table; weights only (activations FP32); activations only; each activation alone and each
 weight alone (the ten costliest of each); the depthwise inputs per channel (per-channel 99.99th percentiles of

@@ -117,7 +117,7 @@ def main(argv=None):
     result = {
         "model": args.model,
         "config": "default (QuantConfig(): uint8 affine activations, per-channel int8 weights), every conv in INT8"
-        + (", per-channel scales at depthwise inputs (depthwise_per_channel=True)" if args.depthwise_per_channel else ""),
+        + (", per-channel depthwise inputs (depthwise_per_channel=True)" if args.depthwise_per_channel else ""),
         "train_images": int(len(train)),
         "train_data": "the calibration images and their mirror images" if args.flip else "the calibration images",
         "evaluation_images": int(len(agreement)),

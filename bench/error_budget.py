@@ -33,7 +33,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "models"))
 
-from imagenet_data import load_imagenet_eval, preprocess, require_prepared  # noqa: E402
+from imagenet_data import prepared_model  # noqa: E402
 
 import tvmquant  # noqa: E402
 from tvmquant.config import TensorSpec  # noqa: E402
@@ -193,11 +193,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import onnx
 
-    path = os.path.join(HERE, "models", "onnx", "mobilenet_v2.onnx")
-    require_prepared(path)
-    data = load_imagenet_eval()
-    calib = preprocess(data["calib_u8"], "mobilenet_v2")
-    photos = preprocess(data["agreement_u8"], "mobilenet_v2")
+    path, calib, photos = prepared_model("mobilenet_v2")
     qmodel = tvmquant.quantize(path, calib_data=calib, progress=False, report_batches=0)
     table = dict(qmodel.table)
     sim = FakeQuantOnnx(onnx.load(path), qmodel.layers, photos)

@@ -64,6 +64,17 @@ class _Graph:
         return model
 
 
+def _classifier_head(g: _Graph, x: str, channels: int, size: int) -> onnx.ModelProto:
+    """GAP, Flatten and a 10-class Gemm (``logits``) on ``x``; the model with a ``[1, 3, size, size]`` input."""
+    pooled = g.node("Flatten", [g.node("GlobalAveragePool", [x])])
+    g.gemm(pooled, channels, 10)
+    g.nodes[-1].output[0] = "logits"
+    return g.model(
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+    )
+
+
 def residual_cnn(seed: int = 0, channels: int = 16, size: int = 16) -> onnx.ModelProto:
     """Conv+BN+ReLU stem, a residual block, a depthwise conv, ReLU6 (Clip), max pool, concat, GAP, Gemm."""
     g = _Graph(seed)
@@ -81,13 +92,7 @@ def residual_cnn(seed: int = 0, channels: int = 16, size: int = 16) -> onnx.Mode
     side = g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
     c = g.node("Concat", [m, side], axis=1)
     c = g.node("Relu", [g.conv(c, 2 * channels, channels, k=1)])
-    pooled = g.node("Flatten", [g.node("GlobalAveragePool", [c])])
-    g.gemm(pooled, channels, 10)
-    g.nodes[-1].output[0] = "logits"
-    return g.model(
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
-    )
+    return _classifier_head(g, c, channels, size)
 
 
 def transformer_block(
@@ -166,13 +171,7 @@ def inverted_residual_cnn(seed: int = 0, channels: int = 16, size: int = 16) -> 
     e = g.node("Clip", [g.conv(h, channels, 2 * channels, k=1), lo, hi])
     d = g.node("Clip", [g.conv(e, 2 * channels, 4 * channels, stride=2, groups=2 * channels), lo, hi])
     h = g.conv(d, 4 * channels, channels, k=1)
-    pooled = g.node("Flatten", [g.node("GlobalAveragePool", [h])])
-    g.gemm(pooled, channels, 10)
-    g.nodes[-1].output[0] = "logits"
-    return g.model(
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
-    )
+    return _classifier_head(g, h, channels, size)
 
 
 def residual_cnn_dynamic_batch(**kwargs) -> onnx.ModelProto:

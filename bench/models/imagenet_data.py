@@ -333,6 +333,15 @@ def require_prepared(*paths) -> None:
         )
 
 
+def prepared_model(name: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """``(ONNX path, calibration images, evaluation photos)`` of the exported model ``name``, preprocessed for it;
+    exits with the preparation commands if the export or the data are missing."""
+    path = str(REPO_ROOT / "bench" / "models" / "onnx" / f"{name}.onnx")
+    require_prepared(path)
+    data = load_imagenet_eval()
+    return path, preprocess(data["calib_u8"], name), preprocess(data["agreement_u8"], name)
+
+
 def load_imagenet_eval(path: str | Path = DEFAULT_OUTPUT) -> dict[str, np.ndarray]:
     """Load the arrays written by this script.
 

@@ -85,7 +85,12 @@ def _relax_marked_tensors(qmodel, feed: dict) -> dict:
     captured: dict = {}
     from .compile import host_build
 
-    vm = compile_vm(qmodel.annotated, build=host_build)
+    annotated = qmodel.annotated
+    if qmodel.bias_corrections:  # match the ONNX model's FP32 tensors, which have the biases before correction
+        from .passes.annotate import AnnotateQuant
+
+        annotated = AnnotateQuant(qmodel.config)(qmodel.fp32)
+    vm = compile_vm(annotated, build=host_build)
     with observing(lambda name, array: captured.__setitem__(name, array.copy())):  # views valid in the call only
         run_vm(vm, feed, qmodel.inputs)
     return captured
@@ -246,6 +251,7 @@ def _build_qdq(qmodel, sample, fused_adds: bool = False):
             onnx_axis,
         )
         rewired[(id(node), 1)] = f"{base}_int8_dq"
+        correction = qmodel.bias_corrections.get(relax_weights[match].name)
         bias_slot = None
         if len(node.input) > 2 and node.input[2] in inits:
             bias_slot = (node, 2)
@@ -254,6 +260,8 @@ def _build_qdq(qmodel, sample, fused_adds: bool = False):
             other = add.input[1 - position]
             if add.op_type == "Add" and other in inits and tuple(inits[other].dims) == (weight.shape[-1],):
                 bias_slot = (add, 1 - position)  # MatMul + Add(bias), as exporters write a Linear layer
+        if correction is not None:
+            bias_slot = _corrected_bias(graph, inits, node, bias_slot, correction, new_nodes_after)
         if bias_slot is not None:
             bias_node, bias_position = bias_slot
             bias = numpy_helper.to_array(inits[bias_node.input[bias_position]])
@@ -280,19 +288,57 @@ def _build_qdq(qmodel, sample, fused_adds: bool = False):
     nodes = []
     for tensor in [spec.name for spec in qmodel.inputs] + [""]:
         nodes.extend(new_nodes_after.pop(tensor, []))
+
+    def emit(node):
+        nodes.append(node)
+        for output in node.output:
+            for new in new_nodes_after.pop(output, []):
+                emit(new)  # a bias correction's Add has Q/DQ nodes of its own after it
+
     for node in graph.node:
         for position, _ in enumerate(node.input):
             if (id(node), position) in rewired:
                 node.input[position] = rewired[(id(node), position)]
-        nodes.append(node)
-        for output in node.output:
-            nodes.extend(new_nodes_after.pop(output, []))
+        emit(node)
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unused_initializers(graph)
     if all(opset.version < 13 for opset in model.opset_import if opset.domain in ("", "ai.onnx")):
         raise ModelError("ONNX export needs opset >= 13 (per-channel DequantizeLinear)")
     return model
+
+
+def _corrected_bias(graph, inits, node, bias_slot, correction, new_nodes_after):
+    """Add a layer's bias correction to its ONNX bias (a Conv or Gemm without one gets one, a MatMul an FP32
+    ``Add``); returns the bias slot to quantize to INT32, or None."""
+    from onnx import helper, numpy_helper
+
+    correction = np.asarray(correction, np.float32).reshape(-1)
+    if bias_slot is not None:
+        bias_node, position = bias_slot
+        init = inits[bias_node.input[position]]
+        bias = numpy_helper.to_array(init)
+        corrected = (bias.astype(np.float32) + correction.reshape(bias.shape)).astype(bias.dtype)
+        # A new initializer: the original may be shared with another node.
+        name = f"{init.name}_corrected"
+        graph.initializer.append(numpy_helper.from_array(corrected, name))
+        inits[name] = graph.initializer[-1]
+        bias_node.input[position] = name
+        return bias_slot
+    name = f"{node.name or node.output[0]}_bias_correction"
+    graph.initializer.append(numpy_helper.from_array(correction, name))
+    inits[name] = graph.initializer[-1]
+    if node.op_type in ("Conv", "Gemm"):
+        while len(node.input) < 2:
+            node.input.append("")
+        node.input.append(name)
+        return (node, 2)
+    output = node.output[0]
+    node.output[0] = f"{output}_uncorrected"
+    new_nodes_after.setdefault(node.output[0], []).append(
+        helper.make_node("Add", [node.output[0], name], [output], name=f"{name}_Add")
+    )
+    return None
 
 
 def _add_dq(graph, new_nodes_after, after, name, data, scale, zero_point, axis):

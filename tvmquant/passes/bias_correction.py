@@ -8,7 +8,10 @@ calibration data and returns, per quantized conv2d/matmul, the vector to add to 
     correction[c] = mean(fp32 output[c]) - mean(quantized output[c])
 
 Layers are corrected in graph order, each measured in the simulated model with the corrections of the layers
-before it applied, so a layer corrects what reaches it, not what would have reached it without them.
+before it applied, so a layer corrects what reaches it, not what would have reached it without them. A
+correction is kept only if it lowers the model's output error on the calibration data: one layer's mean error
+can cancel part of another's further on, and removing it alone then hurts (MobileNetV2's late projection
+convs: correcting every layer takes its logits from 13.0 to 11.1 dB, the kept corrections to 17.6 dB).
 :class:`ApplyBiasCorrection` adds the vectors to the biases of the annotated model (a layer without a bias
 gets one), before :class:`~tvmquant.passes.BindQuantParams` quantizes the biases to INT32.
 
@@ -16,9 +19,11 @@ Run after calibration (the corrections use its quantization table) and before Bi
 
 How it is measured: one compiled module serves every pass over the data. It is the annotated model with a
 marker after each layer's output (after its bias add); the markers call back into Python, which fake-quantizes
-the marked inputs and weights, adds the corrections found so far and accumulates the channel means. A pass
-that measures layer ``i`` stops at layer ``i``'s output, so correcting ``L`` layers costs about ``L / 2``
-forward passes over the calibration data.
+the marked inputs and weights, adds the corrections in force and accumulates the channel means. Each layer
+takes one whole forward pass over the calibration data, which tries its correction and measures the next
+layer's shift on the way; a refused correction costs a partial pass more (up to the next layer), to measure
+that shift again without it. Without the check (``check_output=False``), a pass that measures layer ``i``
+stops at layer ``i``'s output: about ``L / 2`` forward passes for ``L`` layers.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import tvm
 from tvm import relax
 
 from .._compat import const, const_value, is_const, op_name, tensor_shape
+from .._io import flatten_outputs
 from .._relax import BindingRewriter, tvmquant_module_pass
 from ..qparams import Role
 from ..quant_math import fake_quantize
@@ -123,7 +129,13 @@ class _Probe(BindingRewriter):
 
 
 def bias_corrections(
-    annotated: tvm.IRModule, table: dict, calib_data, inputs, build=None, progress: bool = False
+    annotated: tvm.IRModule,
+    table: dict,
+    calib_data,
+    inputs,
+    build=None,
+    progress: bool = False,
+    check_output: bool = True,
 ) -> dict:
     """Per quantized conv2d/matmul layer, the vector to add to its bias (see the module docstring).
 
@@ -139,11 +151,18 @@ def bias_corrections(
         ``build(mod, target) -> executable`` (see :func:`~tvmquant.passes.calibrate.compile_vm`).
     progress : bool
         Show a progress bar over the layers.
+    check_output : bool
+        Keep a layer's correction only if it lowers the model's output error on the calibration data (the sum
+        over outputs of error power / FP32 power, with the corrections kept so far applied); False keeps every
+        layer's. A correction always lowers its own layer's error, but the mean error of a layer can cancel
+        part of another's further on: in MobileNetV2 correcting every layer takes the logits from 13.0 to
+        11.1 dB, the checked corrections to 17.6 dB.
 
     Returns
     -------
     dict of str to numpy.ndarray
-        ``{layer name: float32 vector, one entry per output channel}``, in graph order.
+        ``{layer name: float32 vector, one entry per output channel}``, in graph order; with ``check_output``
+        only the layers kept.
     """
     found = _LayerOutputs(annotated["main"])
     layers = [(name, axis) for name, axis, _, _ in found.layers]
@@ -163,7 +182,7 @@ def bias_corrections(
         sums[layer] = sums.get(layer, 0.0) + array.astype(np.float64).sum(axis=reduce)
         counts[layer] = counts.get(layer, 0) + array.size // array.shape[axis]
 
-    # FP32 reference: every layer's channel means in one pass.
+    # FP32 reference: every layer's channel means (and the model's outputs) in one pass.
     def reference(name, array):
         if name.endswith(".out"):
             accumulate(name[: -len(".out")], array)
@@ -173,23 +192,30 @@ def bias_corrections(
         params = table.get(name)
         return not name.endswith(".out") and (params is None or params.axis is None)
 
+    references = []
     with observing(reference, any_layout):
         for batch in batches:
-            run_vm(vm, batch, inputs)
+            result = run_vm(vm, batch, inputs)
+            references.append(flatten_outputs(result) if check_output else None)
     fp32_mean = {layer: sums[layer] / counts[layer] for layer, _ in layers}
+    powers = None
+    if check_output:
+        powers = [sum(float(np.sum(np.square(out, dtype=np.float64))) for out in outs) for outs in zip(*references)]
 
-    corrections: dict = {}
-    target = [None]
+    applied: dict = {}  # the corrections in force during a run
+    measured = [None]  # the layer whose output mean a run accumulates
+    stopping = [False]  # whether the run ends there
     weights: dict = {}
 
     def simulated(name, array):
         if name.endswith(".out"):
             layer = name[: -len(".out")]
-            if layer in corrections:
-                array += _along(corrections[layer], array.ndim, axes[layer])
-            elif layer == target[0]:
+            if layer in applied:
+                array += _along(applied[layer], array.ndim, axes[layer])
+            elif layer == measured[0]:
                 accumulate(layer, array)
-                raise StopRun(layer)
+                if stopping[0]:
+                    raise StopRun(layer)
             return
         params = table.get(name)
         if params is None:
@@ -203,20 +229,49 @@ def bias_corrections(
         else:
             array[...] = fake_quantize(array, params.scale, params.zero_point, params.qmin, params.qmax, params.axis)
 
-    iterator = layers
+    def run(corrections: dict, layer, whole: bool):
+        """Run the calibration data with ``corrections``; ``layer``'s mean shift, and the output error if
+        ``whole`` (else the run stops at ``layer``)."""
+        applied.clear()
+        applied.update(corrections)
+        measured[0], stopping[0] = layer, not whole
+        sums.pop(layer, None)
+        counts.pop(layer, None)
+        errors = [0.0] * len(powers or ())
+        with observing(simulated, any_layout):
+            for index, batch in enumerate(batches):
+                if whole:
+                    for position, (out, ref) in enumerate(
+                        zip(flatten_outputs(run_vm(vm, batch, inputs)), references[index])
+                    ):
+                        errors[position] += float(np.sum(np.square(out - ref, dtype=np.float64)))
+                else:
+                    run_vm(vm, batch, inputs)
+        shift = None if layer is None else (fp32_mean[layer] - sums[layer] / counts[layer]).astype(np.float32)
+        return sum(e / p for e, p in zip(errors, powers or ()) if p > 0), shift
+
+    iterator = range(len(layers))
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(layers, desc="bias correction", unit="layer", leave=False)
-    for layer, _ in iterator:
-        sums.pop(layer, None)
-        counts.pop(layer, None)
-        target[0] = layer
-        with observing(simulated, any_layout):
-            for batch in batches:
-                run_vm(vm, batch, inputs)
-        quantized_mean = sums[layer] / counts[layer]
-        corrections[layer] = (fp32_mean[layer] - quantized_mean).astype(np.float32)
+        iterator = tqdm(iterator, desc="bias correction", unit="layer", leave=False)
+    corrections: dict = {}
+    if not check_output:
+        for index in iterator:
+            _, corrections[layers[index][0]] = run(corrections, layers[index][0], whole=False)
+        return corrections
+    # One whole run per layer: it tries the layer's correction, measuring the next layer's shift on the way
+    # (measured again, up to that layer only, when the try is refused).
+    best, shift = run(corrections, layers[0][0], whole=True)
+    for index in iterator:
+        following = layers[index + 1][0] if index + 1 < len(layers) else None
+        trial = {**corrections, layers[index][0]: shift}
+        error, next_shift = run(trial, following, whole=True)
+        if error < best:
+            corrections, best = trial, error
+        elif following is not None:
+            _, next_shift = run(corrections, following, whole=False)
+        shift = next_shift
     return corrections
 
 

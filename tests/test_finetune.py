@@ -333,3 +333,22 @@ def test_w4a4_fashion_mnist_qat_lsq_recovers_accuracy():
     after = accuracy(tuned.rebatch(100))
     assert after > before + 1.0, (fp32, before, after)
     assert after >= fp32 - 1.0, (fp32, before, after)  # the goal; bench: 91.06% vs FP32 91.45%
+
+
+def test_finetune_distils_from_the_fp32_model_not_the_bias_corrected_graph():
+    # the annotated graph of a bias-corrected model carries the corrected biases; the teacher must not
+    data = calibration_images(16, size=8)
+    qmodel = tvmquant.quantize(
+        tiny_cnn(), W4A4.replace(bias_correction=True), data, progress=False, report_batches=0, batch_size=16
+    )
+    assert qmodel.bias_corrections
+    from tvmquant.passes.calibrate import compile_vm, run_vm
+    from tvmquant.passes.qat import strip_markers
+
+    fp32 = qmodel.compile(mode="fp32")(data).astype(np.float64)
+    corrected_fp32 = run_vm(compile_vm(strip_markers(qmodel.annotated)), {"input": data}, qmodel.inputs).numpy()
+    simulated = qmodel.compile(mode="simulated")(data).astype(np.float64)
+    expected = np.mean((simulated - fp32) ** 2)
+    assert abs(np.mean((simulated - corrected_fp32) ** 2) - expected) > 0.05 * expected  # the two teachers differ
+    tuned = tvmquant.finetune(qmodel, data, epochs=1, lr=1e-9, batch_size=16, progress=False, report_batches=0)
+    np.testing.assert_allclose(tuned.finetune_log["loss_history"][0], expected, rtol=1e-3)

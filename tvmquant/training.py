@@ -129,10 +129,12 @@ def _check_labels(labels, count: int, output_shape: tuple) -> np.ndarray:
 
 
 def _annotated_at(qmodel, batch: int):
+    """The annotated and the FP32 model at the training batch."""
     if batch == qmodel.batch_size:
-        return qmodel.annotated
+        return qmodel.annotated, qmodel.fp32
     try:
-        return qmodel.rebatch(batch).annotated
+        rebatched = qmodel.rebatch(batch)
+        return rebatched.annotated, rebatched.fp32
     except (ModelError, ArtifactError) as err:
         raise ValueError(
             f"batch_size={batch}: the model is quantized for batch {qmodel.batch_size} and cannot be recompiled for "
@@ -242,7 +244,7 @@ def finetune(
     batch = batch_size or min(DEFAULT_BATCH, count)
     if count < batch:
         raise ValueError(f"batch_size={batch} is larger than the {count} samples given; use {count} or less")
-    annotated = _annotated_at(qmodel, batch)
+    annotated, fp32 = _annotated_at(qmodel, batch)
     graph = training_module(annotated, qmodel.table, loss, learn_scales, train_weights)
     if labels is not None:
         labels = _check_labels(labels, count, graph.output_shape)
@@ -251,10 +253,10 @@ def finetune(
 
     timing = {"start": time.perf_counter()}
     names = [spec.name for spec in qmodel.inputs]
-    # Teacher: the FP32 model (markers stripped from the annotated graph) at the training batch.
+    # Teacher: the FP32 model at the training batch (not the annotated graph's: bias corrections change it).
     targets = None
     if labels is None:
-        teacher = compile_vm(strip_markers(annotated), build=lambda mod, target: _build(mod))
+        teacher = compile_vm(fp32, build=lambda mod, target: _build(mod))
         outputs = []
         for start in range(0, count - batch + 1, batch):
             feed = {name: arrays[name][start : start + batch] for name in names}
